@@ -44,19 +44,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `path` as a whole.
 
-    Files already in `path` that the writer does not rewrite are carried over (a tokenizer saved
-    beside a model survives a model re-save). The old directory is only removed after the new one is
-    complete and in place, so at every instant either the old or the new version is whole on disk.
+    The old directory is only removed after the new one is complete and in place, so at every
+    instant either the old or the new version is whole on disk.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.is_dir():
-            for old in path.iterdir():
-                if not (tmp / old.name).exists() and old.is_file():
-                    shutil.copy2(old, tmp / old.name)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

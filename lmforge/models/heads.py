@@ -1,0 +1,130 @@
+"""Task heads. Each takes the trunk's hidden states [B, T, D] (and what else it needs) to logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.layers import activation
+
+
+def last_token_index(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Index of the last real token of each row [B]: works for right and left padding alike."""
+    if attention_mask is None:
+        return torch.full((B,), T - 1, dtype=torch.long, device=device)
+    mask = attention_mask[:, -T:].long()
+    return (torch.arange(T, device=device) * mask).argmax(-1)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT cls.predictions / RoBERTa lm_head: dense -> act -> LayerNorm -> tied decoder + bias.
+    With nsp=True it also holds BERT's next-sentence classifier (BertForPreTraining)."""
+
+    def __init__(self, config: ModelConfig, nsp: bool = False):
+        super().__init__()
+        d = config.hidden_size
+        self.transform = nn.Linear(d, d)
+        self.act = activation(config.hidden_act)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.seq_relationship = nn.Linear(d, 2) if nsp else None
+
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        # Callers pass only the positions they score (e.g. the masked ones) to save the vocab matmul.
+        return F.linear(self.norm(self.act(self.transform(hidden))), decoder_weight, self.bias)
+
+
+class NextSentenceHead(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.seq_relationship(pooled)
+
+
+class ClassificationHead(nn.Module):
+    """Sequence classification (num_labels > 1) or regression (num_labels == 1).
+
+    BERT: dropout(pooler output) -> out_proj. RoBERTa: first token -> dropout -> dense -> tanh ->
+    dropout -> out_proj. GPT-2: out_proj (no bias) at the last real token.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.model_type = config.model_type
+        p = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.dense = nn.Linear(d, d) if config.model_type == "roberta" else None
+        self.out_proj = nn.Linear(d, config.num_labels, bias=config.model_type != "gpt2")
+
+    def forward(self, hidden, pooled, attention_mask) -> torch.Tensor:
+        if self.model_type == "bert":
+            return self.out_proj(self.dropout(pooled))
+        if self.model_type == "roberta":
+            x = torch.tanh(self.dense(self.dropout(hidden[:, 0])))
+            return self.out_proj(self.dropout(x))
+        B, T, _ = hidden.shape
+        idx = last_token_index(attention_mask, B, T, hidden.device)
+        return self.out_proj(hidden[torch.arange(B, device=hidden.device), idx])
+
+
+class TokenClassificationHead(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        p = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(hidden))  # [B, T, num_labels]
+
+
+class CausalLMHead(nn.Module):
+    """Next-token logits with the input embedding matrix (GPT-2 ties them), or an own matrix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.decoder = (
+            None if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        weight = embedding_weight if self.decoder is None else self.decoder.weight
+        return F.linear(hidden, weight)
+
+
+class ScalarHead(nn.Module):
+    """A scalar per token (values for PPO) and per sequence (rewards): the value at the last real
+    token for decoders, at the first token for encoders."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.causal = config.causal
+        self.out_proj = nn.Linear(config.hidden_size, 1, bias=config.model_type != "gpt2")
+
+    def forward(self, hidden, attention_mask):
+        values = self.out_proj(hidden).squeeze(-1)  # [B, T]
+        B, T = values.shape
+        if self.causal:
+            idx = last_token_index(attention_mask, B, T, hidden.device)
+        else:
+            idx = torch.zeros(B, dtype=torch.long, device=hidden.device)
+        return values, values[torch.arange(B, device=hidden.device), idx]
+
+
+def build_head(config: ModelConfig) -> nn.Module | None:
+    return {
+        None: lambda c: None,
+        "mlm": MaskedLMHead,
+        "pretraining": lambda c: MaskedLMHead(c, nsp=True),
+        "nsp": NextSentenceHead,
+        "classification": ClassificationHead,
+        "token-classification": TokenClassificationHead,
+        "causal-lm": CausalLMHead,
+        "scalar": ScalarHead,
+    }[config.head](config)

