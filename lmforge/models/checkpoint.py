@@ -44,12 +44,17 @@ def load_config(path: str | os.PathLike, head: str | None = "auto") -> ModelConf
     return config
 
 
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
 
 
 def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -69,7 +74,7 @@ def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
         try:
             state = torch.load(directory / _BIN, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, a pickle with code in it, ...
-            raise CheckpointError(f"{directory / _BIN}: cannot be read as plain tensors ({e})") from None
+            raise CheckpointError(f"{directory / _BIN}: cannot be read as plain tensors ({_one_line(e)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{directory / _BIN}: expected a dict of tensors, got {type(state).__name__}")
         return state, directory / _BIN
@@ -98,11 +103,11 @@ def from_pretrained(
     hf_state, source = read_weights(directory)
     state, unexpected, sources = hf.from_hf_state_dict(hf_state, config)
     expected = model.state_dict()
-    for key, tensor in state.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, want in expected.items():  # in model order: the first layer's weight is named first
+        if key in state and tuple(state[key].shape) != tuple(want.shape):
             raise CheckpointError(
-                f"{source}: tensor {sources[key]!r} has shape {list(tensor.shape)} but the config "
-                f"expects {list(expected[key].shape)}"
+                f"{source}: tensor {sources[key]!r} has shape {list(state[key].shape)} but the config "
+                f"expects {list(want.shape)}"
             )
     missing = [k for k in expected if k not in state]
     fresh_head = config.head != saved.head  # a new head starts from its initialisation

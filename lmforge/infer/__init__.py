@@ -1,0 +1,1 @@
+"""Inference jobs built on a model and its tokenizer: used by the CLI and the server."""
