@@ -1,0 +1,204 @@
+"""Tokenizers through the Hugging Face `tokenizers` library: BERT WordPiece and byte-level BPE
+(GPT-2, RoBERTa). This wrapper adds what a model needs around it: special-token templates, sentence
+pairs with token-type ids, longest-first truncation, and padded batches with attention masks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from lmforge.errors import DataError
+
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_GPT2_EOS = "<|endoftext|>"
+
+
+def _bert_template(tok: _HFTokenizer) -> processors.TemplateProcessing:
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    return processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+
+
+def _wordpiece(vocab: Path, lowercase: bool) -> _HFTokenizer:
+    tok = _HFTokenizer(models.WordPiece.from_file(str(vocab), unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = _bert_template(tok)
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([t for t in _BERT_SPECIALS if tok.token_to_id(t) is not None])
+    return tok
+
+
+def _bpe(vocab: Path, merges: Path, model_type: str) -> _HFTokenizer:
+    tok = _HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if model_type == "roberta":
+        bos, eos = ("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))
+        if bos[1] is None or eos[1] is None:
+            raise DataError(f"{vocab}: a RoBERTa vocabulary needs <s> and </s>")
+        tok.post_processor = processors.RobertaProcessing(eos, bos, trim_offsets=True, add_prefix_space=False)
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # GPT-2 adds no special tokens
+        specials = [_GPT2_EOS]
+    tok.add_special_tokens([t for t in specials if tok.token_to_id(t) is not None])
+    return tok
+
+
+def _vocab_is_uncased(vocab: Path) -> bool:
+    """vocab.txt alone does not say; a cased vocab has tokens with capitals that are not [SPECIAL]."""
+    for line in vocab.read_text(encoding="utf-8").splitlines():
+        if re.search(r"[A-Z]", line) and not re.fullmatch(r"\[[A-Z_]+\]|\[unused\d+\]", line):
+            return False
+    return True
+
+
+class Tokenizer:
+    def __init__(self, tok: _HFTokenizer, kind: str, model_type: str, lowercase: bool | None = None):
+        tok.no_truncation()  # a tokenizer.json may carry its own settings: we set them per call
+        tok.no_padding()
+        self._tok, self.kind, self.model_type, self.lowercase = tok, kind, model_type, lowercase
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_files(cls, vocab, merges=None, lowercase: bool | None = None,
+                   model_type: str | None = None) -> "Tokenizer":
+        vocab = Path(vocab)
+        if not vocab.is_file():
+            raise DataError(f"{vocab}: tokenizer vocabulary not found")
+        if merges is None:
+            lowercase = _vocab_is_uncased(vocab) if lowercase is None else lowercase
+            return cls(_wordpiece(vocab, lowercase), "wordpiece", model_type or "bert", lowercase)
+        model_type = model_type or "gpt2"
+        return cls(_bpe(vocab, Path(merges), model_type), "bpe", model_type)
+
+    @classmethod
+    def from_dir(cls, path, model_type: str | None = None) -> "Tokenizer":
+        d = Path(path)
+        if not d.is_dir():
+            raise DataError(f"{d}: tokenizer directory not found")
+        cfg = _read_json(d / "tokenizer_config.json")
+        model_type = model_type or cfg.get("lmforge_model_type") or _read_json(d / "config.json").get("model_type")
+        if (d / "tokenizer.json").is_file():
+            try:
+                tok = _HFTokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:
+                raise DataError(f"{d / 'tokenizer.json'}: cannot be read ({e})") from None
+            kind = "wordpiece" if isinstance(tok.model, models.WordPiece) else "bpe"
+            return cls(tok, kind, model_type or ("bert" if kind == "wordpiece" else "gpt2"),
+                       cfg.get("do_lower_case"))
+        if (d / "vocab.txt").is_file():
+            return cls.from_files(d / "vocab.txt", lowercase=cfg.get("do_lower_case"), model_type=model_type)
+        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if (d / vocab).is_file() and (d / merges).is_file():
+                return cls.from_files(d / vocab, d / merges, model_type=model_type)
+        raise DataError(f"{d}: no tokenizer files (expected tokenizer.json, vocab.txt, "
+                        "vocab.json + merges.txt, or encoder.json + vocab.bpe)")
+
+    def save(self, directory) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / "tokenizer.json"))
+        cfg = {"lmforge_model_type": self.model_type, "model_max_length": 512}
+        if self.lowercase is not None:
+            cfg["do_lower_case"] = self.lowercase
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+    # -- special tokens ---------------------------------------------------------------------------
+    def _id(self, *tokens: str) -> int | None:
+        for t in tokens:
+            i = self._tok.token_to_id(t)
+            if i is not None:
+                return i
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_token_id(self) -> int:
+        # GPT-2 has no pad token: pad with <|endoftext|>, which the attention mask hides anyway
+        i = self._id("[PAD]", "<pad>", _GPT2_EOS)
+        return 0 if i is None else i
+
+    cls_token_id = property(lambda self: self._id("[CLS]", "<s>"))
+    sep_token_id = property(lambda self: self._id("[SEP]", "</s>"))
+    mask_token_id = property(lambda self: self._id("[MASK]", "<mask>"))
+    unk_token_id = property(lambda self: self._id("[UNK]", "<unk>"))
+    bos_token_id = property(lambda self: self._id("<s>", _GPT2_EOS))
+    eos_token_id = property(lambda self: self._id("</s>", _GPT2_EOS))
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def encode(self, text: str, pair: str | None = None, max_length: int | None = None,
+               add_special_tokens: bool = True) -> list[int]:
+        return self([text], [pair] if pair is not None else None, max_length, "none",
+                    add_special_tokens)["input_ids"][0]
+
+    def __call__(self, texts, pairs=None, max_length: int | None = None, padding: str = "longest",
+                 add_special_tokens: bool = True, padding_side: str = "right") -> dict:
+        """Encode a batch. padding: "longest" | "max_length" -> LongTensors [B, T] with an
+        attention mask; "none" -> ragged lists of ids and token-type ids."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        tok = self._tok
+        if max_length:
+            tok.enable_truncation(max_length, strategy="longest_first")
+        else:
+            tok.no_truncation()
+        if padding == "none":
+            tok.no_padding()
+        elif padding in ("longest", "max_length"):
+            tok.enable_padding(direction=padding_side, pad_id=self.pad_token_id,
+                               pad_token=tok.id_to_token(self.pad_token_id) or "",
+                               length=max_length if padding == "max_length" else None)
+        else:
+            raise ValueError(f"padding {padding!r} is not one of longest, max_length, none")
+        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encodings = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        tok.no_padding()
+        tok.no_truncation()
+        if padding == "none":
+            return {"input_ids": [e.ids for e in encodings], "token_type_ids": [e.type_ids for e in encodings]}
+        return {
+            "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
+            "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
+            "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.long),
+        }
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self._tok.id_to_token(i) for i in ids]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def load_tokenizer(name_or_dir) -> Tokenizer:
+    """The tokenizer of a model directory, or of an alias such as "minilm"."""
+    p = Path(name_or_dir)
+    if not p.is_dir():
+        from lmforge.models.hub import resolve  # lazy: data/ needs models/ only to find aliases
+
+        p = resolve(name_or_dir)
+    return Tokenizer.from_dir(p)
