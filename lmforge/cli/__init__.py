@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed
+from lmforge.cli import embed, evaluate, finetune, predict
 
-COMMANDS = {"embed": embed}
+COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict": predict}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and ignored")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        module.add_parser(sub.add_parser(name, help=module.__doc__.splitlines()[0],
+        module.add_parser(sub.add_parser(name, help=module.__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                          description=module.__doc__))
     return parser
 

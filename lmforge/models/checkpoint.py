@@ -125,14 +125,18 @@ def from_pretrained(
     return model.to(device=device, dtype=dtype)
 
 
-def save_pretrained(model: Model, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (Hugging Face names) atomically; the tokenizer too if given."""
+def write_pretrained(model: Model, directory: Path, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (Hugging Face names) into an existing directory."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = hf.to_hf_state_dict(state, model.config)
+    save_file(hf.to_hf_state_dict(state, model.config), str(directory / _SAFETENSORS), metadata={"format": "pt"})
+    config = hf.config_to_hf(model.config, model.dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def save_pretrained(model: Model, path: str | os.PathLike, tokenizer=None) -> Path:
+    """write_pretrained into a temporary directory that replaces `path` only once complete."""
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / _SAFETENSORS), metadata={"format": "pt"})
-        config = hf.config_to_hf(model.config, model.dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write_pretrained(model, tmp, tokenizer)
     return Path(path)

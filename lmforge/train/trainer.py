@@ -191,12 +191,14 @@ class Trainer:
                 )
                 if end_of_epoch:
                     progress.epoch, progress.batch = progress.epoch + 1, 0
+                paused = time.perf_counter()  # evaluation and saving do not count as training time
                 if do_eval:
                     last_eval, evaluated_at = self._evaluate(progress, log), progress.step
                 save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
                     not cfg.save_every and evaluated_at == progress.step) or progress.step == total
                 if save_now:
                     save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
+                t0 += time.perf_counter() - paused
                 if end_of_epoch:
                     break
         bar.close()

@@ -1,0 +1,48 @@
+"""Evaluate a fine-tuned run on a split: prints one JSON object with every metric of the task.
+
+  lmforge evaluate --run runs/sst2-full --task glue/sst2 --split dev
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import ConfigError
+
+
+def model_dir(run: str) -> Path:
+    """A run directory's best model, or the directory itself when it is a model."""
+    p = Path(run)
+    for d in (p / "best", p):
+        if (d / "config.json").is_file():
+            return d
+    raise ConfigError(f"{p}: not a run directory (no best/config.json) or model directory (no config.json)")
+
+
+def add_parser(p) -> None:
+    from lmforge.cli.finetune import add_data_args
+
+    p.add_argument("--run", required=True, help="run directory (its best/ model is used) or model directory")
+    p.add_argument("--split", default="dev", help="dev (dev_matched/dev_mismatched for MNLI) or train")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    add_data_args(p)
+
+
+def run(args) -> int:
+    from lmforge.infer.classify import Classifier
+    from lmforge.train.data import load_eval_split
+    from lmforge.train.metrics import compute_metrics
+
+    directory = model_dir(args.run)
+    clf = Classifier(directory, max_length=args.max_seq_len)
+    data = load_eval_split(args, args.split, labels=None if clf.regression else clf.labels)
+    if data.regression != clf.regression:
+        raise ConfigError(f"{directory}: a {'regression' if clf.regression else 'classification'} model "
+                          f"cannot be evaluated on {data.name}")
+    logits = clf.logits(data.dev)
+    preds = logits[:, 0] if clf.regression else logits.argmax(-1)
+    metrics = compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev])
+    print(json.dumps({"task": data.name, "split": args.split, "examples": len(data.dev), **metrics}))
+    return 0

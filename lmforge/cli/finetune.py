@@ -1,0 +1,80 @@
+"""Fine-tune a pretrained encoder on a GLUE task or your own labelled CSV/TSV/JSONL files.
+
+  lmforge finetune --model minilm --task glue/sst2 --method full --out runs/sst2-full
+  lmforge finetune --train train.csv --dev dev.csv --text-col review --label-col stars --out runs/mine
+"""
+
+from __future__ import annotations
+
+from lmforge.train.trainer import TrainConfig
+
+
+def add_data_args(p) -> None:
+    p.add_argument("--model", default="minilm", help="model directory, alias or hub id (default: minilm)")
+    p.add_argument("--task", help="GLUE task, e.g. glue/sst2 (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
+    p.add_argument("--data-dir", help="GLUE-layout directory (default: $LMFORGE_DATA/glue, else the datasets hub)")
+    p.add_argument("--train", dest="train_file", help="your training file (.csv, .tsv, .jsonl)")
+    p.add_argument("--dev", dest="dev_file", help="your dev file, same columns")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--text-pair-col", dest="pair_col")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--label-type", choices=["auto", "class", "float"], default="auto",
+                   help="float = regression; auto = float when every label parses as a number with a fraction")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
+    p.add_argument("--max-train-samples", type=int)
+    p.add_argument("--max-eval-samples", type=int)
+
+
+def add_parser(p) -> None:
+    add_data_args(p)
+    d = TrainConfig(out_dir="")
+    p.add_argument("--method", default="full", help="full | freeze | features")
+    p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
+    p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=d.schedule)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
+    p.add_argument("--save-every", type=int, help="optimizer steps between checkpoints (default: at evaluations)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--classifier-dropout", type=float)
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args):
+    from lmforge.train.finetune import FinetuneConfig
+
+    train = TrainConfig(
+        out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
+        eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+        precision=args.precision, progress_bar=not args.no_progress)
+    return FinetuneConfig(
+        model=args.model, task=args.task, data_dir=args.data_dir, train_file=args.train_file,
+        dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,
+        label_type=args.label_type, skip_bad_rows=args.skip_bad_rows, method=args.method,
+        freeze_layers=args.freeze_layers, feature_pooling=args.feature_pooling, max_seq_len=args.max_seq_len,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        classifier_dropout=args.classifier_dropout, train=train)
+
+
+def run(args) -> int:
+    import json
+
+    from lmforge.train.finetune import run_finetune
+
+    summary = run_finetune(config_from_args(args), resume=args.resume)
+    print(json.dumps(summary))
+    return 0

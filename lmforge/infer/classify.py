@@ -1,0 +1,93 @@
+"""Classification and regression inference on a model + tokenizer: logits, labels, probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lmforge.data.batches import Encoded, collate, encode_examples
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import ConfigError
+from lmforge.models import from_pretrained
+
+
+@torch.no_grad()
+def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Logits [N, C] ([N, 1] for regression) in the order of `encoded`. Batches are formed from
+    examples of similar length, so little work goes into padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out = None
+    device = model.device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        b = collate([Encoded(encoded[i].input_ids, encoded[i].token_type_ids) for i in idx], pad_id)
+        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                       b["token_type_ids"].to(device)).logits.float().cpu()
+        if out is None:
+            out = torch.empty(len(encoded), logits.shape[-1])
+        out[idx] = logits
+    model.train(was_training)
+    return out if out is not None else torch.empty(0, model.config.num_labels)
+
+
+class Probe(torch.nn.Module):
+    """A linear model fitted on frozen, pooled encoder features (the `features` method)."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.spec = json.loads((directory / "probe.json").read_text())
+        t = load_file(str(directory / "probe.safetensors"))
+        self.weight, self.bias, self.mean, self.scale = t["weight"], t["bias"], t["mean"], t["scale"]
+
+    def forward(self, hidden, mask):
+        from lmforge.infer.embed import pool
+
+        z = (pool(hidden, mask, self.spec["pooling"]) - self.mean) / self.scale
+        return z @ self.weight.T + self.bias
+
+
+class Classifier:
+    """A fine-tuned classifier directory (config.json + weights + tokenizer) ready to predict."""
+
+    def __init__(self, model_dir: str | Path, max_length: int = 512, device: str = "cpu"):
+        model_dir = Path(model_dir)
+        self.probe = Probe(model_dir) if (model_dir / "probe.json").is_file() else None
+        self.model = from_pretrained(model_dir, device=device).eval()
+        if self.probe is None and self.model.config.head != "classification":
+            raise ConfigError(f"{model_dir}: not a classifier (head {self.model.config.head!r})")
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_length = min(max_length, self.model.config.max_position_embeddings)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.probe.spec["labels"] if self.probe else self.model.config.labels
+
+    @property
+    def regression(self) -> bool:
+        return self.probe.spec["regression"] if self.probe else self.model.config.is_regression
+
+    @torch.no_grad()
+    def logits(self, examples) -> torch.Tensor:
+        encoded = encode_examples(self.tokenizer, examples, self.max_length)
+        if self.probe is None:
+            return predict_logits(self.model, encoded, self.tokenizer.pad_token_id)
+        out = []
+        for start in range(0, len(encoded), 64):
+            b = collate(encoded[start:start + 64], self.tokenizer.pad_token_id)
+            h = self.model.transformer(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            out.append(self.probe(h, b["attention_mask"]))
+        return torch.cat(out)
+
+    def predict(self, examples) -> list[dict]:
+        """Per example: {"label", "probabilities": {name: p}} or {"score"} for regression."""
+        logits = self.logits(examples)
+        if self.regression:
+            return [{"score": float(v)} for v in logits[:, 0]]
+        probs = logits.softmax(-1)
+        return [{"label": self.labels[int(p.argmax())],
+                 "probabilities": {n: float(x) for n, x in zip(self.labels, p)}} for p in probs]

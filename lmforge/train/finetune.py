@@ -1,0 +1,134 @@
+"""Fine-tune a pretrained encoder on a GLUE task or the user's own labelled file.
+
+A run directory holds:
+  run.json        the resolved configuration (everything needed to repeat or resume the run)
+  metrics.jsonl   training loss, learning rate, samples/s, and every dev evaluation
+  curves.png      training loss and dev metric curves
+  best/           the best model so far (Hugging Face format, with tokenizer and label names)
+  checkpoint/     the latest training state, for --resume
+  summary.json    final metrics, best step, trainable parameters, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.data.batches import collate, encode_examples
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import ConfigError
+from lmforge.infer.classify import predict_logits
+from lmforge.models import from_pretrained, save_pretrained
+from lmforge.train.data import TaskData, load_task_data
+from lmforge.train.methods import apply_method, describe_parameters, parameter_counts
+from lmforge.train.metrics import compute_metrics
+from lmforge.train.objectives import sequence_classification_loss
+from lmforge.train.plot import plot_metrics
+from lmforge.train.state import set_seed
+from lmforge.train.trainer import TrainConfig, Trainer
+from lmforge.utils.atomic import atomic_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "minilm"
+    task: str | None = "glue/sst2"        # a GLUE task, or None with train_file/dev_file
+    data_dir: str | None = None           # GLUE layout; default $LMFORGE_DATA/glue
+    train_file: str | None = None
+    dev_file: str | None = None
+    text_col: str = "text"
+    pair_col: str | None = None
+    label_col: str = "label"
+    label_type: str = "auto"              # auto | class | float
+    skip_bad_rows: bool = False
+    method: str = "full"
+    freeze_layers: int = 0
+    feature_pooling: str = "mean"         # features method: mean | cls
+    max_seq_len: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_batch_size: int = 128
+    classifier_dropout: float | None = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/finetune"))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        d = dict(d)
+        d["train"] = TrainConfig(**d["train"])
+        return cls(**d)
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128) -> dict:
+    logits = predict_logits(model, encoded_dev, pad_id, batch_size)
+    preds = logits[:, 0] if data.regression else logits.argmax(-1)
+    return compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev])
+
+
+def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if resume and run_file.is_file():
+        saved = FinetuneConfig.from_dict(json.loads(run_file.read_text()))
+        if asdict(saved) != asdict(cfg):
+            raise ConfigError(f"{run_file}: --resume needs the same settings as the interrupted run; "
+                              "they differ (run again without --resume, or with the same options)")
+    _write_json(run_file, asdict(cfg))
+    started = time.perf_counter()
+    data = load_task_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    set_seed(cfg.train.seed)  # the new head's initialisation is part of the run
+    model = from_pretrained(
+        cfg.model, head="classification", num_labels=1 if data.regression else len(data.labels),
+        id2label=None if data.regression else dict(enumerate(data.labels)),
+        problem_type="regression" if data.regression else "single_label_classification",
+        classifier_dropout=cfg.classifier_dropout,
+    )
+    max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
+    train_enc = encode_examples(tokenizer, data.train, max_len)
+    dev_enc = encode_examples(tokenizer, data.dev, max_len)
+    apply_method(model, cfg.method, cfg.freeze_layers)
+    trainable, total = parameter_counts(model)
+    print(f"{cfg.method}: {describe_parameters(model)}", flush=True)
+
+    if cfg.method == "features":
+        from lmforge.train.features import fit_features
+        metrics = fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out / "best")
+        result = {"steps": 0, "best_metric": metrics[data.main_metric], "last_eval": metrics}
+    else:
+        pad = tokenizer.pad_token_id
+
+        def on_best(m, metrics):
+            save_pretrained(m, out / "best", tokenizer=tokenizer)
+            _write_json(out / "best" / "metrics.json", metrics)
+
+        trainer = Trainer(
+            model, cfg.train, train_enc,
+            collate=lambda items: collate(items, pad, data.regression),
+            loss_fn=sequence_classification_loss,
+            evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size),
+            main_metric=data.main_metric, on_best=on_best,
+        )
+        result = trainer.train(resume=resume)
+        plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {cfg.method}")
+    best = json.loads((out / "best" / "metrics.json").read_text()) if (out / "best" / "metrics.json").is_file() \
+        else result["last_eval"]
+    summary = {"task": data.name, "model": cfg.model, "method": cfg.method, "seed": cfg.train.seed,
+               "trainable_params": trainable, "total_params": total, "main_metric": data.main_metric,
+               "best": best, "best_step": result.get("best_step"), "steps": result["steps"],
+               "train_examples": len(data.train), "dev_examples": len(data.dev),
+               "wall_time_s": round(time.perf_counter() - started, 1)}
+    _write_json(out / "summary.json", summary)
+    return summary

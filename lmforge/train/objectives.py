@@ -1,0 +1,13 @@
+"""Training objectives: loss_fn(model, batch) -> scalar, for the Trainer."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+
+def sequence_classification_loss(model, batch):
+    """Cross-entropy over classes, or mean squared error when the head is a regressor (STS-B)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
+    if model.config.is_regression:
+        return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
+    return F.cross_entropy(logits, batch["labels"])
