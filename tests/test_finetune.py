@@ -1,0 +1,151 @@
+"""Fine-tuning end to end on real SST-2 rows with a small pretrained model (MiniLM cut to 2 layers)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.data.tables import Example
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.infer.classify import Classifier
+from lmforge.models import from_pretrained, save_pretrained
+from lmforge.train.finetune import FinetuneConfig, run_finetune
+from lmforge.train.trainer import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, minilm_dir):
+    """The bottom two layers of all-MiniLM-L6-v2: pretrained, yet fast enough for tests."""
+    d = tmp_path_factory.mktemp("minilm2")
+    save_pretrained(from_pretrained(minilm_dir, num_layers=2), d, tokenizer=load_tokenizer(minilm_dir))
+    return d
+
+
+def config(out, model, **kw):
+    train = dict(out_dir=str(out), epochs=2, batch_size=16, lr=1e-3, progress_bar=False, log_every=5, seed=7)
+    train.update(kw.pop("train", {}))
+    kw = {"task": "glue/sst2", "max_train_samples": 600, "max_seq_len": 64, **kw}
+    return FinetuneConfig(model=str(model), train=TrainConfig(**train), **kw)
+
+
+def majority(data_dir):
+    labels = [int(r.split("\t")[1]) for r in
+              (data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:] if r]
+    return max(sum(labels), len(labels) - sum(labels)) / len(labels)
+
+
+def test_full_finetune_beats_majority_on_held_out_rows(tmp_path, small_model, data_dir):
+    summary = run_finetune(config(tmp_path, small_model))
+    base = majority(data_dir)
+    assert summary["dev_examples"] == 872 and summary["train_examples"] == 600
+    assert summary["best"]["accuracy"] > base + 0.10, (summary["best"], base)
+    # the saved best model reproduces the metric, and carries label names and tokenizer
+    clf = Classifier(tmp_path / "best")
+    assert clf.labels == ["negative", "positive"]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r and "samples_per_s" in r and "lr" in r for r in records)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "run.json").read_text())["train"]["seed"] == 7
+
+
+def test_evaluate_and_predict_cli(tmp_path, small_model, capsys):
+    run_finetune(config(tmp_path, small_model, max_train_samples=64, train={"epochs": 1}))
+    assert main(["evaluate", "--run", str(tmp_path), "--task", "glue/sst2", "--max-eval-samples", "100"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["examples"] == 100 and 0 <= out["accuracy"] <= 1
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "a wonderful film"}\n{"text": "dreadful"}\n')
+    assert main(["predict", "--run", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "p.jsonl")]) == 0
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(preds) == 2 and set(preds[0]["probabilities"]) == {"negative", "positive"}
+    assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_freeze_keeps_bottom_layers_fixed(tmp_path, small_model):
+    before = from_pretrained(small_model).state_dict()
+    run_finetune(config(tmp_path, small_model, method="freeze", freeze_layers=1, max_train_samples=64,
+                        train={"epochs": 1}))
+    after = from_pretrained(tmp_path / "best").state_dict()
+    frozen = [k for k in before if k.startswith(("transformer.embeddings", "transformer.layers.0."))]
+    trained = [k for k in before if k.startswith("transformer.layers.1.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_features_method_and_regression(tmp_path, small_model, data_dir):
+    s = run_finetune(config(tmp_path / "f", small_model, method="features"))
+    assert s["best"]["accuracy"] > majority(data_dir) + 0.10
+    clf = Classifier(tmp_path / "f" / "best")
+    assert clf.predict([Example("great")])[0]["label"] in clf.labels
+    r = run_finetune(config(tmp_path / "r", small_model, method="features", task="glue/stsb",
+                            max_train_samples=800, max_eval_samples=300))
+    assert r["main_metric"] == "pearson" and r["best"]["pearson"] > 0.3
+
+
+def test_own_csv_with_string_labels(tmp_path, small_model):
+    rows = ["review,verdict"] + [f"\"{t}\",{v}" for t, v in
+                                 [("loved it", "up"), ("hated it", "down"), ("superb acting", "up"),
+                                  ("a total bore", "down")] * 8]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:5]) + "\n")
+    s = run_finetune(FinetuneConfig(
+        model=str(small_model), task=None, train_file=str(tmp_path / "train.csv"),
+        dev_file=str(tmp_path / "dev.csv"), text_col="review", label_col="verdict",
+        train=TrainConfig(out_dir=str(tmp_path / "run"), epochs=3, batch_size=8, lr=1e-4, progress_bar=False)))
+    assert s["best"]["accuracy"] == 1.0
+    cfg = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "down", "1": "up"}
+
+
+def _cli(out, model, *extra):
+    return [sys.executable, "-m", "lmforge", "finetune", "--model", str(model), "--task", "glue/sst2",
+            "--max-train-samples", "192", "--max-eval-samples", "32", "--max-seq-len", "32",
+            "--batch-size", "16", "--epochs", "3", "--lr", "1e-4", "--save-every", "3",
+            "--eval-every", "20", "--no-progress", "--seed", "3", "--out", str(out), *extra]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, small_model):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: same reduction order
+    subprocess.run(_cli(tmp_path / "whole", small_model), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_cli(tmp_path / "cut", small_model), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "cut" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 9:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["progress"]["step"]
+    assert 9 <= killed_at < 36 and not (tmp_path / "cut" / "summary.json").exists()
+
+    subprocess.run(_cli(tmp_path / "cut", small_model, "--resume"), check=True, env=env, capture_output=True)
+    whole = load_file(tmp_path / "whole" / "checkpoint" / "trainable.safetensors")
+    resumed = load_file(tmp_path / "cut" / "checkpoint" / "trainable.safetensors")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the interrupted run's later log lines were dropped on resume
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, small_model, capsys):
+    args = ["finetune", "--model", str(small_model), "--task", "glue/sst2", "--max-train-samples", "32",
+            "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--lr", "1e-3", "--resume"]) == 2
+    assert "--resume needs the same settings" in capsys.readouterr().err
