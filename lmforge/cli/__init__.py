@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, evaluate, finetune, predict
+from lmforge.cli import embed, evaluate, finetune, glue, predict
 
-COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict": predict}
+COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict": predict,
+            "glue": glue}
 
 
 def build_parser() -> argparse.ArgumentParser:

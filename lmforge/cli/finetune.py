@@ -27,11 +27,16 @@ def add_data_args(p) -> None:
 
 def add_parser(p) -> None:
     add_data_args(p)
+    add_train_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+
+def add_train_args(p) -> None:
     d = TrainConfig(out_dir="")
     p.add_argument("--method", default="full", help="full | freeze | features")
     p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", help="run directory")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=d.lr)
@@ -48,7 +53,6 @@ def add_parser(p) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--classifier-dropout", type=float)
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -73,8 +77,11 @@ def config_from_args(args):
 def run(args) -> int:
     import json
 
+    from lmforge.errors import ConfigError
     from lmforge.train.finetune import run_finetune
 
+    if not args.out:
+        raise ConfigError("--out DIR is required: the run directory")
     summary = run_finetune(config_from_args(args), resume=args.resume)
     print(json.dumps(summary))
     return 0

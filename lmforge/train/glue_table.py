@@ -1,0 +1,90 @@
+"""Run GLUE tasks over seeds and write a results table in the layout of the LoRA paper's Table 2:
+one row per model and method, the trainable parameters, each task's metric (median over seeds,
+x100), and the average. Each (task, seed) is an ordinary fine-tuning run under OUT/task/seedN, so
+an interrupted table resumes: finished runs are kept, unfinished ones resume from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from pathlib import Path
+
+from lmforge.data.glue import get_task
+from lmforge.train.finetune import FinetuneConfig, run_finetune
+from lmforge.utils.atomic import atomic_file
+
+# The paper's column names and the metric it reports for each task.
+COLUMNS = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "qqp": "QQP",
+           "rte": "RTE", "stsb": "STS-B", "wnli": "WNLI"}
+PAPER_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb", "wnli"]
+
+
+def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str | Path) -> dict:
+    out = Path(out)
+    runs = []
+    for name in tasks:
+        task = get_task(name)
+        for seed in seeds:
+            run_dir = out / task.name / f"seed{seed}"
+            summary_file = run_dir / "summary.json"
+            if summary_file.is_file():
+                summary = json.loads(summary_file.read_text())
+            else:
+                cfg = copy.deepcopy(base)
+                cfg.task = f"glue/{task.name}"
+                cfg.train.seed = seed
+                cfg.train.out_dir = str(run_dir)
+                print(f"== glue/{task.name} seed {seed} -> {run_dir}", flush=True)
+                summary = run_finetune(cfg, resume=(run_dir / "checkpoint").is_dir())
+            runs.append(summary)
+    results = {"model": base.model, "method": base.method, "seeds": seeds, "runs": runs}
+    with atomic_file(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    table = render_table([results])
+    with atomic_file(out / "table.md", "w") as f:
+        f.write(table)
+    return results
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def summarize(results: dict) -> dict:
+    """Per task: the median main metric (x100) over seeds, every seed's value, and wall time."""
+    by_task: dict[str, dict] = {}
+    for r in results["runs"]:
+        task = r["task"].removeprefix("glue/")
+        t = by_task.setdefault(task, {"values": [], "wall": [], "metric": r["main_metric"]})
+        t["values"].append(100 * r["best"][r["main_metric"]])
+        t["wall"].append(r["wall_time_s"])
+    for t in by_task.values():
+        t["median"] = statistics.median(t["values"])
+    return by_task
+
+
+def render_table(all_results: list[dict]) -> str:
+    """A Markdown table with one row per (model, method), columns in the paper's task order."""
+    tasks = [t for t in PAPER_ORDER if any(
+        r["task"].removeprefix("glue/") == t for res in all_results for r in res["runs"])]
+    head = "| Model & Method | # Trainable Parameters | " + " | ".join(COLUMNS[t] for t in tasks) + " | Avg. |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    timing = []
+    for res in all_results:
+        s = summarize(res)
+        params = _params(res["runs"][0]["trainable_params"]) if res["runs"] else "-"
+        cells = [f"{s[t]['median']:.1f}" if t in s else "-" for t in tasks]
+        done = [s[t]["median"] for t in tasks if t in s]
+        avg = f"{statistics.mean(done):.1f}" if done else "-"
+        label = f"{res['model']} ({res['method']})"
+        lines.append(f"| {label} | {params} | " + " | ".join(cells) + f" | {avg} |")
+        timing.append(f"- {label}: " + ", ".join(
+            f"{COLUMNS[t]} {sum(s[t]['wall']) / 60:.1f} min ({len(s[t]['wall'])} seeds)" for t in tasks if t in s))
+    metric_note = ", ".join(f"{COLUMNS[t]} {m}" for t, m in
+                            ((t, get_task(t).main_metric) for t in tasks))
+    seeds = sorted({len(res["seeds"]) for res in all_results})
+    return "\n".join(lines) + (
+        f"\n\nMedian over {'/'.join(map(str, seeds))} seeds, dev sets, x100. Metrics: {metric_note}.\n"
+        "Wall time on this machine (all seeds of a task):\n" + "\n".join(timing) + "\n")
