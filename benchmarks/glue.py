@@ -1,0 +1,57 @@
+"""GLUE with all-MiniLM-L6-v2: one Table-2-style row per adaptation method, median over seeds.
+
+  python -m benchmarks.glue --methods full,features --tasks cola,sst2,mrpc,stsb,rte --seeds 1,2,3
+  python -m benchmarks.glue --quick     # 2 tasks, 1 seed, 2000 training rows: a few minutes
+
+Each (method, task, seed) is an ordinary `lmforge glue` run under runs/bench/glue-METHOD, so an
+interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from benchmarks.report import ROOT, write_section
+
+# One recipe for every task (the LoRA paper tunes per task; this is the cheap, honest default).
+RECIPES = {
+    "full": ["--lr", "1e-4", "--epochs", "3", "--batch-size", "32", "--warmup-ratio", "0.06"],
+    "freeze": ["--lr", "1e-4", "--epochs", "3", "--batch-size", "32", "--freeze-layers", "3"],
+    "features": [],
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="full,features")
+    p.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    extra = []
+    if args.quick:
+        args.tasks, args.seeds, extra = "sst2,rte", "1", ["--max-train-samples", "2000", "--epochs", "1"]
+    out_dirs = []
+    for method in args.methods.split(","):
+        out = ROOT / "runs" / "bench" / f"glue-{method}{'-quick' if args.quick else ''}"
+        cmd = [sys.executable, "-m", "lmforge", "glue", "--model", args.model, "--method", method,
+               "--tasks", args.tasks, "--seeds", args.seeds, "--out", str(out), "--no-progress",
+               *RECIPES.get(method, []), *extra]
+        subprocess.run(cmd, check=True)
+        out_dirs.append(str(out))
+    table = subprocess.run([sys.executable, "-m", "lmforge", "glue", "--merge", *out_dirs],
+                           check=True, capture_output=True, text=True).stdout
+    recipe = "\n".join(f"- `{m}`: `{' '.join(RECIPES.get(m, []) + extra) or '(defaults)'}`"
+                       for m in args.methods.split(","))
+    command = "python -m benchmarks.glue " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_section("GLUE" + (" (quick)" if args.quick else ""), command.strip(),
+                  f"{table}\nRecipes (same for every task):\n{recipe}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
