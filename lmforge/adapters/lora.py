@@ -1,0 +1,154 @@
+"""LoRA (Hu et al., 2021): h = W x + (alpha / r) * B A x, with W frozen, A in R^{r x k}, B in R^{d x r}.
+
+LoraLinear wraps the nn.Linear it adapts (it does not subclass it) and keeps any number of adapters
+in dicts keyed by name. Which adapters apply is decided by a Router shared by every wrapped layer of
+a model: either a list of active adapters for the whole batch, or one adapter per example (a mixed
+batch, computed in one pass by gathering each example's A and B).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    bias: str = "none"                # none | all | lora_only: which biases train with the adapter
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1:
+            raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"LoRA bias {self.bias!r} is not one of none, all, lora_only")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class Router:
+    """Which adapters apply to the current forward pass, shared by all LoraLinear of a model."""
+    active: list[str] = field(default_factory=list)
+    per_example: torch.Tensor | None = None   # [B] slot per example, -1 = base model only
+    slots: list[str] = field(default_factory=list)
+    version: int = 0                          # bumped when adapters change: invalidates stacks
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, router: Router):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.merged: list[str] = []
+        self.router = router  # a plain attribute, not a submodule
+        self._stack_cache: tuple | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def add(self, name: str, config: LoraConfig) -> None:
+        A = nn.Linear(self.in_features, config.r, bias=False)
+        B = nn.Linear(config.r, self.out_features, bias=False)
+        # A as nn.Linear's default (Kaiming-uniform), B zero: training starts from the base model.
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        nn.init.zeros_(B.weight)
+        A.to(self.base.weight.device, self.base.weight.dtype)
+        B.to(self.base.weight.device, self.base.weight.dtype)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.scaling[name] = config.scaling
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise ConfigError(f"adapter {name!r} is merged: unmerge it before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        del self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scale * B A: the [out, in] update this adapter adds to W."""
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return  # idempotent
+        merged = self.base.weight + self.delta_weight(name).to(self.base.weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ConfigError(f"merging adapter {name!r} would put NaN/Inf into the weights; not merged")
+        self.base.weight.copy_(merged)
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        for n in [name] if name else list(self.merged):
+            if n in self.merged:
+                self.base.weight.sub_(self.delta_weight(n).to(self.base.weight.dtype))
+                self.merged.remove(n)
+
+    def _stacked(self, slots: list[str]):
+        """A [N, r_max, in], B [N, out, r_max], scale [N] for the slots (ranks zero-padded)."""
+        key = (tuple(slots), self.router.version)
+        if self._stack_cache is not None and self._stack_cache[0] == key and not torch.is_grad_enabled():
+            return self._stack_cache[1]
+        r_max = max(self.lora_A[n].weight.shape[0] for n in slots)
+        w = self.base.weight
+        A = w.new_zeros(len(slots), r_max, self.in_features)
+        B = w.new_zeros(len(slots), self.out_features, r_max)
+        for i, n in enumerate(slots):
+            r = self.lora_A[n].weight.shape[0]
+            A[i, :r] = self.lora_A[n].weight
+            B[i, :, :r] = self.lora_B[n].weight
+        scale = torch.tensor([self.scaling[n] for n in slots], dtype=w.dtype, device=w.device)
+        stacked = (A, B, scale)
+        if not torch.is_grad_enabled():
+            self._stack_cache = (key, stacked)
+        return stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        router = self.router
+        if router.per_example is not None:
+            present = [n for n in router.slots if n in self.lora_A]
+            if not present:
+                return y
+            if self.merged:
+                raise ConfigError("mixed-adapter batches need unmerged adapters: call unmerge() first")
+            # Slots whose adapter does not touch this layer act as "no adapter" here.
+            remap = torch.tensor([present.index(n) if n in present else -1 for n in router.slots] + [-1],
+                                 device=x.device)
+            idx = remap[router.per_example]                     # [B]; -1 -> base only
+            A, B, scale = self._stacked(present)
+            safe = idx.clamp(min=0)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])       # [B, T, in]
+            h = torch.bmm(flat, A[safe].transpose(1, 2))        # [B, T, r]
+            d = torch.bmm(h, B[safe].transpose(1, 2))           # [B, T, out]
+            gate = (scale[safe] * (idx >= 0)).to(d.dtype)       # [B]
+            return y + (d * gate[:, None, None]).reshape(y.shape)
+        for name in router.active:
+            if name in self.lora_A and name not in self.merged:
+                A, B = self.lora_A[name], self.lora_B[name]
+                y = y + B(A(self.lora_dropout[name](x))) * self.scaling[name]
+        return y

@@ -1,0 +1,156 @@
+"""LoRA: starts from the base model, merges and unmerges exactly, mixes adapters in one batch."""
+
+import pytest
+import torch
+
+from lmforge.adapters.lora import LoraConfig
+from lmforge.adapters.manager import (add_adapter, adapters, classify_mixed, delete_adapter, lora_layers,
+                                      mark_trainable, merge, mixed_batch, set_active, unmerge)
+from lmforge.errors import ConfigError
+from lmforge.models import Model, ModelConfig
+
+KINDS = {
+    "bert": ModelConfig(model_type="bert", vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, head="classification", num_labels=3),
+    "roberta": ModelConfig(model_type="roberta", vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
+                           intermediate_size=48, max_position_embeddings=40, pad_token_id=1,
+                           head="classification", num_labels=3),
+    "gpt2": ModelConfig(model_type="gpt2", vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, pad_token_id=0, head="causal-lm",
+                        layer_norm_eps=1e-5),
+}
+
+
+def model_of(kind, seed=0):
+    torch.manual_seed(seed)
+    return Model(KINDS[kind].replace(hidden_dropout=0.0, attention_dropout=0.0)).eval()
+
+
+def randomize(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if name in layer.lora_B:
+                layer.lora_B[name].weight.copy_(torch.randn(layer.lora_B[name].weight.shape, generator=g) * 0.5)
+        if name in model.adapter_heads:
+            for p in model.adapter_heads[name].parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def batch(n=6, T=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 60, (n, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_new_adapter_is_the_base_model_and_merge_roundtrip(kind):
+    model = model_of(kind)
+    ids, mask = batch()
+    base = model(ids, mask).hidden_states
+    add_adapter(model, "a", LoraConfig(r=4, alpha=8, target_modules=("query", "value", "output")))
+    set_active(model, "a")
+    torch.testing.assert_close(model(ids, mask).hidden_states, base, atol=0, rtol=0)
+    randomize(model, "a", 0)
+    adapted = model(ids, mask).hidden_states
+    assert (adapted - base).abs().max() > 1e-2
+    weights = {n: m.base.weight.clone() for n, m in lora_layers(model).items()}
+    merge(model)
+    merge(model)  # idempotent
+    torch.testing.assert_close(model(ids, mask).hidden_states, adapted, atol=1e-5, rtol=1e-5)
+    unmerge(model)
+    unmerge(model)
+    for n, m in lora_layers(model).items():
+        torch.testing.assert_close(m.base.weight, weights[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(ids, mask).hidden_states, adapted, atol=1e-5, rtol=1e-5)
+    # train()/eval() never merge or unmerge
+    merge(model)
+    model.train()
+    model.eval()
+    assert all(m.merged == ["a"] for m in lora_layers(model).values())
+
+
+def test_merge_refuses_nan():
+    model = model_of("bert")
+    add_adapter(model, "a", LoraConfig())
+    layer = next(iter(lora_layers(model).values()))
+    with torch.no_grad():
+        layer.lora_B["a"].weight.fill_(float("inf"))
+        layer.lora_A["a"].weight.fill_(1.0)
+    before = layer.base.weight.clone()
+    with pytest.raises(ConfigError, match="NaN/Inf"):
+        merge(model, "a")
+    assert torch.equal(layer.base.weight, before)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@torch.no_grad()
+def test_mixed_batch_equals_each_adapter_alone(kind):
+    model = model_of(kind)
+    for i, (name, r, targets) in enumerate([("a", 4, ("query", "value")), ("b", 8, ("query", "key", "output")),
+                                            ("c", 2, ("value", "intermediate"))]):
+        add_adapter(model, name, LoraConfig(r=r, alpha=2 * r, target_modules=targets))
+        randomize(model, name, i + 10)
+    ids, mask = batch()
+    names = ["a", "b", None, "c", "a", "b"]
+    with mixed_batch(model, names):
+        mixed = model.transformer(ids, mask)
+    for i, name in enumerate(names):
+        set_active(model, name)
+        alone = model.transformer(ids[i:i + 1], mask[i:i + 1])
+        keep = mask[i].bool()
+        torch.testing.assert_close(mixed[i][keep], alone[0][keep], atol=1e-5, rtol=1e-5)
+    set_active(model, None)
+    if kind != "gpt2":
+        logits = classify_mixed(model, ids, mask, None, names)
+        for i, name in enumerate(names):
+            set_active(model, name)
+            want = model(ids[i:i + 1], mask[i:i + 1]).logits[0]
+            torch.testing.assert_close(logits[i], want, atol=1e-5, rtol=1e-5)
+        set_active(model, None)
+
+
+def test_adapter_management_errors_and_delete():
+    model = model_of("bert")
+    with pytest.raises(ConfigError, match="LoRA target 'query_proj' matched no module"):
+        add_adapter(model, "x", LoraConfig(target_modules=("query", "query_proj")))
+    add_adapter(model, "a", LoraConfig())
+    with pytest.raises(ConfigError, match="already exists"):
+        add_adapter(model, "a", LoraConfig())
+    with pytest.raises(ConfigError, match=r"no adapter named 'zz' \(loaded: a\)"):
+        set_active(model, "zz")
+    with pytest.raises(ConfigError, match="no adapter named 'zz'"):
+        with mixed_batch(model, ["a", "zz"]):
+            pass
+    delete_adapter(model, "a")
+    assert adapters(model) == {} and all(not m.lora_A for m in lora_layers(model).values())
+
+
+def test_only_the_adapter_and_its_head_train():
+    model = model_of("bert")
+    add_adapter(model, "a", LoraConfig(r=8, target_modules=("query", "value")))
+    mark_trainable(model, "a")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A.a." in n or ".lora_B.a." in n or n.startswith("adapter_heads.a.")
+                             for n in trainable)
+    assert any(n.startswith("adapter_heads.a.") for n in trainable)
+
+
+ROBERTA = {"base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+           "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)}
+
+
+@pytest.mark.parametrize("size,want", [("base", 294_912), ("large", 786_432)])
+def test_table2_lora_parameter_counts(size, want):
+    """LoRA r=8 on W_q, W_v: 0.3M (RoBERTa-base) and 0.8M (RoBERTa-large), as in the paper's Table 2."""
+    cfg = ModelConfig(model_type="roberta", vocab_size=50265, max_position_embeddings=514, pad_token_id=1,
+                      type_vocab_size=1, **ROBERTA[size])
+    with torch.device("meta"):
+        model = Model(cfg)
+        add_adapter(model, "t", LoraConfig(r=8, target_modules=("query", "value")), head=False)
+    mark_trainable(model, "t")
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == want and round(n / 1e6, 1) == {"base": 0.3, "large": 0.8}[size]
