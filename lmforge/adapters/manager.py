@@ -3,7 +3,8 @@ batches; and a task head per adapter, so that an adapter always travels with the
 with.
 
 Targets are paths inside a Transformer layer (query, key, value, attention.output, intermediate,
-output), so "output" means the FFN output and never also the attention output.
+output), so "output" means the FFN output and never also the attention output; a full module path
+(transformer.pooler) names one module outside the layers.
 """
 
 from __future__ import annotations
@@ -47,7 +48,15 @@ def _targets(model, patterns) -> list[tuple[nn.Module, str]]:
     for pattern in patterns:
         path = TARGET_ALIASES.get(pattern, pattern)
         hits = []
-        for layer in model.transformer.layers:
+        if path.startswith("transformer."):  # a full path outside the layers (PEFT's "dense" hits the pooler)
+            parent_path, _, attr = path.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_path)
+            except AttributeError:
+                parent = None
+            if isinstance(getattr(parent, attr, None), (nn.Linear, LoraLinear)):
+                hits.append((parent, attr))
+        for layer in model.transformer.layers if not hits else ():
             parent_path, _, attr = path.rpartition(".")
             try:
                 parent = layer.get_submodule(parent_path) if parent_path else layer
