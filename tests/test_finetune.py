@@ -149,3 +149,20 @@ def test_resume_with_other_settings_is_refused(tmp_path, small_model, capsys):
     capsys.readouterr()
     assert main(args + ["--lr", "1e-3", "--resume"]) == 2
     assert "--resume needs the same settings" in capsys.readouterr().err
+
+
+def test_lora_run_beats_majority_and_reloads_with_its_head(tmp_path, minilm_dir, data_dir, capsys):
+    # All six layers: MiniLM's [CLS] state only becomes informative above layer 2, and a frozen base
+    # cannot make it so within a test's budget (full fine-tuning can: see the tests above).
+    s = run_finetune(config(tmp_path, minilm_dir, method="lora", lora_r=8, lora_alpha=16, max_train_samples=320,
+                            max_eval_samples=400, train={"lr": 3e-3, "epochs": 2}))
+    assert s["trainable_params"] < 0.01 * s["total_params"]
+    assert s["best"]["accuracy"] > majority(data_dir) + 0.10, s["best"]
+    files = {p.name for p in (tmp_path / "best").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    assert (tmp_path / "best" / "adapter_model.safetensors").stat().st_size < 1e6
+    # evaluating the reloaded adapter reproduces the best dev accuracy: the head came back too
+    assert main(["evaluate", "--run", str(tmp_path), "--task", "glue/sst2", "--max-eval-samples", "400"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["accuracy"] == pytest.approx(s["best"]["accuracy"], abs=1e-9)

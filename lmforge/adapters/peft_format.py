@@ -64,7 +64,8 @@ def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model, name: str, directory: str | Path, base_model: str = "") -> Path:
+def save_adapter(model, name: str, directory: str | Path, base_model: str = "", tokenizer=None) -> Path:
+    """Write adapter `name` (and its head) atomically; a tokenizer (anything with .save(dir)) too."""
     cfg = adapters(model)[name]
     base_config = _state(model)["base_config"]
     tensors = adapter_state(model, name)
@@ -82,6 +83,8 @@ def save_adapter(model, name: str, directory: str | Path, base_model: str = "") 
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / "lmforge_head.json").write_text(json.dumps(head, indent=2, default=str) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
     return Path(directory)
 
 

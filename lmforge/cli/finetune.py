@@ -33,9 +33,14 @@ def add_parser(p) -> None:
 
 def add_train_args(p) -> None:
     d = TrainConfig(out_dir="")
-    p.add_argument("--method", default="full", help="full | freeze | features")
+    p.add_argument("--method", default="full", help="full | freeze | features | lora")
     p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="scaling is alpha / r")
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--lora-targets", default="query,value",
+                   help="paths inside a layer: query,key,value,attention.output,intermediate,output")
     p.add_argument("--out", help="run directory")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -70,6 +75,8 @@ def config_from_args(args):
         dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,
         label_type=args.label_type, skip_bad_rows=args.skip_bad_rows, method=args.method,
         freeze_layers=args.freeze_layers, feature_pooling=args.feature_pooling, max_seq_len=args.max_seq_len,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         classifier_dropout=args.classifier_dropout, train=train)
 

@@ -35,6 +35,20 @@ def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int =
     return out if out is not None else torch.empty(0, model.config.num_labels)
 
 
+def load_adapter_run(directory: Path, device: str = "cpu", name: str = "default"):
+    """A LoRA run's best/: the base model it names, with the adapter and its head active."""
+    from lmforge.adapters.manager import set_active
+    from lmforge.adapters.peft_format import load_adapter, read_adapter_config
+
+    base = read_adapter_config(directory).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{directory / 'adapter_config.json'}: no base_model_name_or_path to load the adapter onto")
+    model = from_pretrained(base, head="classification", device=device).eval()
+    load_adapter(model, directory, name)
+    set_active(model, name)
+    return model
+
+
 class Probe(torch.nn.Module):
     """A linear model fitted on frozen, pooled encoder features (the `features` method)."""
 
@@ -57,7 +71,10 @@ class Classifier:
     def __init__(self, model_dir: str | Path, max_length: int = 512, device: str = "cpu"):
         model_dir = Path(model_dir)
         self.probe = Probe(model_dir) if (model_dir / "probe.json").is_file() else None
-        self.model = from_pretrained(model_dir, device=device).eval()
+        if (model_dir / "adapter_config.json").is_file():
+            self.model = load_adapter_run(model_dir, device)
+        else:
+            self.model = from_pretrained(model_dir, device=device).eval()
         if self.probe is None and self.model.config.head != "classification":
             raise ConfigError(f"{model_dir}: not a classifier (head {self.model.config.head!r})")
         self.tokenizer = load_tokenizer(model_dir)

@@ -25,7 +25,7 @@ from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
 from lmforge.models import from_pretrained, save_pretrained
 from lmforge.train.data import TaskData, load_task_data
-from lmforge.train.methods import apply_method, describe_parameters, parameter_counts
+from lmforge.train.methods import ADAPTER, apply_method, describe_parameters, parameter_counts
 from lmforge.train.metrics import compute_metrics
 from lmforge.train.objectives import sequence_classification_loss
 from lmforge.train.plot import plot_metrics
@@ -51,6 +51,10 @@ class FinetuneConfig:
     method: str = "full"
     freeze_layers: int = 0
     feature_pooling: str = "mean"         # features method: mean | cls
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: str = "query,value"
     max_seq_len: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -99,7 +103,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
     train_enc = encode_examples(tokenizer, data.train, max_len)
     dev_enc = encode_examples(tokenizer, data.dev, max_len)
-    apply_method(model, cfg.method, cfg.freeze_layers)
+    apply_method(model, cfg)
     trainable, total = parameter_counts(model)
     print(f"{cfg.method}: {describe_parameters(model)}", flush=True)
 
@@ -111,7 +115,11 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         pad = tokenizer.pad_token_id
 
         def on_best(m, metrics):
-            save_pretrained(m, out / "best", tokenizer=tokenizer)
+            if cfg.method == "lora":  # the adapter with its head, in PEFT's format: megabytes, not the model
+                from lmforge.adapters.peft_format import save_adapter
+                save_adapter(m, ADAPTER, out / "best", base_model=cfg.model, tokenizer=tokenizer)
+            else:
+                save_pretrained(m, out / "best", tokenizer=tokenizer)
             _write_json(out / "best" / "metrics.json", metrics)
 
         trainer = Trainer(

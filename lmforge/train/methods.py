@@ -4,7 +4,8 @@ full      every weight trains
 freeze    embeddings and the bottom K layers are frozen (--freeze-layers K)
 features  the encoder is frozen and never run in the trainer: a logistic regression is fitted on
           its pooled features (see train/features.py)
-The LoRA-family methods plug in here with the next issue.
+lora      LoRA adapters (rank --lora-r, scaling --lora-alpha / r) on --lora-targets; the base is
+          frozen, the adapter and its own classification head train
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-METHODS = ("full", "freeze", "features")
+METHODS = ("full", "freeze", "features", "lora")
+ADAPTER = "default"  # the adapter a single-task run trains
 
 
-def apply_method(model, method: str, freeze_layers: int = 0) -> None:
+def apply_method(model, cfg) -> None:
+    """Decide what trains, from the run's FinetuneConfig (method and its size knobs)."""
+    method, freeze_layers = cfg.method, cfg.freeze_layers
     if method not in METHODS:
         raise ConfigError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     for p in model.parameters():
@@ -32,6 +36,17 @@ def apply_method(model, method: str, freeze_layers: int = 0) -> None:
     elif method == "features":
         for p in model.transformer.parameters():
             p.requires_grad_(False)
+    elif method == "lora":
+        from lmforge.adapters.lora import LoraConfig
+        from lmforge.adapters.manager import add_adapter, mark_trainable, set_active
+
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        add_adapter(model, ADAPTER, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                               target_modules=targets),
+                    head_config={"num_labels": model.config.num_labels, "id2label": model.config.id2label,
+                                 "problem_type": model.config.problem_type})
+        set_active(model, ADAPTER)
+        mark_trainable(model, ADAPTER)
 
 
 def parameter_counts(model) -> tuple[int, int]:
