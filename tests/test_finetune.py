@@ -166,3 +166,8 @@ def test_lora_run_beats_majority_and_reloads_with_its_head(tmp_path, minilm_dir,
     assert main(["evaluate", "--run", str(tmp_path), "--task", "glue/sst2", "--max-eval-samples", "400"]) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert out["accuracy"] == pytest.approx(s["best"]["accuracy"], abs=1e-9)
+    # exported with the adapter merged: a plain model with the same predictions
+    assert main(["export", "--run", str(tmp_path), "--merged", "--out", str(tmp_path / "merged")]) == 0
+    texts = [Example("a gripping, beautiful film"), Example("tedious and flat")]
+    torch.testing.assert_close(Classifier(tmp_path / "merged").logits(texts),
+                               Classifier(tmp_path / "best").logits(texts), atol=1e-5, rtol=1e-5)

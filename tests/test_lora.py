@@ -154,3 +154,39 @@ def test_table2_lora_parameter_counts(size, want):
     mark_trainable(model, "t")
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert n == want and round(n / 1e6, 1) == {"base": 0.3, "large": 0.8}[size]
+
+
+@torch.no_grad()
+def test_merged_export_is_a_plain_model_with_the_same_outputs(tmp_path):
+    import transformers as T
+
+    from lmforge.adapters.manager import merged_model
+    from lmforge.models import from_pretrained, save_pretrained
+
+    model = model_of("bert")
+    add_adapter(model, "a", LoraConfig(r=4, target_modules=("query", "value", "intermediate")))
+    randomize(model, "a", 3)
+    set_active(model, "a")
+    ids, mask = batch()
+    want = model(ids, mask).logits
+    plain = merged_model(model, "a")
+    assert not any(".lora_" in k for k in plain.state_dict())
+    torch.testing.assert_close(plain(ids, mask).logits, want, atol=1e-5, rtol=1e-5)
+    assert all(not m.merged for m in lora_layers(model).values())  # the source stays unmerged
+    save_pretrained(plain, tmp_path)
+    hf = T.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,want", [("base", 0.1)])
+def test_table2_bitfit_parameter_count(size, want):
+    """BitFit trains the biases only: 0.1M on RoBERTa-base, as in the paper's Table 2."""
+    from lmforge.train.methods import apply_method
+
+    cfg = ModelConfig(model_type="roberta", vocab_size=50265, max_position_embeddings=514, pad_token_id=1,
+                      type_vocab_size=1, **ROBERTA[size])
+    with torch.device("meta"):
+        model = Model(cfg)
+    apply_method(model, type("Cfg", (), {"method": "bitfit", "freeze_layers": 0})())
+    n = sum(p.numel() for p in model.transformer.parameters() if p.requires_grad)
+    assert round(n / 1e6, 1) == want, n

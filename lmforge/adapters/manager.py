@@ -202,3 +202,20 @@ def classify_mixed(model, input_ids, attention_mask, token_type_ids, names: list
         for j, i in enumerate(rows):
             out[i] = logits[j]
     return out
+
+
+def merged_model(model, name: str):
+    """A plain model (no adapter modules) whose weights have adapter `name` folded in, with the
+    adapter's head: what `lmforge export --merged` writes. The adapted model is left unmerged."""
+    from lmforge.models import Model
+
+    set_active(model, name)
+    merge(model, name)
+    try:
+        plain = Model(model.config)
+        state = {k.replace(".base.", "."): v for k, v in model.state_dict().items()
+                 if ".lora_" not in k and not k.startswith("adapter_heads.")}
+        plain.load_state_dict(state)  # strict: every weight accounted for
+    finally:
+        unmerge(model, name)
+    return plain.to(next(model.parameters()).device).eval()

@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, evaluate, finetune, glue, predict
+from lmforge.cli import embed, evaluate, export, finetune, glue, predict
 
 COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict": predict,
-            "glue": glue}
+            "glue": glue, "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ full      every weight trains
 freeze    embeddings and the bottom K layers are frozen (--freeze-layers K)
 features  the encoder is frozen and never run in the trainer: a logistic regression is fitted on
           its pooled features (see train/features.py)
+bitfit    only the biases (and the head) train (Ben Zaken et al., 2021)
 lora      LoRA adapters (rank --lora-r, scaling --lora-alpha / r) on --lora-targets; the base is
           frozen, the adapter and its own classification head train
 """
@@ -14,7 +15,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-METHODS = ("full", "freeze", "features", "lora")
+METHODS = ("full", "freeze", "features", "bitfit", "lora")
 ADAPTER = "default"  # the adapter a single-task run trains
 
 
@@ -33,6 +34,9 @@ def apply_method(model, cfg) -> None:
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
+    elif method == "bitfit":
+        for name, p in model.transformer.named_parameters():
+            p.requires_grad_(name.endswith("bias"))
     elif method == "features":
         for p in model.transformer.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,39 @@
+"""Export a run as a plain Hugging Face model directory (config.json + model.safetensors + tokenizer).
+
+  lmforge export --run runs/sst2-lora --merged --out runs/sst2-merged
+
+For a LoRA run, --merged folds B A into W (no added latency at inference) and keeps the adapter's
+head; the result loads in `transformers` with AutoModelForSequenceClassification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.errors import ConfigError
+
+
+def add_parser(p) -> None:
+    p.add_argument("--run", required=True, help="run directory (its best/) or adapter/model directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merged", action="store_true", help="fold the LoRA adapter into the weights")
+
+
+def run(args) -> int:
+    from lmforge.adapters.manager import merged_model
+    from lmforge.cli.evaluate import model_dir
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.infer.classify import load_adapter_run
+    from lmforge.models import from_pretrained, save_pretrained
+
+    directory = model_dir(args.run)
+    if (directory / "adapter_config.json").is_file():
+        if not args.merged:
+            raise ConfigError(f"{directory}: an adapter run; pass --merged to fold it into a plain model")
+        model = merged_model(load_adapter_run(directory), "default")
+    else:
+        model = from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
+    save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"wrote {Path(args.out)} ({model.config.model_type}, head {model.config.head})")
+    return 0
