@@ -17,6 +17,7 @@ from lmforge.data.tables import Example
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.infer.classify import Classifier
 from lmforge.models import from_pretrained, save_pretrained
+from lmforge.adapters.methods import MethodConfig
 from lmforge.train.finetune import FinetuneConfig, run_finetune
 from lmforge.train.trainer import TrainConfig
 
@@ -34,7 +35,8 @@ def small_model(tmp_path_factory, minilm_dir):
 def config(out, model, **kw):
     train = dict(out_dir=str(out), epochs=2, batch_size=16, lr=1e-3, progress_bar=False, log_every=5, seed=7)
     train.update(kw.pop("train", {}))
-    kw = {"task": "glue/sst2", "max_train_samples": 600, "max_seq_len": 64, **kw}
+    adapt = {k: kw.pop(k) for k in list(kw) if k in MethodConfig.__dataclass_fields__}
+    kw = {"task": "glue/sst2", "max_train_samples": 600, "max_seq_len": 64, "adapt": MethodConfig(**adapt), **kw}
     return FinetuneConfig(model=str(model), train=TrainConfig(**train), **kw)
 
 

@@ -181,12 +181,12 @@ def test_merged_export_is_a_plain_model_with_the_same_outputs(tmp_path):
 @pytest.mark.parametrize("size,want", [("base", 0.1)])
 def test_table2_bitfit_parameter_count(size, want):
     """BitFit trains the biases only: 0.1M on RoBERTa-base, as in the paper's Table 2."""
-    from lmforge.train.methods import apply_method
+    from lmforge.adapters.methods import MethodConfig, apply_method
 
     cfg = ModelConfig(model_type="roberta", vocab_size=50265, max_position_embeddings=514, pad_token_id=1,
                       type_vocab_size=1, **ROBERTA[size])
     with torch.device("meta"):
         model = Model(cfg)
-    apply_method(model, type("Cfg", (), {"method": "bitfit", "freeze_layers": 0})())
+    apply_method(model, MethodConfig(method="bitfit"))
     n = sum(p.numel() for p in model.transformer.parameters() if p.requires_grad)
     assert round(n / 1e6, 1) == want, n

@@ -15,7 +15,7 @@ def model_dir(run: str) -> Path:
     """A run directory's best model, or the directory itself when it is a model."""
     p = Path(run)
     for d in (p / "best", p):
-        if (d / "config.json").is_file() or (d / "adapter_config.json").is_file():
+        if any((d / f).is_file() for f in ("config.json", "adapter_config.json", "delta.json")):
             return d
     raise ConfigError(f"{p}: not a run directory (no best/config.json or best/adapter_config.json) "
                       "nor a model or adapter directory")

@@ -31,6 +31,12 @@ def run(args) -> int:
         if not args.merged:
             raise ConfigError(f"{directory}: an adapter run; pass --merged to fold it into a plain model")
         model = merged_model(load_adapter_run(directory), "default")
+    elif (directory / "delta.json").is_file():
+        from lmforge.adapters.delta import load_delta
+        model = load_delta(directory)
+        if any(".adapters." in n for n, _ in model.named_parameters()):
+            raise ConfigError(f"{directory}: bottleneck adapters add layers a plain model does not have; "
+                              "export supports full, freeze, bitfit and (with --merged) lora runs")
     else:
         model = from_pretrained(directory)
     tokenizer = load_tokenizer(directory)

@@ -33,7 +33,8 @@ def add_parser(p) -> None:
 
 def add_train_args(p) -> None:
     d = TrainConfig(out_dir="")
-    p.add_argument("--method", default="full", help="full | freeze | features | lora")
+    p.add_argument("--method", default="full",
+                   help="full | freeze | features | bitfit | lora | adapter-houlsby | adapter-pfeiffer")
     p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--lora-r", type=int, default=8)
@@ -41,6 +42,7 @@ def add_train_args(p) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--lora-targets", default="query,value",
                    help="paths inside a layer: query,key,value,attention.output,intermediate,output")
+    p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size of Houlsby/Pfeiffer adapters")
     p.add_argument("--out", help="run directory")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -62,6 +64,7 @@ def add_train_args(p) -> None:
 
 
 def config_from_args(args):
+    from lmforge.adapters.methods import MethodConfig
     from lmforge.train.finetune import FinetuneConfig
 
     train = TrainConfig(
@@ -73,10 +76,11 @@ def config_from_args(args):
     return FinetuneConfig(
         model=args.model, task=args.task, data_dir=args.data_dir, train_file=args.train_file,
         dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,
-        label_type=args.label_type, skip_bad_rows=args.skip_bad_rows, method=args.method,
-        freeze_layers=args.freeze_layers, feature_pooling=args.feature_pooling, max_seq_len=args.max_seq_len,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets,
+        label_type=args.label_type, skip_bad_rows=args.skip_bad_rows, max_seq_len=args.max_seq_len,
+        adapt=MethodConfig(method=args.method, freeze_layers=args.freeze_layers,
+                           feature_pooling=args.feature_pooling, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                           lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
+                           adapter_size=args.adapter_size),
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         classifier_dropout=args.classifier_dropout, train=train)
 

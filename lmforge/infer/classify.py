@@ -73,6 +73,9 @@ class Classifier:
         self.probe = Probe(model_dir) if (model_dir / "probe.json").is_file() else None
         if (model_dir / "adapter_config.json").is_file():
             self.model = load_adapter_run(model_dir, device)
+        elif (model_dir / "delta.json").is_file():
+            from lmforge.adapters.delta import load_delta
+            self.model = load_delta(model_dir, device)
         else:
             self.model = from_pretrained(model_dir, device=device).eval()
         if self.probe is None and self.model.config.head != "classification":

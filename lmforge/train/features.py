@@ -41,8 +41,9 @@ def fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out_dir: Path)
     from sklearn.linear_model import LogisticRegression, Ridge
 
     pad = tokenizer.pad_token_id
-    x_train = extract_features(model, train_enc, pad, cfg.feature_pooling, cfg.eval_batch_size)
-    x_dev = extract_features(model, dev_enc, pad, cfg.feature_pooling, cfg.eval_batch_size)
+    pooling = cfg.adapt.feature_pooling
+    x_train = extract_features(model, train_enc, pad, pooling, cfg.eval_batch_size)
+    x_dev = extract_features(model, dev_enc, pad, pooling, cfg.eval_batch_size)
     mean, scale = x_train.mean(0), x_train.std(0) + 1e-6  # standardise: lbfgs converges faster
     z_train, z_dev = (x_train - mean) / scale, (x_dev - mean) / scale
     y_train = np.array([e.label for e in data.train])
@@ -65,7 +66,7 @@ def fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out_dir: Path)
                    "bias": torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)),
                    "mean": torch.from_numpy(mean.astype(np.float32)),
                    "scale": torch.from_numpy(scale.astype(np.float32))}, str(tmp / "probe.safetensors"))
-        probe = {"pooling": cfg.feature_pooling, "labels": data.labels, "regression": data.regression}
+        probe = {"pooling": pooling, "labels": data.labels, "regression": data.regression}
         (tmp / "probe.json").write_text(json.dumps(probe, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -25,7 +25,8 @@ from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
 from lmforge.models import from_pretrained, save_pretrained
 from lmforge.train.data import TaskData, load_task_data
-from lmforge.train.methods import ADAPTER, apply_method, describe_parameters, parameter_counts
+from lmforge.adapters.methods import (ADAPTER, MethodConfig, apply_method, describe_parameters,
+                                      parameter_counts)
 from lmforge.train.metrics import compute_metrics
 from lmforge.train.objectives import sequence_classification_loss
 from lmforge.train.plot import plot_metrics
@@ -48,13 +49,7 @@ class FinetuneConfig:
     label_col: str = "label"
     label_type: str = "auto"              # auto | class | float
     skip_bad_rows: bool = False
-    method: str = "full"
-    freeze_layers: int = 0
-    feature_pooling: str = "mean"         # features method: mean | cls
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: str = "query,value"
+    adapt: MethodConfig = field(default_factory=MethodConfig)   # --method and its size knobs
     max_seq_len: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -66,6 +61,7 @@ class FinetuneConfig:
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         d = dict(d)
         d["train"] = TrainConfig(**d["train"])
+        d["adapt"] = MethodConfig(**d["adapt"])
         return cls(**d)
 
 
@@ -105,9 +101,10 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     dev_enc = encode_examples(tokenizer, data.dev, max_len)
     apply_method(model, cfg)
     trainable, total = parameter_counts(model)
-    print(f"{cfg.method}: {describe_parameters(model)}", flush=True)
+    method = cfg.adapt.method
+    print(f"{method}: {describe_parameters(model)}", flush=True)
 
-    if cfg.method == "features":
+    if method == "features":
         from lmforge.train.features import fit_features
         metrics = fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out / "best")
         result = {"steps": 0, "best_metric": metrics[data.main_metric], "last_eval": metrics}
@@ -115,11 +112,15 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         pad = tokenizer.pad_token_id
 
         def on_best(m, metrics):
-            if cfg.method == "lora":  # the adapter with its head, in PEFT's format: megabytes, not the model
+            # Only what the method changed is saved: megabytes, not the model (full/freeze: the model).
+            if method == "lora":  # in PEFT's format, the adapter with its head
                 from lmforge.adapters.peft_format import save_adapter
                 save_adapter(m, ADAPTER, out / "best", base_model=cfg.model, tokenizer=tokenizer)
-            else:
+            elif cfg.adapt.saves_whole_model:
                 save_pretrained(m, out / "best", tokenizer=tokenizer)
+            else:
+                from lmforge.adapters.delta import save_delta
+                save_delta(m, out / "best", cfg.adapt, base_model=cfg.model, tokenizer=tokenizer)
             _write_json(out / "best" / "metrics.json", metrics)
 
         trainer = Trainer(
@@ -130,10 +131,10 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
             main_metric=data.main_metric, on_best=on_best,
         )
         result = trainer.train(resume=resume)
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {cfg.method}")
+        plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {method}")
     best = json.loads((out / "best" / "metrics.json").read_text()) if (out / "best" / "metrics.json").is_file() \
         else result["last_eval"]
-    summary = {"task": data.name, "model": cfg.model, "method": cfg.method, "seed": cfg.train.seed,
+    summary = {"task": data.name, "model": cfg.model, "method": method, "seed": cfg.train.seed,
                "trainable_params": trainable, "total_params": total, "main_metric": data.main_metric,
                "best": best, "best_step": result.get("best_step"), "steps": result["steps"],
                "train_examples": len(data.train), "dev_examples": len(data.dev),

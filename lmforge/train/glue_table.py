@@ -39,7 +39,7 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
                 print(f"== glue/{task.name} seed {seed} -> {run_dir}", flush=True)
                 summary = run_finetune(cfg, resume=(run_dir / "checkpoint").is_dir())
             runs.append(summary)
-    results = {"model": base.model, "method": base.method, "seeds": seeds, "runs": runs}
+    results = {"model": base.model, "method": base.adapt.method, "seeds": seeds, "runs": runs}
     with atomic_file(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     table = render_table([results])
