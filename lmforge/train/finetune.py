@@ -99,7 +99,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
     train_enc = encode_examples(tokenizer, data.train, max_len)
     dev_enc = encode_examples(tokenizer, data.dev, max_len)
-    apply_method(model, cfg)
+    apply_method(model, cfg.adapt)
     trainable, total = parameter_counts(model)
     method = cfg.adapt.method
     print(f"{method}: {describe_parameters(model)}", flush=True)
