@@ -20,6 +20,10 @@ def data_root() -> Path | None:
     return None
 
 
+if data_root() is not None:  # the code under test reads it too (as `make test` sets it)
+    os.environ.setdefault("LMFORGE_DATA", str(data_root()))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     root = data_root()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models.layers import Dropout
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Router:
     """Which adapters apply to the current forward pass, shared by all LoraLinear of a model."""
     active: list[str] = field(default_factory=list)
     per_example: torch.Tensor | None = None   # [B] slot per example, -1 = base model only
+    per_token: torch.Tensor | None = None     # [N] slot per token of a packed batch
     slots: list[str] = field(default_factory=list)
     version: int = 0                          # bumped when adapters change: invalidates stacks
 
@@ -74,10 +76,11 @@ class LoraLinear(nn.Module):
         # A as nn.Linear's default (Kaiming-uniform), B zero: training starts from the base model.
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
         nn.init.zeros_(B.weight)
-        A.to(self.base.weight.device, self.base.weight.dtype)
-        B.to(self.base.weight.device, self.base.weight.dtype)
+        w = self._reference_weight()
+        A.to(w.device, w.dtype)
+        B.to(w.device, w.dtype)
         self.lora_A[name], self.lora_B[name] = A, B
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.lora_dropout[name] = Dropout(config.dropout) if config.dropout else nn.Identity()
         self.scaling[name] = config.scaling
 
     def remove(self, name: str) -> None:
@@ -87,6 +90,12 @@ class LoraLinear(nn.Module):
             del d[name]
         del self.scaling[name]
 
+    def _reference_weight(self) -> torch.Tensor:
+        w = self.base.weight
+        if callable(w):  # a dynamically quantized base: adapters stay fp32 on its device
+            return w().dequantize()
+        return w
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """scale * B A: the [out, in] update this adapter adds to W."""
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
@@ -95,6 +104,8 @@ class LoraLinear(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged:
             return  # idempotent
+        if callable(self.base.weight):
+            raise ConfigError(f"adapter {name!r} cannot be merged into a quantized layer; merge before quantizing")
         merged = self.base.weight + self.delta_weight(name).to(self.base.weight.dtype)
         if not torch.isfinite(merged).all():
             raise ConfigError(f"merging adapter {name!r} would put NaN/Inf into the weights; not merged")
@@ -109,46 +120,58 @@ class LoraLinear(nn.Module):
                 self.merged.remove(n)
 
     def _stacked(self, slots: list[str]):
-        """A [N, r_max, in], B [N, out, r_max], scale [N] for the slots (ranks zero-padded)."""
+        """A [S * r_max, in] and B [out, S * r_max] of the slots side by side (ranks zero-padded),
+        and each slot's scale [S]."""
         key = (tuple(slots), self.router.version)
         if self._stack_cache is not None and self._stack_cache[0] == key and not torch.is_grad_enabled():
             return self._stack_cache[1]
         r_max = max(self.lora_A[n].weight.shape[0] for n in slots)
-        w = self.base.weight
+        w = self.lora_A[slots[0]].weight
         A = w.new_zeros(len(slots), r_max, self.in_features)
-        B = w.new_zeros(len(slots), self.out_features, r_max)
+        B = w.new_zeros(self.out_features, len(slots), r_max)
         for i, n in enumerate(slots):
             r = self.lora_A[n].weight.shape[0]
             A[i, :r] = self.lora_A[n].weight
-            B[i, :, :r] = self.lora_B[n].weight
+            B[:, i, :r] = self.lora_B[n].weight
         scale = torch.tensor([self.scaling[n] for n in slots], dtype=w.dtype, device=w.device)
-        stacked = (A, B, scale)
+        stacked = (A.view(-1, self.in_features), B.view(self.out_features, -1), scale, r_max)
         if not torch.is_grad_enabled():
             self._stack_cache = (key, stacked)
         return stacked
 
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Every row of x with its own adapter, in two GEMMs for the whole batch: x times all
+        adapters' A side by side [rows, S * r], a gate that keeps only each row's own adapter's
+        r columns (times its scale), then times all B side by side. No sub-batches, no per-row
+        weight copies."""
+        router = self.router
+        present = [n for n in router.slots if n in self.lora_A]
+        if not present:
+            return y
+        if self.merged:
+            raise ConfigError("mixed-adapter batches need unmerged adapters: call unmerge() first")
+        # Slots whose adapter does not touch this layer act as "no adapter" here.
+        remap = torch.tensor([present.index(n) if n in present else -1 for n in router.slots] + [-1],
+                             device=x.device)
+        if x.dim() == 2:                                      # packed [N, in]
+            if router.per_token is None:
+                raise ConfigError("a packed mixed-adapter batch needs mixed_batch(..., packed=...)")
+            slot = remap[router.per_token]                    # [N]
+        else:                                                 # padded [B, T, in]
+            slot = remap[router.per_example].repeat_interleave(x.shape[1])  # [B * T]
+        A, B, scale, r = self._stacked(present)
+        gate = torch.nn.functional.one_hot(slot + 1, len(present) + 1)[:, 1:].to(x.dtype) * scale  # [R, S]
+        h = x.reshape(-1, self.in_features) @ A.T             # [R, S * r]
+        h = h * gate.repeat_interleave(r, dim=1)
+        return y + (h @ B.T).view(y.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        router = self.router
-        if router.per_example is not None:
-            present = [n for n in router.slots if n in self.lora_A]
-            if not present:
-                return y
-            if self.merged:
-                raise ConfigError("mixed-adapter batches need unmerged adapters: call unmerge() first")
-            # Slots whose adapter does not touch this layer act as "no adapter" here.
-            remap = torch.tensor([present.index(n) if n in present else -1 for n in router.slots] + [-1],
-                                 device=x.device)
-            idx = remap[router.per_example]                     # [B]; -1 -> base only
-            A, B, scale = self._stacked(present)
-            safe = idx.clamp(min=0)
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])       # [B, T, in]
-            h = torch.bmm(flat, A[safe].transpose(1, 2))        # [B, T, r]
-            d = torch.bmm(h, B[safe].transpose(1, 2))           # [B, T, out]
-            gate = (scale[safe] * (idx >= 0)).to(d.dtype)       # [B]
-            return y + (d * gate[:, None, None]).reshape(y.shape)
-        for name in router.active:
+        if self.router.per_example is not None:
+            return self._mixed(x, y)
+        for name in self.router.active:
             if name in self.lora_A and name not in self.merged:
                 A, B = self.lora_A[name], self.lora_B[name]
+                # (x A^T) B^T: two thin GEMMs, never the d x k product B A
                 y = y + B(A(self.lora_dropout[name](x))) * self.scaling[name]
         return y

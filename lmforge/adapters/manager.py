@@ -171,8 +171,9 @@ def mark_trainable(model, name: str) -> None:
 
 
 @contextlib.contextmanager
-def mixed_batch(model, names: list[str | None]):
-    """Within this block each example i uses adapter names[i] (None: the base model)."""
+def mixed_batch(model, names: list[str | None], packed=None):
+    """Within this block each example i uses adapter names[i] (None: the base model). With a
+    packed batch (models.packing.Packed), pass its layout so each token finds its example."""
     _require(model, [n for n in names if n])
     router = _state(model)["router"]
     if router.active:
@@ -181,17 +182,23 @@ def mixed_batch(model, names: list[str | None]):
     device = next(model.parameters()).device
     router.slots = slots
     router.per_example = torch.tensor([slots.index(n) if n else -1 for n in names], device=device)
+    if packed is not None:
+        router.per_token = router.per_example[packed.seq_ids]
     try:
         yield
     finally:
-        router.per_example, router.slots = None, []
+        router.per_example, router.per_token, router.slots = None, None, []
 
 
-def classify_mixed(model, input_ids, attention_mask, token_type_ids, names: list[str | None]) -> list:
+def classify_mixed(model, input_ids, attention_mask, token_type_ids, names: list[str | None],
+                   packed=None) -> list:
     """One forward pass for a batch whose examples name different adapters; each example's logits
-    come from its own adapter's head (heads are tiny: they run per adapter group)."""
-    with mixed_batch(model, names):
-        hidden = model.transformer(input_ids, attention_mask, token_type_ids)
+    come from its own adapter's head (heads are tiny: they run per adapter group). Padded inputs
+    [B, T] with their mask, or packed [N] streams with their layout (attention_mask unused)."""
+    with mixed_batch(model, names, packed):
+        hidden = model.transformer(input_ids, attention_mask, token_type_ids, packed=packed)
+    if packed is not None:  # heads read the first/last token: hand them a padded view
+        hidden, attention_mask = packed.pad(hidden), packed.attention_mask()
     pooled = model.transformer.pool(hidden) if model.transformer.pooler is not None else None
     out: list = [None] * len(names)
     base_head = _state(model)["base_head"]

@@ -48,6 +48,11 @@ def add_train_args(p) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-tokens", type=int,
+                   help="form batches of similar-length examples up to this many (padded) tokens "
+                        "instead of --batch-size examples")
+    p.add_argument("--padded", action="store_true",
+                   help="run padded batches (the default packs each batch into one unpadded stream)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
@@ -81,6 +86,7 @@ def config_from_args(args):
                            feature_pooling=args.feature_pooling, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                            adapter_size=args.adapter_size),
+        packed=not args.padded, batch_tokens=args.batch_tokens,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         classifier_dropout=args.classifier_dropout, train=train)
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lmforge.data.batches import Encoded, collate, encode_examples
+from lmforge.data.batches import Encoded, collate, collate_packed, encode_examples, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.models import from_pretrained
 
 
-@torch.no_grad()
-def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+@torch.inference_mode()
+def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64,
+                   packed: bool = True) -> torch.Tensor:
     """Logits [N, C] ([N, 1] for regression) in the order of `encoded`. Batches are formed from
-    examples of similar length, so little work goes into padding."""
+    examples of similar length and run unpadded (packed=True) or padded to their longest."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -25,9 +26,10 @@ def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int =
     device = model.device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        b = collate([Encoded(encoded[i].input_ids, encoded[i].token_type_ids) for i in idx], pad_id)
-        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device),
-                       b["token_type_ids"].to(device)).logits.float().cpu()
+        items = [Encoded(encoded[i].input_ids, encoded[i].token_type_ids) for i in idx]
+        b = collate_packed(items) if packed else collate(items, pad_id)
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        logits = model(**model_inputs(b)).logits.float().cpu()
         if out is None:
             out = torch.empty(len(encoded), logits.shape[-1])
         out[idx] = logits

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.config import ModelConfig
-from lmforge.models.layers import activation
+from lmforge.models.layers import Dropout, activation
+from lmforge.models.packing import Packed
+from lmforge.models.transformer import first_token
 
 
 def last_token_index(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
@@ -16,6 +18,15 @@ def last_token_index(attention_mask: torch.Tensor | None, B: int, T: int, device
         return torch.full((B,), T - 1, dtype=torch.long, device=device)
     mask = attention_mask[:, -T:].long()
     return (torch.arange(T, device=device) * mask).argmax(-1)
+
+
+def last_token(hidden: torch.Tensor, attention_mask, packed: Packed | None = None) -> torch.Tensor:
+    """[B, D]: the last real token of each sequence, padded [B, T, D] or packed [N, D]."""
+    if packed is not None:
+        return hidden.index_select(0, packed.last)
+    B, T, _ = hidden.shape
+    idx = last_token_index(attention_mask, B, T, hidden.device)
+    return hidden[torch.arange(B, device=hidden.device), idx]
 
 
 class MaskedLMHead(nn.Module):
@@ -57,26 +68,24 @@ class ClassificationHead(nn.Module):
         d = config.hidden_size
         self.model_type = config.model_type
         p = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.dense = nn.Linear(d, d) if config.model_type == "roberta" else None
         self.out_proj = nn.Linear(d, config.num_labels, bias=config.model_type != "gpt2")
 
-    def forward(self, hidden, pooled, attention_mask) -> torch.Tensor:
+    def forward(self, hidden, pooled, attention_mask, packed: Packed | None = None) -> torch.Tensor:
         if self.model_type == "bert":
             return self.out_proj(self.dropout(pooled))
         if self.model_type == "roberta":
-            x = torch.tanh(self.dense(self.dropout(hidden[:, 0])))
+            x = torch.tanh(self.dense(self.dropout(first_token(hidden, packed))))
             return self.out_proj(self.dropout(x))
-        B, T, _ = hidden.shape
-        idx = last_token_index(attention_mask, B, T, hidden.device)
-        return self.out_proj(hidden[torch.arange(B, device=hidden.device), idx])
+        return self.out_proj(last_token(hidden, attention_mask, packed))
 
 
 class TokenClassificationHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         p = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -107,14 +116,10 @@ class ScalarHead(nn.Module):
         self.causal = config.causal
         self.out_proj = nn.Linear(config.hidden_size, 1, bias=config.model_type != "gpt2")
 
-    def forward(self, hidden, attention_mask):
-        values = self.out_proj(hidden).squeeze(-1)  # [B, T]
-        B, T = values.shape
-        if self.causal:
-            idx = last_token_index(attention_mask, B, T, hidden.device)
-        else:
-            idx = torch.zeros(B, dtype=torch.long, device=hidden.device)
-        return values, values[torch.arange(B, device=hidden.device), idx]
+    def forward(self, hidden, attention_mask, packed: Packed | None = None):
+        values = self.out_proj(hidden).squeeze(-1)  # [B, T] (packed: [N])
+        pick = last_token if self.causal else (lambda h, m, p: first_token(h, p))
+        return values, pick(values.unsqueeze(-1), attention_mask, packed).squeeze(-1)
 
 
 def build_head(config: ModelConfig) -> nn.Module | None:

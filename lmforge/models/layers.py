@@ -12,6 +12,7 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
+from lmforge.models.packing import Packed
 
 
 def activation(name: str):
@@ -22,6 +23,27 @@ def activation(name: str):
     if name == "relu":
         return F.relu
     raise ValueError(name)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's semantics (zero with probability p, scale the rest by 1/(1-p)), with the keep-mask
+    drawn by uniform sampling, about twice as fast on CPUs as the bernoulli kernel behind
+    nn.Dropout. Dropout masks are a fifth of a LoRA training step's time on this kind of machine."""
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class Attention(nn.Module):
@@ -43,7 +65,10 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,       # additive [B, 1, T, S] or None
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        packed: Packed | None = None,    # x is a packed stream [N, D]
     ) -> torch.Tensor:
+        if packed is not None:
+            return self._forward_packed(x, packed)
         B, T, D = x.shape
         # [B, T, D] -> [B, H, T, Dh]
         q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -64,6 +89,20 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Dh] -> [B, T, D]
         return self.output(y)
 
+    def _forward_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """x [N, D]: projections on the real tokens only; one padded SDPA call for attention."""
+        N, D = x.shape
+        B, T, H = packed.batch_size, packed.max_len, self.num_heads
+        qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)       # [N, 3D]
+        # [N, 3D] -> [B, T, 3, H, Dh] -> [3, B, H, T, Dh]
+        q, k, v = packed.pad(qkv).view(B, T, 3, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = packed.sdpa_mask(self.causal)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).reshape(B, T, D)                                   # [B, T, D]
+        return self.output(packed.unpad(y))                                      # [N, D]
+
 
 class Block(nn.Module):
     """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2 (pre-norm): x = x + f(LN(x))."""
@@ -78,14 +117,15 @@ class Block(nn.Module):
         self.output = nn.Linear(config.intermediate_size, d)
         self.ffn_norm = nn.LayerNorm(d, eps=eps)
         self.act = activation(config.hidden_act)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.act(self.intermediate(x)))
 
-    def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0):
+    def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
+                packed: Packed | None = None):
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache, layer_idx))
+            x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache, layer_idx, packed))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask, cache, layer_idx)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask, cache, layer_idx, packed)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))

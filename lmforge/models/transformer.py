@@ -10,7 +10,8 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.layers import Block
+from lmforge.models.layers import Block, Dropout
+from lmforge.models.packing import Packed
 
 
 class Embeddings(nn.Module):
@@ -25,7 +26,7 @@ class Embeddings(nn.Module):
         # Post-norm models (BERT) normalise the embeddings; pre-norm ones (GPT-2) do not.
         self.norm = None if config.pre_norm else nn.LayerNorm(d, eps=config.layer_norm_eps)
         p = config.hidden_dropout if config.embedding_dropout is None else config.embedding_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
@@ -85,7 +86,10 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,   # [B, T]
         position_ids: torch.Tensor | None = None,     # [B, T]
         cache: KVCache | None = None,
+        packed: Packed | None = None,                 # unpadded: input_ids etc. are [N] streams
     ) -> torch.Tensor:
+        if packed is not None:
+            return self._forward_packed(input_ids, token_type_ids, position_ids, packed)
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask, past)
@@ -105,9 +109,24 @@ class Transformer(nn.Module):
             x = self.final_norm(x)
         return x  # [B, T, D]
 
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _forward_packed(self, input_ids, token_type_ids, position_ids, packed: Packed) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = packed.position_ids + self.config.position_offset
+        x = self.embeddings(input_ids, position_ids, token_type_ids)               # [N, D]
+        for layer in self.layers:
+            x = layer(x, packed=packed)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x  # [N, D]
+
+    def pool(self, hidden: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
         """BERT's pooled output: tanh(W h_[CLS] + b)."""
-        return torch.tanh(self.pooler(hidden[:, 0]))
+        return torch.tanh(self.pooler(first_token(hidden, packed)))
+
+
+def first_token(hidden: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+    """[B, D]: the first token of each sequence, padded [B, T, D] or packed [N, D]."""
+    return hidden[:, 0] if packed is None else hidden.index_select(0, packed.first)
 
 
 def init_weights(module: nn.Module, config: ModelConfig) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.batches import collate, encode_examples
+from lmforge.data.batches import collate, collate_packed, encode_examples, token_budget_batches
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
@@ -51,6 +51,8 @@ class FinetuneConfig:
     skip_bad_rows: bool = False
     adapt: MethodConfig = field(default_factory=MethodConfig)   # --method and its size knobs
     max_seq_len: int = 128
+    packed: bool = True                   # unpadded execution (models/packing.py); False = padded batches
+    batch_tokens: int | None = None       # length-bucketed batches by token budget, not batch_size
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     eval_batch_size: int = 128
@@ -59,7 +61,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
-        d = dict(d)
+        d = {"packed": False, **d}  # runs saved before packed execution ran padded
         d["train"] = TrainConfig(**d["train"])
         d["adapt"] = MethodConfig(**d["adapt"])
         return cls(**d)
@@ -70,8 +72,9 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
-def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128) -> dict:
-    logits = predict_logits(model, encoded_dev, pad_id, batch_size)
+def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128,
+                   packed: bool = True) -> dict:
+    logits = predict_logits(model, encoded_dev, pad_id, batch_size, packed=packed)
     preds = logits[:, 0] if data.regression else logits.argmax(-1)
     return compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev])
 
@@ -123,11 +126,16 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
                 save_delta(m, out / "best", cfg.adapt, base_model=cfg.model, tokenizer=tokenizer)
             _write_json(out / "best" / "metrics.json", metrics)
 
+        batch_plan = None
+        if cfg.batch_tokens:
+            lengths = [len(e.input_ids) for e in train_enc]
+            batch_plan = lambda epoch: token_budget_batches(lengths, cfg.batch_tokens, cfg.train.seed, epoch)
         trainer = Trainer(
-            model, cfg.train, train_enc,
-            collate=lambda items: collate(items, pad, data.regression),
+            model, cfg.train, train_enc, batch_plan=batch_plan,
+            collate=(lambda items: collate_packed(items, data.regression)) if cfg.packed
+            else (lambda items: collate(items, pad, data.regression)),
             loss_fn=sequence_classification_loss,
-            evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size),
+            evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
             main_metric=data.main_metric, on_best=on_best,
         )
         result = trainer.train(resume=resume)

@@ -1,0 +1,134 @@
+"""Unpadded ("packed") execution: a batch of B variable-length sequences as one stream of N tokens.
+
+Every per-token operation (embeddings, the Q/K/V/output projections, the FFN, LayerNorms, LoRA and
+bottleneck adapters) then runs on [N, D] with no work spent on padding. Only attention needs to
+know where one sequence ends and the next begins; it scatters the stream into a [B, T_max] layout
+for one batched SDPA call with a key-padding (and, for decoders, causal) mask, and gathers the real
+rows back. At SST-2 lengths attention is a small part of the FLOPs, so this keeps nearly all of the
+saving while using the fastest attention kernel each device has.
+
+The layout: sequence b occupies stream positions cu_seqlens[b] .. cu_seqlens[b+1]-1 (cumulative
+sequence lengths, as in FlashAttention's varlen API).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class Packed:
+    cu_seqlens: torch.Tensor        # [B + 1] int64, on the model's device
+    max_len: int                    # longest sequence (a Python int: no device sync per layer)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_lengths(cls, lengths, device=None) -> "Packed":
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if lengths.numel() == 0 or bool((lengths < 1).any()):
+            raise ValueError(f"packed sequences need lengths >= 1, got {lengths.tolist()}")
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        cu[1:] = lengths.cumsum(0)
+        return cls(cu.to(device), int(lengths.max()))
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Packed":
+        """From a right-padded [B, T] mask (1 = token)."""
+        return cls.from_lengths(attention_mask.sum(-1).cpu(), attention_mask.device)
+
+    # -- derived index tensors, built once per batch and shared by every layer ------------------
+    def _get(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self._get("n", lambda: int(self.cu_seqlens[-1]))
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]                        # [B]
+
+    @property
+    def seq_ids(self) -> torch.Tensor:
+        """Which sequence each token belongs to [N]."""
+        return self._get("seq", lambda: torch.repeat_interleave(
+            torch.arange(self.batch_size, device=self.cu_seqlens.device), self.lengths,
+            output_size=self.num_tokens))
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Position of each token inside its own sequence [N]: 0, 1, ... per sequence."""
+        return self._get("pos", lambda: torch.arange(self.num_tokens, device=self.cu_seqlens.device)
+                         - self.cu_seqlens[self.seq_ids])
+
+    @property
+    def pad_index(self) -> torch.Tensor:
+        """Row of each token in the padded [B * T_max] layout [N]."""
+        return self._get("pad", lambda: self.seq_ids * self.max_len + self.position_ids)
+
+    @property
+    def first(self) -> torch.Tensor:
+        return self.cu_seqlens[:-1]                                               # [B]
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - 1                                            # [B]
+
+    def attention_mask(self) -> torch.Tensor:
+        """The equivalent right-padded [B, T_max] mask (1 = token)."""
+        def build():
+            m = torch.zeros(self.batch_size * self.max_len, dtype=torch.long, device=self.cu_seqlens.device)
+            m[self.pad_index] = 1
+            return m.view(self.batch_size, self.max_len)
+        return self._get("mask", build)
+
+    def sdpa_mask(self, causal: bool, prefix: int = 0) -> torch.Tensor | None:
+        """Boolean keep-mask for attention in the padded layout: [B, 1, 1, P + T] (keys), or
+        [B, 1, T, P + T] when causal, where P trainable prefix keys come first and are always
+        visible. None when no sequence is padded and no mask is needed."""
+        def build():
+            keep = self.attention_mask().bool()                                  # [B, T]
+            if prefix:
+                keep = torch.cat([keep.new_ones(self.batch_size, prefix), keep], dim=1)
+            keep = keep[:, None, None, :]                                        # [B, 1, 1, P+T]
+            if causal:
+                T = self.max_len
+                tri = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+                if prefix:
+                    tri = torch.cat([tri.new_ones(T, prefix), tri], dim=1)
+                return keep & tri[None, None]                                    # [B, 1, T, P+T]
+            return keep
+        if not causal and not prefix and bool(self.lengths.eq(self.max_len).all()):
+            return None
+        return self._get(("sdpa", causal, prefix), build)
+
+    # -- moving between the stream and the padded layout ------------------------------------------
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T_max, ...] with zeros in the padding."""
+        B, T = self.batch_size, self.max_len
+        out = x.new_zeros((B * T, *x.shape[1:]))
+        out = out.index_copy(0, self.pad_index, x)
+        return out.view(B, T, *x.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T_max, ...] -> [N, ...]."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.pad_index)
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """A right-padded batch [B, T] -> (ids [N], Packed)."""
+    packed = Packed.from_mask(attention_mask)
+    return input_ids.reshape(-1).index_select(0, _padded_rows(packed, input_ids.shape[1])), packed
+
+
+def _padded_rows(packed: Packed, T: int) -> torch.Tensor:
+    """Rows of the [B * T] padded batch that hold tokens (T may exceed T_max)."""
+    return packed.seq_ids * T + packed.position_ids

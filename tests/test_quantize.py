@@ -1,0 +1,48 @@
+"""int8 dynamic quantization: the base trunk's Linear layers only; adapters and heads stay fp32
+and exact, mixed-adapter batches still work, and merging is refused with a clear error."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.adapters.lora import LoraConfig
+from lmforge.adapters.manager import add_adapter, classify_mixed, merge, set_active
+from lmforge.errors import ConfigError
+from lmforge.infer.quantize import quantizable, quantize_int8
+from lmforge.models import Model, ModelConfig
+
+CONFIG = ModelConfig(vocab_size=60, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                     max_position_embeddings=32, head="classification", num_labels=2,
+                     hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@torch.no_grad()
+def test_int8_keeps_adapters_fp32_and_outputs_close():
+    torch.manual_seed(0)
+    model = Model(CONFIG).eval()
+    add_adapter(model, "a", LoraConfig(r=4, alpha=8))
+    add_adapter(model, "b", LoraConfig(r=4, alpha=8))
+    for n, p in model.named_parameters():
+        if ".lora_B" in n:
+            p.normal_(0, 0.05)
+    ids = torch.randint(3, 60, (4, 12))
+    mask = torch.ones_like(ids)
+    set_active(model, "a")
+    want = model(ids, mask).logits
+    n_linear = len(quantizable(model))
+    assert n_linear == 2 * 6  # q, k, v, attention.output, intermediate, output per layer
+    quantize_int8(model)
+    assert quantizable(model) == []  # every base Linear replaced
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(".lora_A.a")}
+    assert kinds == {"Linear"} and all(isinstance(m, nn.Linear) for n, m in model.named_modules()
+                                       if n.endswith((".lora_A.a", ".lora_B.a")))
+    got = model(ids, mask).logits
+    assert not torch.equal(got, want)                               # it did change the arithmetic
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)     # ... by int8 rounding only
+    set_active(model, None)
+    mixed = classify_mixed(model, ids, mask, None, ["a", "b", None, "a"])
+    # inputs are quantized with one scale per tensor, so neighbours in a batch move results within
+    # int8 rounding (exact equality with offline prediction holds for fp32 only)
+    torch.testing.assert_close(mixed[0], got[0], atol=0.05, rtol=0.05)
+    with pytest.raises(ConfigError, match="cannot be merged into a quantized layer"):
+        merge(model, "a")
