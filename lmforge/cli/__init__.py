@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, evaluate, export, finetune, glue, predict
+from lmforge.cli import embed, evaluate, export, finetune, glue, predict, serve
 
 COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict": predict,
-            "glue": glue, "export": export}
+            "glue": glue, "export": export, "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,235 @@
+"""The model side of the server: one base model with its tokenizer and LoRA adapters; encodes
+requests (on the caller's thread) and runs batches (on the batcher's thread). One lock guards the
+model, so adapters load and unload between forward passes, never during one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.adapters.manager import _state, adapters, classify_mixed, delete_adapter, mixed_batch
+from lmforge.data.batches import Encoded, collate
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import ConfigError
+from lmforge.models import from_pretrained
+from lmforge.models.checkpoint import load_config
+from lmforge.models.generate import generate
+from lmforge.models.hub import resolve
+
+log = logging.getLogger(__name__)
+
+
+class InputError(Exception):
+    """A request the model cannot take; status is the HTTP code to answer with."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, **extra):
+        super().__init__(message)
+        self.status, self.field, self.extra = status, field, extra
+
+
+@dataclass
+class Seq:
+    """One sequence to classify or embed, with the adapter it names (None: the base model)."""
+    enc: Encoded
+    adapter: str | None
+
+
+@dataclass
+class GenJob:
+    input_ids: list[int]
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+
+
+class Engine:
+    def __init__(self, model: str, max_input_tokens: int | None = None, device: str = "cpu"):
+        directory = resolve(model)
+        saved = load_config(directory, "auto")
+        self.name = str(model)
+        self.directory = directory
+        self.model_type = saved.model_type
+        self.can_generate = saved.head == "causal-lm"
+        # every other base gets a classification head, so that adapters can bring their own
+        self.model = from_pretrained(directory, head="causal-lm" if self.can_generate else "classification",
+                                     device=device).eval()
+        self.base_classifier = saved.head == "classification"
+        self.tokenizer = load_tokenizer(directory)
+        from lmforge.infer.embed import _sentence_transformers_settings
+        self.pooling, _ = _sentence_transformers_settings(directory)
+        limit = self.model.config.max_position_embeddings
+        self.max_input_tokens = min(max_input_tokens or limit, limit)
+        self.lock = threading.RLock()          # the model: forward passes vs adapter changes
+        self._tok_lock = threading.Lock()      # the tokenizer keeps truncation state between calls
+        self.quantized = None
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(adapters(self.model))
+
+    def head_info(self, adapter: str | None) -> dict:
+        """Labels and kind of the head that answers for `adapter` (None: the base model)."""
+        st = _state(self.model)
+        base = st["base_config"]
+        if adapter is None:
+            return {"labels": base.labels, "regression": base.is_regression, "classifier": self.base_classifier}
+        cfg = base.replace(**st["head_config"].get(adapter, {}))
+        return {"labels": cfg.labels, "regression": cfg.is_regression,
+                "classifier": adapter in self.model.adapter_heads}
+
+    def load_adapter(self, name: str, directory: Path) -> None:
+        from lmforge.adapters.peft_format import load_adapter
+        with self.lock:
+            load_adapter(self.model, directory, name)
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            delete_adapter(self.model, name)
+
+    def prepare_quantized(self) -> None:
+        """int8 dynamic quantization of the frozen base. Every target Linear is wrapped for LoRA
+        first, so that adapters loaded later still find a layer to attach to."""
+        from lmforge.adapters.lora import LoraConfig
+        from lmforge.adapters.manager import LAYER_TARGETS, add_adapter
+        try:
+            from lmforge.infer.quantize import quantize_int8
+        except ImportError:
+            raise ConfigError("--quantize int8 needs lmforge.infer.quantize (not in this version)") from None
+        with self.lock:
+            if self.model_type != "gpt2":  # PEFT-format adapters exist for encoders only
+                add_adapter(self.model, "__wrap__", LoraConfig(r=1, target_modules=LAYER_TARGETS), head=False)
+                delete_adapter(self.model, "__wrap__")
+            self.model = quantize_int8(self.model)
+        self.quantized = "int8"
+
+    # -- encoding (request threads) ---------------------------------------------------------------
+    def encode(self, inputs: list, truncate: bool, field: str = "inputs") -> list[Encoded]:
+        """Token ids of texts and [text, pair] inputs; too long -> 413 unless truncating."""
+        limit = self.max_input_tokens
+        singles = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        pairs = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        if pairs and self.model_type == "gpt2":
+            raise InputError(422, f"{field}[{pairs[0]}]: sentence pairs need an encoder (bert or roberta); "
+                             f"this server runs a {self.model_type} model", f"{field}.{pairs[0]}")
+        out: list[Encoded | None] = [None] * len(inputs)
+        with self._tok_lock:
+            for idx, texts, seconds in ((singles, [inputs[i] for i in singles], None),
+                                        (pairs, [inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs])):
+                if not idx:
+                    continue
+                enc = self.tokenizer(texts, pairs=seconds, max_length=limit if truncate else None, padding="none")
+                for i, ids, types in zip(idx, enc["input_ids"], enc["token_type_ids"]):
+                    out[i] = Encoded(ids, types)
+        for i, e in enumerate(out):
+            if len(e.input_ids) > limit:
+                raise InputError(413, f"{field}[{i}] has {len(e.input_ids)} tokens, more than the limit of {limit} "
+                                 '(--max-input-tokens); send "truncate": true to cut it', f"{field}.{i}",
+                                 tokens=len(e.input_ids), limit=limit)
+            if not e.input_ids:
+                raise InputError(422, f"{field}[{i}]: no tokens", f"{field}.{i}")
+        return out
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        with self._tok_lock:
+            ids = self.tokenizer([prompt], padding="none")["input_ids"][0]
+        if not ids:
+            raise InputError(422, "prompt: no tokens (an empty prompt)", "prompt")
+        if len(ids) > self.max_input_tokens:
+            raise InputError(413, f"prompt has {len(ids)} tokens, more than the limit of {self.max_input_tokens} "
+                             "(--max-input-tokens)", "prompt", tokens=len(ids), limit=self.max_input_tokens)
+        positions = self.model.config.max_position_embeddings
+        if len(ids) + max_new_tokens > positions:
+            raise InputError(422, f"max_new_tokens: the prompt ({len(ids)} tokens) + max_new_tokens "
+                             f"({max_new_tokens}) exceed the model's {positions} positions", "max_new_tokens")
+        return ids
+
+    # -- forward passes (the batcher's thread) ----------------------------------------------------
+    def run(self, kind: str, items: list) -> list:
+        with self.lock, torch.inference_mode():
+            if kind == "classify":
+                return self._classify(items)
+            if kind == "embed":
+                return self._embed(items)
+            if kind == "generate":
+                return [self._generate(job) for job in items]
+        raise ValueError(f"unknown kind {kind!r}")
+
+    def _split_gone(self, items: list[Seq]) -> tuple[list[int], list]:
+        """Indices of items whose adapter is still loaded; a result list with a 404 for the others
+        (an adapter unloaded while its requests waited)."""
+        loaded = set(self.adapter_names())
+        out: list = [None] * len(items)
+        keep = []
+        for i, s in enumerate(items):
+            if s.adapter is not None and s.adapter not in loaded:
+                out[i] = InputError(404, f"adapter {s.adapter!r} was unloaded before this request ran "
+                                    f"(loaded: {', '.join(sorted(loaded)) or 'none'})", "adapter")
+            else:
+                keep.append(i)
+        return keep, out
+
+    def _batch(self, items: list[Seq]) -> dict:
+        b = collate([s.enc for s in items], self.tokenizer.pad_token_id)
+        if self.model.config.type_vocab_size == 0:
+            b["token_type_ids"] = None
+        return {k: (v.to(self.model.device) if v is not None else None) for k, v in b.items()}
+
+    def _classify(self, items: list[Seq]) -> list:
+        keep, out = self._split_gone(items)
+        if not keep:
+            return out
+        run = [items[i] for i in keep]
+        b = self._batch(run)
+        logits = classify_mixed(self.model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                [s.adapter for s in run])
+        infos = {}
+        for i, s, lg in zip(keep, run, logits):
+            info = infos.get(s.adapter) or infos.setdefault(s.adapter, self.head_info(s.adapter))
+            lg = lg.float().cpu()
+            if info["regression"]:
+                out[i] = {"score": float(lg[0])}
+            else:
+                p = lg.softmax(-1)
+                out[i] = {"label": info["labels"][int(p.argmax())],
+                          "probabilities": {n: float(x) for n, x in zip(info["labels"], p)}}
+        return out
+
+    def _embed(self, items: list[Seq]) -> list:
+        keep, out = self._split_gone(items)
+        if not keep:
+            return out
+        run = [items[i] for i in keep]
+        b = self._batch(run)
+        with mixed_batch(self.model, [s.adapter for s in run]):
+            hidden = self.model.transformer(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        from lmforge.infer.embed import pool
+        vec = F.normalize(pool(hidden, b["attention_mask"], self.pooling), dim=-1).float().cpu()
+        for i, v in zip(keep, vec):
+            out[i] = v
+        return out
+
+    def _generate(self, job: GenJob) -> dict:
+        ids = torch.tensor([job.input_ids], device=self.model.device)
+        g = None
+        if job.do_sample:
+            g = torch.Generator(device=self.model.device)
+            g.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+        out = generate(self.model, ids, torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
+                       do_sample=job.do_sample, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
+                       generator=g)
+        new = out[0, len(job.input_ids):].tolist()
+        eos = self.model.config.eos_token_id
+        finish = "length"
+        if eos is not None and eos in new:
+            new = new[:new.index(eos)]
+            finish = "eos"
+        return {"text": self.tokenizer.decode(new), "completion_tokens": len(new),
+                "prompt_tokens": len(job.input_ids), "finish_reason": finish}

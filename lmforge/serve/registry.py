@@ -1,0 +1,103 @@
+"""Which adapters the server holds, where they came from, and whether a directory may be loaded:
+hot loading reads only below --adapter-root (symlinks resolved), and adapter names are plain
+identifiers, so that neither a name nor a path can reach outside it."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.engine import Engine, InputError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+def adapter_dir(path: Path) -> Path:
+    """A fine-tuning run directory's best/ adapter, or the adapter directory itself."""
+    for d in (path / "best", path):
+        if (d / "adapter_config.json").is_file():
+            return d
+    raise InputError(400, f"{path}: no adapter_config.json (expected a LoRA run directory or its best/ "
+                     "adapter directory)", "path")
+
+
+def check_name(name: str) -> str:
+    if any(c in name for c in "/\\\0") or ".." in name or name.startswith("."):
+        raise InputError(403, f"adapter name {name!r} looks like a path; names are letters, digits, '_' "
+                         "and '-'", "name")
+    if not NAME.fullmatch(name):
+        raise InputError(422, f"adapter name {name!r} is not valid: 1-64 letters, digits, '_' or '-', "
+                         "starting with a letter or digit", "name")
+    return name
+
+
+class Registry:
+    def __init__(self, engine: Engine, adapter_root: str | os.PathLike | None = None):
+        self.engine = engine
+        self.root = Path(adapter_root).resolve() if adapter_root else None
+        self.sources: dict[str, str] = {}
+        self._lock = threading.Lock()   # one load/unload at a time; name checks stay consistent
+
+    def names(self) -> list[str]:
+        return self.engine.adapter_names()
+
+    def unknown(self, name: str) -> InputError:
+        loaded = self.names()
+        return InputError(404, f"no adapter named {name!r} (loaded: {', '.join(loaded) or 'none'})",
+                          "adapter", loaded=loaded)
+
+    def require(self, name: str | None) -> None:
+        if name is not None and name not in self.names():
+            raise self.unknown(name)
+
+    def describe(self) -> list[dict]:
+        out = []
+        for name in self.names():
+            info = self.engine.head_info(name)
+            out.append({"name": name, "source": self.sources.get(name), **info})
+        return out
+
+    def resolve_allowed(self, path: str) -> Path:
+        """`path` (relative to --adapter-root, or absolute) if it stays inside the root; else 403."""
+        if self.root is None:
+            raise InputError(403, "hot loading is off: start the server with --adapter-root DIR to allow "
+                             "loading adapters from below DIR", "path")
+        if "\0" in path:
+            raise InputError(403, "path contains a NUL byte", "path")
+        try:
+            p = (self.root / path).resolve()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise InputError(403, f"path {path!r} cannot be resolved ({e})", "path") from None
+        if p != self.root and self.root not in p.parents:
+            raise InputError(403, f"path {path!r} is outside the adapter root {self.root}", "path")
+        return p
+
+    def add(self, name: str, directory: Path, source: str | None = None) -> dict:
+        """Load (startup adapters: any directory; hot loads: resolve_allowed first)."""
+        check_name(name)
+        with self._lock:
+            if name in self.names():
+                raise InputError(409, f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first",
+                                 "name")
+            d = adapter_dir(directory)
+            try:
+                self.engine.load_adapter(name, d)
+            except LmforgeError as e:
+                raise InputError(400, f"cannot load adapter {name!r}: {e}", "path") from None
+            self.sources[name] = source or str(d)
+        self.engine_metrics_hook()
+        return {"name": name, "source": self.sources[name], **self.engine.head_info(name)}
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self.names():
+                raise self.unknown(name)
+            self.engine.unload_adapter(name)
+            self.sources.pop(name, None)
+        self.engine_metrics_hook()
+
+    def engine_metrics_hook(self) -> None:  # replaced by the app to update the adapters gauge
+        pass
