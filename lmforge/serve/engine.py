@@ -89,6 +89,7 @@ class Engine:
         from lmforge.adapters.peft_format import load_adapter
         with self.lock:
             load_adapter(self.model, directory, name)
+            self.model.eval()  # the new head and LoRA dropout modules are created in training mode
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
