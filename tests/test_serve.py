@@ -391,7 +391,8 @@ def test_web_page_in_headless_chromium(enc):
 
 
 def test_openapi_fuzzing_finds_no_server_error(enc):
-    """schemathesis against /openapi.json: valid and invalid bodies for every operation; no 5xx."""
+    """schemathesis against /openapi.json: valid and invalid bodies for every operation; no 5xx.
+    Runs last against this server: it may unload adapters."""
     st = Path(sys.executable).with_name("st")
     if not st.exists():
         pytest.skip("pip install schemathesis (the OpenAPI fuzz test)")
@@ -400,8 +401,9 @@ def test_openapi_fuzzing_finds_no_server_error(enc):
                         "--no-color", "--request-timeout", "60", "--suppress-health-check", "all"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # the fuzzer may well have unloaded adapters (DELETE is open without a key); the worker is alive
     assert enc.client.get("/healthz").json()["status"] == "ok"
-    assert [a["name"] for a in enc.client.get("/v1/adapters").json()["adapters"]] == ["pos", "nli", "reg"]
+    assert enc.post("/v1/embed", {"inputs": ["still here"]}).status_code == 200
 
 
 # -- a decoder server with an API key, a small queue and a long batching window -------------------
@@ -449,7 +451,7 @@ def test_generate_equals_offline_generation(dec, gpt2_dir):
     assert error(dec.post("/v1/generate", {"prompt": "x", "temperature": 0}), 422)["field"] == "temperature"
     assert error(dec.post("/v1/generate", {"prompt": ""}), 422)["field"] == "prompt"
     assert error(dec.post("/v1/generate", {"prompt": "hello " * 70}), 413)["field"] == "prompt"
-    assert "sentence pairs" in error(dec.post("/v1/embed", {"inputs": [["a", "b"]]}), 422)["message"]
+    assert error(dec.post("/v1/embed", {"inputs": [["a", "b"]]}), 422)["field"] == "inputs.0"
     assert error(dec.post("/v1/classify", {"inputs": ["a"]}), 400)
 
 
@@ -484,7 +486,9 @@ def test_sigterm_drains_requests_in_flight(gpt2_dir, tmp_path):
             results = [f.result() for f in futures]
         assert [r.status_code for r in results] == [200, 200, 200], [r.text for r in results]
         assert len(results[0].json()["embeddings"]) == 2 and results[1].json()["prompt_tokens"] > 0
-        assert s.proc.wait(30) == 0
+        # uvicorn exits after the drain by re-raising the signal it caught (or with 0)
+        assert s.proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Finished server process" in s.log.read_text()
         with pytest.raises(httpx.HTTPError):
             httpx.get(s.url + "/healthz", timeout=2)
     finally:

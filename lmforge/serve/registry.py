@@ -18,8 +18,11 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 def adapter_dir(path: Path) -> Path:
     """A fine-tuning run directory's best/ adapter, or the adapter directory itself."""
     for d in (path / "best", path):
-        if (d / "adapter_config.json").is_file():
-            return d
+        try:
+            if (d / "adapter_config.json").is_file():
+                return d
+        except OSError as e:  # a name too long, a permission denied, ...
+            raise InputError(400, f"{path}: cannot be read ({e.strerror})", "path") from None
     raise InputError(400, f"{path}: no adapter_config.json (expected a LoRA run directory or its best/ "
                      "adapter directory)", "path")
 
@@ -85,7 +88,7 @@ class Registry:
             d = adapter_dir(directory)
             try:
                 self.engine.load_adapter(name, d)
-            except LmforgeError as e:
+            except (LmforgeError, OSError) as e:
                 raise InputError(400, f"cannot load adapter {name!r}: {e}", "path") from None
             self.sources[name] = source or str(d)
         self.engine_metrics_hook()
