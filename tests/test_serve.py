@@ -493,3 +493,23 @@ def test_sigterm_drains_requests_in_flight(gpt2_dir, tmp_path):
             httpx.get(s.url + "/healthz", timeout=2)
     finally:
         s.stop()
+
+
+def test_int8_engine_hot_loads_adapters_after_quantizing(encoder_files, offline):
+    """--quantize int8 (in process): adapters loaded after quantization attach to every target
+    layer, and answers stay within int8 rounding of the fp32 offline ones."""
+    from lmforge.serve.engine import Engine, Seq
+
+    d, dirs = encoder_files
+    engine = Engine(str(d / "base"))
+    engine.prepare_quantized()
+    assert engine.quantized == "int8"
+    for name in ("pos", "nli"):  # pos targets q, k, v and the FFN output; nli q and v
+        engine.load_adapter(name, dirs[name])
+    items = [Seq(e, "pos") for e in engine.encode(TEXTS[:3], False)] + \
+            [Seq(e, "nli") for e in engine.encode(PAIRS, False)]
+    got = engine.run("classify", items)
+    want = predict(offline["pos"], TEXTS[:3]) + predict(offline["nli"], PAIRS)
+    for g, w in zip(got, want):
+        for k in w["probabilities"]:
+            assert abs(g["probabilities"][k] - w["probabilities"][k]) < 0.05, (g, w)
