@@ -47,7 +47,7 @@ def majority(data_dir):
 
 
 def test_full_finetune_beats_majority_on_held_out_rows(tmp_path, small_model, data_dir):
-    summary = run_finetune(config(tmp_path, small_model))
+    summary = run_finetune(config(tmp_path, small_model, train={"lr": 3e-4, "epochs": 3}))
     base = majority(data_dir)
     assert summary["dev_examples"] == 872 and summary["train_examples"] == 600
     assert summary["best"]["accuracy"] > base + 0.10, (summary["best"], base)
@@ -103,7 +103,7 @@ def test_own_csv_with_string_labels(tmp_path, small_model):
     s = run_finetune(FinetuneConfig(
         model=str(small_model), task=None, train_file=str(tmp_path / "train.csv"),
         dev_file=str(tmp_path / "dev.csv"), text_col="review", label_col="verdict",
-        train=TrainConfig(out_dir=str(tmp_path / "run"), epochs=3, batch_size=8, lr=1e-4, progress_bar=False)))
+        train=TrainConfig(out_dir=str(tmp_path / "run"), epochs=5, batch_size=8, lr=5e-4, progress_bar=False)))
     assert s["best"]["accuracy"] == 1.0
     cfg = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert cfg["id2label"] == {"0": "down", "1": "up"}
@@ -173,3 +173,17 @@ def test_lora_run_beats_majority_and_reloads_with_its_head(tmp_path, minilm_dir,
     texts = [Example("a gripping, beautiful film"), Example("tedious and flat")]
     torch.testing.assert_close(Classifier(tmp_path / "merged").logits(texts),
                                Classifier(tmp_path / "best").logits(texts), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,lr", [("bitfit", 1e-2), ("adapter-houlsby", 3e-3), ("adapter-pfeiffer", 5e-3),
+                                       ("prefix-layer", 1e-2), ("prefix-embedding", 3e-2)])
+def test_frozen_base_methods_beat_majority_and_reload(tmp_path, minilm_dir, data_dir, capsys, method, lr):
+    s = run_finetune(config(tmp_path, minilm_dir, method=method, adapter_size=16, prefix_length=8,
+                            max_train_samples=800, max_eval_samples=400, train={"lr": lr, "epochs": 3}))
+    assert s["trainable_params"] < 0.01 * s["total_params"]
+    assert s["best"]["accuracy"] > majority(data_dir) + 0.10, s["best"]
+    assert "model.safetensors" not in {p.name for p in (tmp_path / "best").iterdir()}
+    # the saved delta rebuilds the same classifier
+    assert main(["evaluate", "--run", str(tmp_path), "--task", "glue/sst2", "--max-eval-samples", "400"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["accuracy"] == pytest.approx(s["best"]["accuracy"], abs=1e-9)

@@ -29,6 +29,8 @@ TRAINS = {
     "lora": lambda n: ".lora_" in n or n.startswith("head."),
     "adapter-houlsby": lambda n: ".adapters." in n or n.startswith("head."),
     "adapter-pfeiffer": lambda n: ".adapters." in n or n.startswith("head."),
+    "prefix-embedding": lambda n: ".input_prefix." in n or n.startswith("head."),
+    "prefix-layer": lambda n: ".kv_prefix." in n or n.startswith("head."),
 }
 
 
@@ -37,9 +39,14 @@ TRAINS = {
 def test_what_trains_and_start_from_base(method):
     model = fresh()
     before = model(IDS).logits
-    apply_method(model, MethodConfig(method=method, freeze_layers=1, adapter_size=4))
+    apply_method(model, MethodConfig(method=method, freeze_layers=1, adapter_size=4, prefix_length=3))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(TRAINS[method](n) for n in names), sorted(names)[:5]
+    if method.startswith("prefix-"):  # prefixes change attention from the first step: no identity start
+        n = sum(p.numel() for p in model.transformer.parameters() if p.requires_grad)
+        assert n == 3 * 32 * (1 if method == "prefix-embedding" else 2 * 2)  # P d, or L 2 P d
+        assert not torch.allclose(model(IDS).logits, before)
+        return
     if method == "adapter-houlsby":
         assert sum(".attention.output.adapters." in n for n in names) == 2 * 4  # down/up w+b, 2 layers
     if method == "adapter-pfeiffer":
@@ -72,7 +79,8 @@ def test_table2_adapter_parameter_counts(method, size, bottleneck, paper):
     assert abs(n - paper) / paper < 0.06, n
 
 
-@pytest.mark.parametrize("method", ["bitfit", "adapter-houlsby", "adapter-pfeiffer"])
+@pytest.mark.parametrize("method", ["bitfit", "adapter-houlsby", "adapter-pfeiffer", "prefix-embedding",
+                                    "prefix-layer"])
 @torch.no_grad()
 def test_delta_run_roundtrip(tmp_path, method):
     save_pretrained(fresh(), tmp_path / "base")

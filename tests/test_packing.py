@@ -90,10 +90,14 @@ def test_packed_equals_padded_outputs_and_gradients(model_type, head):
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer"])
-def test_packed_equals_padded_for_every_method(method):
-    model = random_model(tiny())
-    apply_method(model, MethodConfig(method=method, adapter_size=4, lora_r=4, lora_dropout=0.0))
+METHODS = ["full", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer", "prefix-embedding", "prefix-layer"]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_equals_padded_for_every_method(method, model_type):
+    model = random_model(tiny(model_type))
+    apply_method(model, MethodConfig(method=method, adapter_size=4, lora_r=4, lora_dropout=0.0, prefix_length=3))
     with torch.no_grad():  # adapters start as the identity; make them do something
         for n, p in model.named_parameters():
             if ".lora_B" in n or ".adapters." in n:

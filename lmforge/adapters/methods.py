@@ -7,6 +7,8 @@ bitfit            only the biases train (Ben Zaken et al., 2021)
 lora              LoRA on lora_targets (rank lora_r, scaling lora_alpha / lora_r)
 adapter-houlsby   bottleneck adapters (adapter_size) after attention and after the FFN
 adapter-pfeiffer  one bottleneck adapter (adapter_size) after the FFN
+prefix-embedding  prefix_length trainable virtual tokens at the input
+prefix-layer      trainable keys and values of prefix_length virtual tokens in every layer
 In every method but `features`, the task head trains too.
 """
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-METHODS = ("full", "freeze", "features", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer")
+METHODS = ("full", "freeze", "features", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer",
+           "prefix-embedding", "prefix-layer")
 ADAPTER = "default"  # the adapter a single-task run trains
 
 
@@ -33,6 +36,7 @@ class MethodConfig:
     lora_targets: str = "query,value"
     adapter_size: int = 64
     adapter_activation: str = "relu"
+    prefix_length: int = 16
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,6 +85,12 @@ def apply_method(model, m: MethodConfig) -> None:
             p.requires_grad_(False)
         add_bottleneck(model, ADAPTER, BottleneckConfig(kind=m.method.removeprefix("adapter-"),
                                                         size=m.adapter_size, activation=m.adapter_activation))
+    elif m.method.startswith("prefix-"):
+        from lmforge.adapters.prefix import PrefixConfig, add_prefix
+
+        for p in model.transformer.parameters():
+            p.requires_grad_(False)
+        add_prefix(model, ADAPTER, PrefixConfig(kind=m.method.removeprefix("prefix-"), length=m.prefix_length))
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -34,7 +34,8 @@ def add_parser(p) -> None:
 def add_train_args(p) -> None:
     d = TrainConfig(out_dir="")
     p.add_argument("--method", default="full",
-                   help="full | freeze | features | bitfit | lora | adapter-houlsby | adapter-pfeiffer")
+                   help="full | freeze | features | bitfit | lora | adapter-houlsby | adapter-pfeiffer | "
+                        "prefix-embedding | prefix-layer")
     p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--lora-r", type=int, default=8)
@@ -43,6 +44,7 @@ def add_train_args(p) -> None:
     p.add_argument("--lora-targets", default="query,value",
                    help="paths inside a layer: query,key,value,attention.output,intermediate,output")
     p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size of Houlsby/Pfeiffer adapters")
+    p.add_argument("--prefix-length", type=int, default=16, help="virtual tokens of prefix-embedding/-layer tuning")
     p.add_argument("--out", help="run directory")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -85,7 +87,7 @@ def config_from_args(args):
         adapt=MethodConfig(method=args.method, freeze_layers=args.freeze_layers,
                            feature_pooling=args.feature_pooling, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                           adapter_size=args.adapter_size),
+                           adapter_size=args.adapter_size, prefix_length=args.prefix_length),
         packed=not args.padded, batch_tokens=args.batch_tokens,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         classifier_dropout=args.classifier_dropout, train=train)

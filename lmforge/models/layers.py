@@ -58,6 +58,19 @@ class Attention(nn.Module):
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
         self.output = nn.Linear(d, d)
+        # Prefix-layer tuning plugs in here: a module returning (keys, values) [P, D] that every
+        # query may attend to (adapters/prefix.py). None: plain attention.
+        self.kv_prefix: nn.Module | None = None
+
+    def _prefix(self, B: int):
+        """Trainable prefix keys and values [B, H, P, Dh], or None."""
+        if self.kv_prefix is None:
+            return None
+        kv = self.kv_prefix()
+        if kv is None:
+            return None
+        k, v = (t.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2).expand(B, -1, -1, -1) for t in kv)
+        return k, v
 
     def forward(
         self,
@@ -78,6 +91,16 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer_idx, k, v)  # [B, H, past + T, Dh]
+        prefix = self._prefix(B)
+        if prefix is not None:
+            P = prefix[0].shape[2]
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [B, H, P + S, Dh]
+            if mask is None and self.causal and T > 1:
+                S = past + T
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)[None, None]
+            if mask is not None:  # prefix keys are visible to every query
+                visible = torch.ones(*mask.shape[:-1], P, dtype=mask.dtype, device=mask.device)
+                mask = torch.cat([visible if mask.dtype == torch.bool else visible.zero_(), mask], dim=-1)
         # With no padding and no past, SDPA's own causal path avoids materialising a mask.
         is_causal = self.causal and mask is None and past == 0 and T > 1
         y = F.scaled_dot_product_attention(
@@ -96,7 +119,10 @@ class Attention(nn.Module):
         qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)       # [N, 3D]
         # [N, 3D] -> [B, T, 3, H, Dh] -> [3, B, H, T, Dh]
         q, k, v = packed.pad(qkv).view(B, T, 3, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = packed.sdpa_mask(self.causal)
+        prefix = self._prefix(B)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [B, H, P + T, Dh]
+        mask = packed.sdpa_mask(self.causal, prefix=0 if prefix is None else prefix[0].shape[2])
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0,
         )

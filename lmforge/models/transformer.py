@@ -69,6 +69,17 @@ class Transformer(nn.Module):
         d = config.hidden_size
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.pre_norm else None
         self.pooler = nn.Linear(d, d) if config.has_pooler else None
+        # Prefix-embedding tuning plugs in here: a module returning P virtual-token vectors [P, D],
+        # inserted after the first token (encoders keep [CLS] first) or at the start (decoders), and
+        # dropped from the output, so heads and callers see their own tokens only.
+        self.input_prefix: nn.Module | None = None
+
+    def _virtual_tokens(self) -> torch.Tensor | None:
+        return None if self.input_prefix is None else self.input_prefix()
+
+    @property
+    def _insert_at(self) -> int:
+        return 0 if self.config.causal else 1
 
     def position_ids(self, input_ids, attention_mask, past: int) -> torch.Tensor:
         """Positions count tokens, not pads: left- and right-padded batches embed alike."""
@@ -95,6 +106,18 @@ class Transformer(nn.Module):
             position_ids = self.position_ids(input_ids, attention_mask, past)
         x = self.embeddings(input_ids, position_ids, token_type_ids)
         B, T = input_ids.shape
+        virtual = self._virtual_tokens()
+        if virtual is not None:
+            if cache is not None:
+                raise ValueError("prefix-embedding tuning does not support the KV cache yet; use prefix-layer")
+            at, P = self._insert_at, virtual.shape[0]
+            # [B, T, D] -> [B, at + P + T - at, D]; the virtual tokens are always attended to
+            x = torch.cat([x[:, :at], virtual.to(x.dtype).expand(B, -1, -1), x[:, at:]], dim=1)
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
+            attention_mask = torch.cat([attention_mask[:, :at], attention_mask.new_ones(B, P),
+                                        attention_mask[:, at:]], dim=1)
+            T = T + P
         if attention_mask is None and self.config.causal and past and T > 1:
             # a chunk after cached tokens needs an explicit causal mask with an offset
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
@@ -105,6 +128,8 @@ class Transformer(nn.Module):
             x = layer(x, mask, cache, i)
         if cache is not None:
             cache.advance(input_ids.shape[1])
+        if virtual is not None:  # drop the virtual tokens again
+            x = torch.cat([x[:, :self._insert_at], x[:, self._insert_at + virtual.shape[0]:]], dim=1)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # [B, T, D]
@@ -113,11 +138,28 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = packed.position_ids + self.config.position_offset
         x = self.embeddings(input_ids, position_ids, token_type_ids)               # [N, D]
+        virtual = self._virtual_tokens()
+        if virtual is not None:
+            x, packed, real = self._insert_packed(x, virtual.to(x.dtype), packed)
         for layer in self.layers:
             x = layer(x, packed=packed)
+        if virtual is not None:
+            x = x.index_select(0, real)                                          # [N, D] again
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # [N, D]
+
+    def _insert_packed(self, x, virtual, packed: Packed):
+        """Insert P virtual tokens into every sequence of a packed stream [N, D] -> [N + B P, D].
+        Returns the new stream, its layout, and the rows of the original tokens in it [N]."""
+        B, P, at = packed.batch_size, virtual.shape[0], self._insert_at
+        longer = Packed(packed.cu_seqlens + P * torch.arange(B + 1, device=x.device), packed.max_len + P)
+        pos = packed.position_ids
+        real = longer.cu_seqlens[packed.seq_ids] + pos + P * (pos >= at)               # [N]
+        slots = (longer.cu_seqlens[:-1, None] + at + torch.arange(P, device=x.device)).reshape(-1)  # [B P]
+        out = x.new_zeros(x.shape[0] + B * P, x.shape[1])
+        out = out.index_copy(0, real, x).index_copy(0, slots, virtual.repeat(B, 1))
+        return out, longer, real
 
     def pool(self, hidden: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
         """BERT's pooled output: tanh(W h_[CLS] + b)."""
