@@ -390,7 +390,7 @@ def test_web_page_in_headless_chromium(enc):
             browser.close()
 
 
-def test_openapi_fuzzing_finds_no_server_error(enc):
+def test_openapi_fuzzing_finds_no_server_error(enc, tmp_path):
     """schemathesis against /openapi.json: valid and invalid bodies for every operation; no 5xx.
     Runs last against this server: it may unload adapters."""
     st = Path(sys.executable).with_name("st")
@@ -399,7 +399,8 @@ def test_openapi_fuzzing_finds_no_server_error(enc):
     r = subprocess.run([str(st), "run", enc.url + "/openapi.json", "--checks", "not_a_server_error",
                         "--max-examples", "12", "--seed", "7", "--phases", "examples,coverage,fuzzing",
                         "--no-color", "--request-timeout", "60", "--suppress-health-check", "all"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+                       cwd=tmp_path)  # its .schemathesis/ cache goes there
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     # the fuzzer may well have unloaded adapters (DELETE is open without a key); the worker is alive
     assert enc.client.get("/healthz").json()["status"] == "ok"

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.adapters.manager import _state, adapters, classify_mixed, delete_adapter, mixed_batch
-from lmforge.data.batches import Encoded, collate
+from lmforge.data.batches import Encoded, collate_packed
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.models import from_pretrained
 from lmforge.models.checkpoint import load_config
 from lmforge.models.generate import generate
 from lmforge.models.hub import resolve
+from lmforge.models.packing import Packed
 
 log = logging.getLogger(__name__)
 
@@ -177,20 +178,22 @@ class Engine:
                 keep.append(i)
         return keep, out
 
-    def _batch(self, items: list[Seq]) -> dict:
-        b = collate([s.enc for s in items], self.tokenizer.pad_token_id)
-        if self.model.config.type_vocab_size == 0:
-            b["token_type_ids"] = None
-        return {k: (v.to(self.model.device) if v is not None else None) for k, v in b.items()}
+    def _batch(self, items: list[Seq]) -> tuple[dict, Packed]:
+        """One unpadded stream for the batch (no work is spent on padding, whatever the lengths)."""
+        b = collate_packed([s.enc for s in items])
+        device = self.model.device
+        types = b["token_type_ids"].to(device) if self.model.config.type_vocab_size > 0 else None
+        return {"input_ids": b["input_ids"].to(device), "token_type_ids": types}, \
+            Packed(b["cu_seqlens"].to(device), b["max_len"])
 
     def _classify(self, items: list[Seq]) -> list:
         keep, out = self._split_gone(items)
         if not keep:
             return out
         run = [items[i] for i in keep]
-        b = self._batch(run)
-        logits = classify_mixed(self.model, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                [s.adapter for s in run])
+        b, packed = self._batch(run)
+        logits = classify_mixed(self.model, b["input_ids"], None, b["token_type_ids"],
+                                [s.adapter for s in run], packed=packed)
         infos = {}
         for i, s, lg in zip(keep, run, logits):
             info = infos.get(s.adapter) or infos.setdefault(s.adapter, self.head_info(s.adapter))
@@ -208,11 +211,12 @@ class Engine:
         if not keep:
             return out
         run = [items[i] for i in keep]
-        b = self._batch(run)
-        with mixed_batch(self.model, [s.adapter for s in run]):
-            hidden = self.model.transformer(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        b, packed = self._batch(run)
+        with mixed_batch(self.model, [s.adapter for s in run], packed):
+            hidden = self.model.transformer(b["input_ids"], None, b["token_type_ids"], packed=packed)
         from lmforge.infer.embed import pool
-        vec = F.normalize(pool(hidden, b["attention_mask"], self.pooling), dim=-1).float().cpu()
+        vec = pool(packed.pad(hidden), packed.attention_mask(), self.pooling)
+        vec = F.normalize(vec, dim=-1).float().cpu()
         for i, v in zip(keep, vec):
             out[i] = v
         return out
