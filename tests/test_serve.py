@@ -191,6 +191,23 @@ def error(r, status):
     return body
 
 
+def test_cli_refuses_bad_settings_before_serving(encoder_files, capsys, monkeypatch):
+    from lmforge.cli import main
+
+    d, dirs = encoder_files
+    monkeypatch.delenv("LMFORGE_UNSET_KEY", raising=False)
+    for argv, message in [
+        (["--adapter", f"a.b={dirs['nli']}"], "adapter name 'a.b' is not valid"),
+        (["--adapter", f"x={d / 'nowhere'}"], "no adapter_config.json"),
+        (["--adapter", "novalue"], "expected NAME=DIR"),
+        (["--api-key-env", "LMFORGE_UNSET_KEY"], "LMFORGE_UNSET_KEY: that environment variable is empty"),
+        (["--adapter-root", str(d / "nowhere")], "no such directory"),
+        (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    ]:
+        assert main(["serve", "--model", str(d / "base"), *argv]) == 2
+        assert message in capsys.readouterr().err, argv
+
+
 # -- the encoder server ---------------------------------------------------------------------------
 
 def test_health_page_openapi_and_adapter_list(enc):

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lmforge
+from lmforge.errors import ConfigError
 from lmforge.serve import schemas as S
 from lmforge.serve.batcher import Batcher, QueueFull, ShuttingDown
 from lmforge.serve.engine import Engine, GenJob, InputError, Seq
@@ -91,11 +92,14 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     registry = Registry(engine, settings.adapter_root)
     registry.engine_metrics_hook = lambda: metrics.set("lmforge_adapters_loaded", len(registry.names()))
     for name, directory in settings.adapters:
-        registry.add(name, Path(directory))
+        try:
+            registry.add(name, Path(directory))
+        except InputError as e:
+            raise ConfigError(f"--adapter {name}={directory}: {e}") from None
     if settings.quantize == "int8":
         engine.prepare_quantized()
     elif settings.quantize:
-        raise lmforge.errors.ConfigError(f"--quantize {settings.quantize!r}: only int8 is supported")
+        raise ConfigError(f"--quantize {settings.quantize!r}: only int8 is supported")
     registry.engine_metrics_hook()
 
     def runner(kind: str, items: list) -> list:

@@ -1,0 +1,251 @@
+"""Serving throughput and latency: `lmforge serve` (dynamic batching, one mixed-adapter forward pass
+per batch) against a naive server that answers one request at a time with transformers + peft.
+
+  python -m benchmarks.serve            # 8 s per measurement (about 3 minutes on 2 cores)
+  python -m benchmarks.serve --quick    # 4 s per measurement
+
+Both servers run all-MiniLM-L6-v2 (6 layers) with the same 8 LoRA adapters (r=8 on query and value,
+each with its own 2-label head; random weights: speed does not depend on what they learned), on
+127.0.0.1, in their own process, one after the other. The load generator (asyncio + httpx, in this
+process) keeps C requests in flight (closed loop) for a fixed time; each request classifies one
+sentence (SST-2 dev sentences when $LMFORGE_DATA has them) with one adapter ("1 adapter") or with
+adapter i mod 8 ("8 adapters"). Results go to BENCHMARKS.md and runs/bench/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.report import ROOT, write_section
+
+N_ADAPTERS = 8
+CONCURRENCY = (1, 8, 32)
+
+
+def sentences() -> list[str]:
+    for root in (os.environ.get("LMFORGE_DATA"), ROOT.parent / "shared" / "data"):
+        f = Path(root) / "glue" / "SST-2" / "dev.tsv" if root else None
+        if f and f.is_file():
+            return [r.split("\t")[0] for r in f.read_text().splitlines()[1:] if r]
+    words = "the film is a gorgeous witty dull long plot cast superb thin story moving flat".split()
+    return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 20)) for i in range(800)]
+
+
+def make_adapters(out: Path) -> list[Path]:
+    import torch
+
+    from lmforge.adapters.lora import LoraConfig
+    from lmforge.adapters.manager import add_adapter, lora_layers
+    from lmforge.adapters.peft_format import save_adapter
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models import from_pretrained
+
+    model = from_pretrained("minilm", head="classification", id2label={0: "negative", 1: "positive"}).eval()
+    tok = load_tokenizer("minilm")
+    dirs = []
+    for k in range(N_ADAPTERS):
+        name = f"a{k}"
+        add_adapter(model, name, LoraConfig(r=8, alpha=16), head_config={"id2label": {0: "negative", 1: "positive"}})
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                if name in layer.lora_B:
+                    w = layer.lora_B[name].weight
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+        dirs.append(save_adapter(model, name, out / name, base_model="minilm", tokenizer=tok))
+    return dirs
+
+
+# -- the naive baseline: one request at a time through transformers + peft ------------------------
+def naive_app(adapter_dirs: list[str]):
+    import threading
+
+    import torch
+    import transformers as T
+    from fastapi import FastAPI
+    from peft import PeftModel
+
+    from lmforge.models.hub import resolve
+
+    base_dir = resolve("minilm")
+    tok = T.AutoTokenizer.from_pretrained(base_dir)
+    base = T.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
+    for k, d in enumerate(adapter_dirs[1:], 1):
+        model.load_adapter(d, adapter_name=f"a{k}")
+    model.eval()
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/classify")
+    def classify(body: dict):
+        with lock, torch.inference_mode():  # one request at a time
+            model.set_adapter(body["adapter"])
+            enc = tok(body["inputs"], return_tensors="pt", padding=True, truncation=True, max_length=512)
+            p = model(**enc).logits.softmax(-1)
+        labels = ["negative", "positive"]
+        return {"results": [{"label": labels[int(r.argmax())],
+                             "probabilities": dict(zip(labels, map(float, r)))} for r in p]}
+
+    return app
+
+
+# -- load generation ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"server did not start:\n{log.read_text()[-3000:]}")
+
+
+async def load(url: str, concurrency: int, mixed: bool, texts: list[str], seconds: float, warmup: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    t0 = time.perf_counter()
+    measure_from, stop_at = t0 + warmup, t0 + warmup + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client(c: int, http):
+        nonlocal errors, counter
+        while True:
+            i = counter
+            counter += 1
+            body = {"adapter": f"a{i % N_ADAPTERS}" if mixed else "a0", "inputs": [texts[i % len(texts)]]}
+            start = time.perf_counter()
+            if start >= stop_at:
+                return
+            r = await http.post(url + "/v1/classify", json=body)
+            end = time.perf_counter()
+            if r.status_code != 200:
+                errors += 1
+            elif start >= measure_from and end <= stop_at:
+                latencies.append(end - start)
+
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        await asyncio.gather(*(client(c, http) for c in range(concurrency)))
+    lat = sorted(latencies)
+    q = (lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1000) if lat else (lambda f: float("nan"))
+    return {"requests": len(lat), "rps": len(lat) / seconds, "p50_ms": q(0.50), "p99_ms": q(0.99),
+            "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"), "errors": errors}
+
+
+def measure(name: str, cmd: list[str], port: int, texts, seconds, warmup, log: Path) -> dict:
+    import httpx
+
+    proc = start(cmd, port, log)
+    out = {}
+    try:
+        for k in range(3 * N_ADAPTERS):  # first calls of each adapter are slow in both servers
+            httpx.post(f"http://127.0.0.1:{port}/v1/classify", timeout=120,
+                       json={"adapter": f"a{k % N_ADAPTERS}", "inputs": texts[k:k + 1 + k % 8]})
+        for mixed in (False, True):
+            for c in CONCURRENCY:
+                r = asyncio.run(load(f"http://127.0.0.1:{port}", c, mixed, texts, seconds, warmup))
+                key = f"{'8 adapters' if mixed else '1 adapter'}/c{c}"
+                out[key] = r
+                print(f"{name:8s} {key:16s} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                      f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return out
+
+
+def render(res: dict, seconds: float, threads: int) -> str:
+    rows = ["| adapters | concurrency | lmforge req/s | p50 ms | p99 ms | naive req/s | p50 ms | p99 ms | speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in ("1 adapter", "8 adapters"):
+        for c in CONCURRENCY:
+            a, b = res["lmforge"][f"{mode}/c{c}"], res["naive"][f"{mode}/c{c}"]
+            rows.append(f"| {mode} | {c} | {a['rps']:.1f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | "
+                        f"{b['rps']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | **{a['rps'] / b['rps']:.1f}x** |")
+    ratio = [res["lmforge"][f"8 adapters/c{c}"]["rps"] / res["lmforge"][f"1 adapter/c{c}"]["rps"] for c in CONCURRENCY]
+    errors = sum(r["errors"] for side in res.values() for r in side.values())
+    return ("\n".join(rows) + "\n\n"
+            f"8-adapter / 1-adapter throughput of lmforge serve: "
+            + ", ".join(f"{r:.2f} (c={c})" for r, c in zip(ratio, CONCURRENCY))
+            + f" (target: at least 0.90). Non-200 answers: {errors}.\n\n"
+            f"Each cell: {seconds:g} s of closed-loop load after a warm-up, one sentence per request. "
+            f"Both servers use {threads} torch thread(s). "
+            "lmforge: `lmforge serve --max-batch-size 32 --max-wait-ms 5` (defaults). Naive: FastAPI + "
+            "transformers + peft, `set_adapter` then one forward pass per request, under a lock. The load "
+            "generator shares the 2 cores with the server, as a client on the same host would.\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seconds", type=float)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in each server (default 1: the load generator needs a core too)")
+    p.add_argument("--naive-server", nargs="+", metavar=("PORT", "ADAPTER_DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.naive_server:
+        import torch
+        import uvicorn
+        torch.set_num_threads(args.threads)
+        port, *dirs = args.naive_server
+        uvicorn.run(naive_app(dirs), host="127.0.0.1", port=int(port), log_level="warning")
+        return 0
+    seconds = args.seconds or (4.0 if args.quick else 8.0)
+    warmup = 1.5
+    texts = sentences()
+    out_dir = ROOT / "runs" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dirs = make_adapters(tmp / "adapters")
+        res = {}
+        port = free_port()
+        cmd = [sys.executable, "-m", "lmforge", "serve", "--model", "minilm", "--port", str(port),
+               "--log-level", "warning", "--threads", str(args.threads), *[a for k, d in enumerate(dirs) for a in ("--adapter", f"a{k}={d}")]]
+        res["lmforge"] = measure("lmforge", cmd, port, texts, seconds, warmup, out_dir / "serve-lmforge.log")
+        port = free_port()
+        cmd = [sys.executable, "-m", "benchmarks.serve", "--threads", str(args.threads), "--naive-server", str(port),
+               *map(str, dirs)]
+        res["naive"] = measure("naive", cmd, port, texts, seconds, warmup, out_dir / "serve-naive.log")
+    (out_dir / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
+    command = "python -m benchmarks.serve" + (" --quick" if args.quick else "") + \
+        (f" --threads {args.threads}" if args.threads != 1 else "")
+    write_section("Serving" + (" (quick)" if args.quick else ""), command, render(res, seconds, args.threads))
+    print(render(res, seconds, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
