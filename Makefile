@@ -34,7 +34,11 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.test
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) -m benchmarks.run
 
 clean:

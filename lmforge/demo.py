@@ -1,79 +1,108 @@
-"""`make demo`: embed SST-2 dev sentences with MiniLM and show nearest neighbours.
+"""`make demo`: the main job, end to end on the bundled all-MiniLM-L6-v2 weights, offline.
 
-Runs offline. Uses $LMFORGE_DATA/glue/SST-2/dev.tsv when present, else a few embedded sentences.
+LoRA-fine-tune MiniLM on SST-2 for a few minutes (r=8 on W_q and W_v; 0.3% of the weights train),
+evaluate it on the dev set with the official metric, print a row in the layout of the LoRA paper's
+Table 2 and a few predictions, and show how to serve the adapter.
+
+Data: $LMFORGE_DATA/glue/SST-2 (or ../shared/data beside the repo), else the `datasets` hub, else a
+small embedded set so the demo still runs anywhere. LMFORGE_DEMO_SAMPLES sets the number of training
+sentences (default 20000; SST-2 has 67,349).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
+from lmforge.adapters.methods import MethodConfig
+from lmforge.data.tables import Example
+from lmforge.train.finetune import FinetuneConfig, run_finetune
+from lmforge.train.glue_table import render_table
+from lmforge.train.trainer import TrainConfig
 
-from lmforge.infer.embed import Embedder
-
-EMBEDDED = [
-    ("a gorgeous , witty , seductive movie .", 1),
-    ("the acting is superb and the story moves along briskly .", 1),
-    ("one of the most delightful films of the year .", 1),
-    ("a warm , funny and deeply moving portrait of a family .", 1),
-    ("the plot is thin and the jokes fall flat .", 0),
-    ("a tedious , overlong mess with nothing to say .", 0),
-    ("i was bored from the first scene to the last .", 0),
-    ("the dialogue is clumsy and the characters are paper-thin .", 0),
-    ("the cinematography alone is worth the price of admission .", 1),
-    ("an ugly , joyless film that wastes a talented cast .", 0),
+OUT = Path("runs/demo-sst2-lora")
+SAMPLES = [
+    "a gorgeous , witty , seductive movie .",
+    "the plot is thin and the jokes fall flat .",
+    "not nearly as bad as i had feared , and often very funny .",
+    "an ugly , joyless film that wastes a talented cast .",
+    "the cinematography alone is worth the price of admission .",
 ]
-QUERIES = ["a charming , funny film that i loved", "a dull and lifeless movie", "the actors are wonderful"]
+EMBEDDED = [  # the fallback when no SST-2 copy can be found: tiny, so only a smoke run
+    ("a gorgeous , witty , seductive movie .", "positive"), ("the plot is thin and the jokes fall flat .", "negative"),
+    ("one of the most delightful films of the year .", "positive"), ("a tedious , overlong mess .", "negative"),
+    ("a warm , funny and deeply moving portrait .", "positive"), ("i was bored from start to finish .", "negative"),
+    ("the acting is superb .", "positive"), ("the dialogue is clumsy and the characters thin .", "negative"),
+]
 
 
-def load_sentences() -> tuple[list[tuple[str, int]], str]:
-    root = os.environ.get("LMFORGE_DATA")
-    candidates = [Path(root)] if root else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for base in candidates:
-        dev = base / "glue" / "SST-2" / "dev.tsv"
-        if dev.is_file():
-            rows = dev.read_text(encoding="utf-8").splitlines()[1:]
-            return [(r.split("\t")[0].strip(), int(r.split("\t")[1])) for r in rows if r], str(dev)
-    return EMBEDDED, "embedded sentences"
+def find_glue() -> str | None:
+    for base in [os.environ.get("LMFORGE_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]:
+        if base and (Path(base) / "glue" / "SST-2" / "train.tsv").is_file():
+            return str(Path(base) / "glue")
+    return None
+
+
+def config() -> FinetuneConfig:
+    samples = int(os.environ.get("LMFORGE_DEMO_SAMPLES", "20000"))
+    train = TrainConfig(out_dir=str(OUT), epochs=1, batch_size=32, lr=1e-3, warmup_ratio=0.06, seed=1,
+                        log_every=50, progress_bar=sys.stderr.isatty())
+    adapt = MethodConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.1, lora_targets="query,value")
+    glue = find_glue()
+    if glue is None:
+        try:
+            import datasets  # noqa: F401  (the GLUE reader falls back to the hub)
+        except ImportError:
+            return _embedded_config(train, adapt)
+    return FinetuneConfig(model="minilm", task="glue/sst2", data_dir=glue, adapt=adapt, max_seq_len=128,
+                          max_train_samples=samples, train=train)
+
+
+def _embedded_config(train: TrainConfig, adapt: MethodConfig) -> FinetuneConfig:
+    d = OUT.parent / "demo-data"
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": t, "label": y}) + "\n" for t, y in EMBEDDED * 8]
+    (d / "train.jsonl").write_text("".join(lines))
+    (d / "dev.jsonl").write_text("".join(lines[:8]))
+    print("no SST-2 copy found (set LMFORGE_DATA): training on a tiny embedded set instead\n")
+    train.epochs = 3
+    return FinetuneConfig(model="minilm", task=None, train_file=str(d / "train.jsonl"),
+                          dev_file=str(d / "dev.jsonl"), adapt=adapt, train=train)
 
 
 def main() -> int:
-    torch.manual_seed(0)
-    sentences, source = load_sentences()
-    texts = [s for s, _ in sentences]
-    labels = torch.tensor([y for _, y in sentences])
-    print(f"lmforge demo: all-MiniLM-L6-v2 sentence embeddings of {len(texts)} texts ({source})\n")
+    cfg = config()
+    print(f"lmforge demo: LoRA (r=8, alpha=16, W_q + W_v) on all-MiniLM-L6-v2, "
+          f"{cfg.task or 'embedded examples'}, {cfg.max_train_samples or 'all'} training sentences, "
+          f"1 epoch, packed (unpadded) batches of 32 -> {OUT}\n", flush=True)
     t0 = time.perf_counter()
-    embedder = Embedder("minilm")
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    vectors = embedder.embed(texts, progress=sys.stderr.isatty())
-    embed_s = time.perf_counter() - t0
-    print(f"model loaded in {load_s:.1f}s; {len(texts)} texts embedded in {embed_s:.1f}s "
-          f"({len(texts) / embed_s:.0f} texts/s, dim {vectors.shape[1]}, max_length {embedder.max_length})\n")
+    saved = OUT / "run.json"
+    same = saved.is_file() and json.loads(saved.read_text()) == asdict(cfg)
+    if saved.is_file() and not same:
+        shutil.rmtree(OUT)  # an earlier demo with other settings: start over
+    summary = run_finetune(cfg, resume=same and (OUT / "checkpoint").is_dir())
+    print(f"\ntrained and evaluated in {time.perf_counter() - t0:.0f}s; best dev {summary['main_metric']} "
+          f"{summary['best'][summary['main_metric']]:.4f} at step {summary['best_step']}\n")
 
-    names = {0: "neg", 1: "pos"}
-    for q in QUERIES:
-        sims = vectors @ embedder.embed([q])[0]
-        top = sims.topk(3)
-        print(f"query: {q!r}")
-        for score, i in zip(top.values.tolist(), top.indices.tolist()):
-            print(f"   {score:.3f}  [{names[int(labels[i])]}] {texts[i]}")
-        print()
+    print(render_table([{"model": "minilm", "method": "lora", "seeds": [cfg.train.seed], "runs": [summary]}]))
 
-    # Leave-one-out 5-nearest-neighbour sentiment: what the embeddings know before any fine-tuning.
-    sims = vectors @ vectors.T
-    sims.fill_diagonal_(-2)
-    k = min(5, len(texts) - 1)
-    votes = labels[sims.topk(k, dim=1).indices].float().mean(1)
-    acc = ((votes > 0.5).long() == labels).float().mean().item()
-    majority = max(labels.float().mean().item(), 1 - labels.float().mean().item())
-    print(f"{k}-NN sentiment accuracy with frozen embeddings: {acc:.1%} (majority class {majority:.1%})")
-    print("\nnext: lmforge embed --model minilm \"first text\" \"second text\"")
+    from lmforge.infer.classify import Classifier
+    clf = Classifier(OUT / "best")
+    print("predictions of the saved adapter (best/ holds it with its head, in PEFT's format):")
+    for text, p in zip(SAMPLES, clf.predict([Example(t) for t in SAMPLES])):
+        print(f"  {p['label']:>8}  {max(p['probabilities'].values()):.3f}  {text}")
+    print(f"""
+next:
+  lmforge evaluate --run {OUT} --task glue/sst2 --split dev
+  lmforge predict  --run {OUT} --input texts.jsonl
+  lmforge serve    --model minilm --adapter sst2={OUT}      # then open http://127.0.0.1:8000/
+  curl -s localhost:8000/v1/classify -H 'content-type: application/json' \\
+       -d '{{"adapter": "sst2", "inputs": ["a charming film", "a dull film"]}}'""")
     return 0
 
 

@@ -14,6 +14,7 @@ from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import DataError
 from lmforge.models import from_pretrained
 from lmforge.models.hub import resolve
+from lmforge.models.packing import pack_padded
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -67,10 +68,11 @@ class Embedder:
         for start in range(0, len(texts), self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = self.tokenizer([texts[i] for i in idx], max_length=self.max_length)
-            mask = batch["attention_mask"].to(device)
-            hidden = self.model(batch["input_ids"].to(device), mask,
-                                batch["token_type_ids"].to(device)).hidden_states
-            vec = pool(hidden, mask, self.pooling)
+            # unpadded execution; pooling reads the padded view of the packed hidden states
+            ids, packed, types = pack_padded(*(batch[k].to(device) for k in
+                                               ("input_ids", "attention_mask", "token_type_ids")))
+            hidden = self.model(ids, token_type_ids=types, packed=packed).hidden_states
+            vec = pool(packed.pad(hidden), packed.attention_mask(), self.pooling)
             out[idx] = (F.normalize(vec, dim=-1) if self.normalize else vec).float().cpu()
             bar.update(len(idx))
         bar.close()

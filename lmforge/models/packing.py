@@ -123,10 +123,13 @@ class Packed:
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.pad_index)
 
 
-def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """A right-padded batch [B, T] -> (ids [N], Packed)."""
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor):
+    """A right-padded batch [B, T] -> (ids [N], Packed); more [B, T] tensors (token types) are
+    packed the same way and returned after them."""
     packed = Packed.from_mask(attention_mask)
-    return input_ids.reshape(-1).index_select(0, _padded_rows(packed, input_ids.shape[1])), packed
+    rows = _padded_rows(packed, input_ids.shape[1])
+    flat = [t.reshape(-1).index_select(0, rows) for t in (input_ids, *others)]
+    return (flat[0], packed, *flat[1:])
 
 
 def _padded_rows(packed: Packed, T: int) -> torch.Tensor:
