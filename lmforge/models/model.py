@@ -63,13 +63,11 @@ class Model(nn.Module):
             out.pooled = self.transformer.pool(h, packed)
         head, kind = self.head, self.config.head
         embedding = self.transformer.embeddings.word_embeddings.weight
-        if kind in ("mlm", "causal-lm"):
+        if kind in ("mlm", "causal-lm", "pretraining"):
             scored = h if positions is None else h.reshape(-1, h.shape[-1]).index_select(0, positions)
             out.logits = head(scored, embedding)
-        elif kind == "pretraining":
-            scored = h if positions is None else h.reshape(-1, h.shape[-1]).index_select(0, positions)
-            out.logits = head(scored, embedding)
-            out.nsp_logits = head.seq_relationship(out.pooled)
+            if kind == "pretraining":
+                out.nsp_logits = head.seq_relationship(out.pooled)
         elif kind == "nsp":
             out.logits = head(out.pooled)
         elif kind == "classification":
