@@ -1,15 +1,17 @@
 """Serving throughput and latency: `lmforge serve` (dynamic batching, one mixed-adapter forward pass
 per batch) against a naive server that answers one request at a time with transformers + peft.
 
-  python -m benchmarks.serve            # 8 s per measurement (about 3 minutes on 2 cores)
-  python -m benchmarks.serve --quick    # 4 s per measurement
+  python -m benchmarks.serve            # 6 s per measurement (about 4 minutes on 2 cores)
+  python -m benchmarks.serve --quick    # 3 s per measurement
 
 Both servers run all-MiniLM-L6-v2 (6 layers) with the same 8 LoRA adapters (r=8 on query and value,
 each with its own 2-label head; random weights: speed does not depend on what they learned), on
 127.0.0.1, in their own process, one after the other. The load generator (asyncio + httpx, in this
 process) keeps C requests in flight (closed loop) for a fixed time; each request classifies one
 sentence (SST-2 dev sentences when $LMFORGE_DATA has them) with one adapter ("1 adapter") or with
-adapter i mod 8 ("8 adapters"). Results go to BENCHMARKS.md and runs/bench/serve.json.
+adapter i mod 8 ("8 adapters"). Then --quantize int8 against fp32 through the server: SST-2 dev
+accuracy and throughput with a LoRA adapter trained here for the purpose (once; reused from
+runs/bench/). Results go to BENCHMARKS.md and runs/bench/serve.json.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ N_ADAPTERS = 8
 CONCURRENCY = (1, 8, 32)
 
 
-def sentences() -> list[str]:
+def data_root() -> Path | None:
     for root in (os.environ.get("LMFORGE_DATA"), ROOT.parent / "shared" / "data"):
-        f = Path(root) / "glue" / "SST-2" / "dev.tsv" if root else None
-        if f and f.is_file():
-            return [r.split("\t")[0] for r in f.read_text().splitlines()[1:] if r]
+        if root and (Path(root) / "glue" / "SST-2" / "dev.tsv").is_file():
+            return Path(root)
+    return None
+
+
+def sentences() -> list[str]:
+    if data_root():
+        return [t for t, _ in sst2_dev()]
     words = "the film is a gorgeous witty dull long plot cast superb thin story moving flat".split()
     return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 20)) for i in range(800)]
 
@@ -114,8 +121,10 @@ def free_port() -> int:
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    # Idle OpenMP threads sleep instead of spinning, so the event loop keeps its core (both servers).
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -186,6 +195,56 @@ def measure(name: str, cmd: list[str], port: int, texts, seconds, warmup, log: P
     return out
 
 
+# -- int8 through the server: SST-2 dev accuracy and throughput, fp32 vs int8 ---------------------
+def sst2_dev() -> list[tuple[str, int]] | None:
+    root = data_root()
+    if root is None:
+        return None
+    rows = (root / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]
+    return [(r.split("\t")[0], int(r.split("\t")[1])) for r in rows if r]
+
+
+def sst2_adapter(out_dir: Path, given: str | None) -> Path:
+    """A LoRA run on SST-2 (trained once, 3000 examples, one epoch, then reused)."""
+    if given:
+        return Path(given)
+    run = out_dir / "serve-sst2-lora"
+    if not (run / "best" / "adapter_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "lmforge", "finetune", "--model", "minilm", "--task", "glue/sst2",
+                        "--method", "lora", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-3", "--epochs", "1",
+                        "--max-train-samples", "3000", "--batch-size", "32", "--no-progress", "--out", str(run)],
+                       check=True, cwd=ROOT, env={**os.environ, "LMFORGE_DATA": str(data_root())})
+    return run
+
+
+def int8_accuracy(run: Path, threads: int, out_dir: Path) -> dict:
+    import httpx
+
+    dev = sst2_dev()
+    res = {}
+    for mode in ("fp32", "int8"):
+        port = free_port()
+        cmd = [sys.executable, "-m", "lmforge", "serve", "--model", "minilm", "--adapter", f"sst2={run}",
+               "--port", str(port), "--log-level", "warning", "--threads", str(threads)]
+        proc = start(cmd + (["--quantize", "int8"] if mode == "int8" else []), port, out_dir / f"serve-{mode}.log")
+        try:
+            url = f"http://127.0.0.1:{port}/v1/classify"
+            labels = httpx.get(f"http://127.0.0.1:{port}/v1/adapters").json()["adapters"][0]["labels"]
+            httpx.post(url, json={"adapter": "sst2", "inputs": [t for t, _ in dev[:32]]}, timeout=120)  # warm-up
+            start_t, correct = time.perf_counter(), 0
+            for i in range(0, len(dev), 32):
+                chunk = dev[i:i + 32]
+                r = httpx.post(url, json={"adapter": "sst2", "inputs": [t for t, _ in chunk]}, timeout=120).json()
+                correct += sum(labels.index(x["label"]) == y for x, (_, y) in zip(r["results"], chunk))
+            seconds = time.perf_counter() - start_t
+            res[mode] = {"accuracy": correct / len(dev), "seqs_per_s": len(dev) / seconds}
+            print(f"{mode}: SST-2 dev accuracy {correct / len(dev):.4f}, {len(dev) / seconds:.1f} seq/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return res
+
+
 def render(res: dict, seconds: float, threads: int) -> str:
     rows = ["| adapters | concurrency | lmforge req/s | p50 ms | p99 ms | naive req/s | p50 ms | p99 ms | speed-up |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -195,24 +254,39 @@ def render(res: dict, seconds: float, threads: int) -> str:
             rows.append(f"| {mode} | {c} | {a['rps']:.1f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | "
                         f"{b['rps']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | **{a['rps'] / b['rps']:.1f}x** |")
     ratio = [res["lmforge"][f"8 adapters/c{c}"]["rps"] / res["lmforge"][f"1 adapter/c{c}"]["rps"] for c in CONCURRENCY]
-    errors = sum(r["errors"] for side in res.values() for r in side.values())
+    errors = sum(r["errors"] for side in ("lmforge", "naive") for r in res[side].values())
     return ("\n".join(rows) + "\n\n"
             f"8-adapter / 1-adapter throughput of lmforge serve: "
             + ", ".join(f"{r:.2f} (c={c})" for r, c in zip(ratio, CONCURRENCY))
             + f" (target: at least 0.90). Non-200 answers: {errors}.\n\n"
             f"Each cell: {seconds:g} s of closed-loop load after a warm-up, one sentence per request. "
-            f"Both servers use {threads} torch thread(s). "
+            f"Both servers use {threads} torch thread(s) with `OMP_WAIT_POLICY=PASSIVE`. "
             "lmforge: `lmforge serve --max-batch-size 32 --max-wait-ms 5` (defaults). Naive: FastAPI + "
             "transformers + peft, `set_adapter` then one forward pass per request, under a lock. The load "
-            "generator shares the 2 cores with the server, as a client on the same host would.\n")
+            "generator shares the 2 cores with the server, as a client on the same host would.\n"
+            + render_int8(res.get("int8")))
+
+
+def render_int8(r: dict | None) -> str:
+    if not r:
+        return ""
+    a, b = r["fp32"], r["int8"]
+    return ("\n| served SST-2 dev (872 sentences, requests of 32) | accuracy | seq/s |\n|---|---:|---:|\n"
+            f"| fp32 | {a['accuracy'] * 100:.2f} | {a['seqs_per_s']:.1f} |\n"
+            f"| `--quantize int8` | {b['accuracy'] * 100:.2f} | {b['seqs_per_s']:.1f} |\n\n"
+            f"int8: **{b['seqs_per_s'] / a['seqs_per_s']:.2f}x** the throughput, accuracy change "
+            f"**{(b['accuracy'] - a['accuracy']) * 100:+.2f} points** (target: at most 0.5 lost). The adapter: "
+            "`lmforge finetune --model minilm --task glue/sst2 --method lora --lora-r 8 --lora-alpha 16 --lr 1e-3 "
+            "--epochs 1 --max-train-samples 3000` (a short run; its fp32 accuracy is not the point).\n")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seconds", type=float)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads in each server (default 1: the load generator needs a core too)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in each server (default 2)")
+    p.add_argument("--sst2-run", help="a LoRA run on SST-2 for the int8 rows (default: train a short one)")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 accuracy / speed rows")
     p.add_argument("--naive-server", nargs="+", metavar=("PORT", "ADAPTER_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.naive_server:
@@ -222,7 +296,7 @@ def main(argv=None) -> int:
         port, *dirs = args.naive_server
         uvicorn.run(naive_app(dirs), host="127.0.0.1", port=int(port), log_level="warning")
         return 0
-    seconds = args.seconds or (4.0 if args.quick else 8.0)
+    seconds = args.seconds or (3.0 if args.quick else 6.0)
     warmup = 1.5
     texts = sentences()
     out_dir = ROOT / "runs" / "bench"
@@ -240,8 +314,11 @@ def main(argv=None) -> int:
                *map(str, dirs)]
         res["naive"] = measure("naive", cmd, port, texts, seconds, warmup, out_dir / "serve-naive.log")
     (out_dir / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
+    if not args.no_int8 and sst2_dev() is not None:
+        res["int8"] = int8_accuracy(sst2_adapter(out_dir, args.sst2_run), args.threads, out_dir)
+    (out_dir / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
     command = "python -m benchmarks.serve" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads != 1 else "")
+        (f" --threads {args.threads}" if args.threads != 2 else "")
     write_section("Serving" + (" (quick)" if args.quick else ""), command, render(res, seconds, args.threads))
     print(render(res, seconds, args.threads))
     return 0

@@ -50,7 +50,7 @@ ERRORS = {code: {"model": S.ErrorResponse, "description": text} for code, text i
     401: "missing or wrong API key (when the server has one)",
     403: "adapter path outside --adapter-root, or a path-like adapter name",
     404: "unknown adapter (the message lists the loaded ones)",
-    413: "an input is longer than --max-input-tokens",
+    413: "an input is longer than --max-input-tokens, or a request has more inputs than --max-queue",
     422: "malformed JSON or a field of the wrong type (the message names it)",
     429: "the queue is full: retry after the Retry-After header's seconds",
 }.items()}
@@ -187,6 +187,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
             raise InputError(401, "wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
     async def submit(kind: str, items: list) -> list:
+        if len(items) > batcher.max_queue:  # would never fit: retrying cannot help, so not a 429
+            raise InputError(413, f"{len(items)} inputs in one request, more than the whole queue holds "
+                             f"({batcher.max_queue} sequences, --max-queue); split the request", "inputs")
         try:
             future = batcher.submit(kind, items)
         except QueueFull as e:
