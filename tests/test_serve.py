@@ -532,3 +532,30 @@ def test_int8_engine_hot_loads_adapters_after_quantizing(encoder_files, offline)
     for g, w in zip(got, want):
         for k in w["probabilities"]:
             assert abs(g["probabilities"][k] - w["probabilities"][k]) < 0.05, (g, w)
+
+
+def test_batcher_isolates_a_failing_request_and_keeps_running():
+    """In process: requests share passes of at most max_batch_size sequences; a pass that raises is
+    rerun request by request, so only the request that breaks it gets the error."""
+    from lmforge.serve.batcher import Batcher, QueueFull
+
+    passes = []
+
+    def runner(kind, items):
+        passes.append(list(items))
+        if "boom" in items:
+            raise ValueError("boom")
+        return [x.upper() for x in items]
+
+    b = Batcher(runner, max_batch_size=4, max_wait_ms=200, max_queue=8).start()
+    try:
+        futures = [b.submit("classify", ["a", "b"]), b.submit("classify", ["boom"]), b.submit("classify", ["c", "d", "e"])]
+        with pytest.raises(QueueFull):
+            b.submit("classify", ["x"] * 3)  # 6 waiting + 3 > 8
+        assert futures[0].result(10) == ["A", "B"] and futures[2].result(10) == ["C", "D", "E"]
+        with pytest.raises(ValueError, match="boom"):
+            futures[1].result(10)
+        assert max(len(p) for p in passes) <= 4 and len(passes[0]) == 4  # a, b, boom, c together
+        assert b.submit("embed", ["z"]).result(10) == ["Z"]  # the worker lives on
+    finally:
+        b.stop(10)

@@ -32,7 +32,7 @@ class ShuttingDown(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Work:
     """One request: its sequences, and the future that gets their results in order."""
     kind: str
@@ -177,20 +177,25 @@ class Batcher:
             self.metrics.inc("lmforge_batches_total", kind=kind)
             start = time.perf_counter()
             try:
-                self._run(kind, batch)
-            except BaseException as e:
-                self.metrics.inc("lmforge_worker_errors_total")
-                works = list(dict.fromkeys(w for w, _ in batch))
-                if len(works) == 1:
-                    log.error("batcher: a %s pass failed: %s", kind, e)
-                    works[0].fail(e)
-                else:  # find the request that breaks it: each one alone answers only for itself
-                    for w in works:
-                        try:
-                            self._run(kind, [(x, i) for x, i in batch if x is w])
-                        except BaseException as e2:
-                            log.error("batcher: a %s pass failed: %s", kind, e2)
-                            w.fail(e2)
+                try:
+                    self._run(kind, batch)
+                except Exception as e:
+                    self.metrics.inc("lmforge_worker_errors_total")
+                    works = list(dict.fromkeys(w for w, _ in batch))
+                    if len(works) == 1:
+                        log.error("batcher: a %s pass failed: %s", kind, e)
+                        works[0].fail(e)
+                    else:  # find the request that breaks it: each one alone answers only for itself
+                        for w in works:
+                            try:
+                                self._run(kind, [(x, i) for x, i in batch if x is w])
+                            except Exception as e2:
+                                log.error("batcher: a %s pass failed: %s", kind, e2)
+                                w.fail(e2)
+            except BaseException as e:  # anything else: answer the batch, never let the worker die
+                log.exception("batcher: unexpected error")
+                for w, _ in batch:
+                    w.fail(e if isinstance(e, Exception) else RuntimeError(repr(e)))
             finally:
                 elapsed = time.perf_counter() - start
                 self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
