@@ -559,3 +559,17 @@ def test_batcher_isolates_a_failing_request_and_keeps_running():
         assert b.submit("embed", ["z"]).result(10) == ["Z"]  # the worker lives on
     finally:
         b.stop(10)
+
+
+def test_adapter_unloaded_while_queued_answers_404_for_its_sequences_only(encoder_files, offline):
+    from lmforge.serve.engine import Engine, InputError, Seq
+
+    d, dirs = encoder_files
+    engine = Engine(str(d / "base"))
+    engine.load_adapter("pos", dirs["pos"])
+    engine.load_adapter("extra", dirs["extra"])
+    items = [Seq(e, "extra" if i % 2 else "pos") for i, e in enumerate(engine.encode(TEXTS[:4], False))]
+    engine.unload_adapter("extra")  # between validation and the forward pass
+    out = engine.run("classify", items)
+    assert all(isinstance(out[i], InputError) and out[i].status == 404 for i in (1, 3))
+    assert_same([out[0], out[2]], predict(offline["pos"], [TEXTS[0], TEXTS[2]]))
