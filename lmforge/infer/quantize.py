@@ -32,6 +32,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     names = quantizable(model)
     if not names:
         raise ConfigError("no Linear layers to quantize in this model")
+    for name in names:  # torch's dynamic quantization maps exact nn.Linear types
+        model.get_submodule(name).__class__ = nn.Linear
     with warnings.catch_warnings():  # torch.ao eager quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic

@@ -12,6 +12,7 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
+from lmforge.models.linear import Linear
 from lmforge.models.packing import Packed
 
 
@@ -54,10 +55,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.causal = config.causal
         self.dropout_p = config.attention_dropout
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(d, d)
-        self.value = nn.Linear(d, d)
-        self.output = nn.Linear(d, d)
+        self.query = Linear(d, d)
+        self.key = Linear(d, d)
+        self.value = Linear(d, d)
+        self.output = Linear(d, d)
         # Prefix-layer tuning plugs in here: a module returning (keys, values) [P, D] that every
         # query may attend to (adapters/prefix.py). None: plain attention.
         self.kv_prefix: nn.Module | None = None
@@ -139,8 +140,8 @@ class Block(nn.Module):
         self.pre_norm = config.pre_norm
         self.attention = Attention(config)
         self.attention_norm = nn.LayerNorm(d, eps=eps)
-        self.intermediate = nn.Linear(d, config.intermediate_size)
-        self.output = nn.Linear(config.intermediate_size, d)
+        self.intermediate = Linear(d, config.intermediate_size)
+        self.output = Linear(config.intermediate_size, d)
         self.ffn_norm = nn.LayerNorm(d, eps=eps)
         self.act = activation(config.hidden_act)
         self.dropout = Dropout(config.hidden_dropout)
