@@ -1,0 +1,67 @@
+"""The CPU fast paths match what they replace: prepacked Linear vs F.linear (outputs and every
+gradient), the dropout mask's statistics, and the manual attention with dropout vs SDPA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.models.layers import Dropout, attend, keep_mask
+from lmforge.models.linear import Linear
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 32), (1, 32), (40, 32)])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_prepacked_linear_matches_f_linear_and_its_gradients(shape, trainable):
+    torch.manual_seed(0)
+    lin = Linear(32, 48)
+    lin.weight.requires_grad_(trainable)
+    x = torch.randn(*shape, requires_grad=True)
+    y = lin(x)
+    want = F.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, lin.bias] + ([lin.weight] if trainable else []), g)
+    ref = torch.autograd.grad(want, [x, lin.bias] + ([lin.weight] if trainable else []), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_prepacked_weight_follows_in_place_updates():
+    lin = Linear(16, 8).eval()
+    x = torch.randn(3, 16)
+    before = lin(x)
+    lin.weight.add_(1.0)                 # an optimizer step, a LoRA merge, a checkpoint load ...
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lin(x), before)
+
+
+def test_keep_mask_and_dropout_statistics():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000)
+    for p in (0.1, 0.5):
+        frac = keep_mask(x, p).float().mean().item()
+        assert abs(frac - (1 - p)) < 0.003, (p, frac)
+    d = Dropout(0.1).train()
+    y = d(x)
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.9)
+    assert abs(y.mean().item() - 1) < 0.01
+    assert torch.equal(d.eval()(x), x)
+    masks = [keep_mask(torch.empty(64, 64), 0.5) for _ in range(2)]
+    assert not torch.equal(*masks)  # fresh randomness every call
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "additive", "causal"])
+def test_manual_attention_path_equals_sdpa(kind):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    mask = None
+    if kind == "bool":
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
+    if kind == "additive":
+        mask = torch.zeros(2, 1, 1, 5).masked_fill(torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool), -1e9)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kind == "causal")
+    # p below 1/65536 rounds to "keep everything": the manual path with no element dropped
+    got = attend(q, k, v, mask, 1e-9, is_causal=kind == "causal")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
