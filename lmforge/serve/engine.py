@@ -71,6 +71,7 @@ class Engine:
         self.lock = threading.RLock()          # the model: forward passes vs adapter changes
         self._tok_lock = threading.Lock()      # the tokenizer keeps truncation state between calls
         self.quantized = None
+        self._info: dict = {}                  # head_info per adapter, cleared when adapters change
 
     # -- adapters ---------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -78,6 +79,12 @@ class Engine:
 
     def head_info(self, adapter: str | None) -> dict:
         """Labels and kind of the head that answers for `adapter` (None: the base model)."""
+        cached = self._info.get(adapter)
+        if cached is None:
+            cached = self._info[adapter] = self._head_info(adapter)
+        return cached
+
+    def _head_info(self, adapter: str | None) -> dict:
         st = _state(self.model)
         base = st["base_config"]
         if adapter is None:
@@ -89,12 +96,19 @@ class Engine:
     def load_adapter(self, name: str, directory: Path) -> None:
         from lmforge.adapters.peft_format import load_adapter
         with self.lock:
-            load_adapter(self.model, directory, name)
-            self.model.eval()  # the new head and LoRA dropout modules are created in training mode
+            self._info.clear()
+            try:
+                load_adapter(self.model, directory, name)
+                self.model.eval()  # the new head and LoRA dropout modules are created in training mode
+            finally:
+                self._info.clear()
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
-            delete_adapter(self.model, name)
+            try:
+                delete_adapter(self.model, name)
+            finally:
+                self._info.clear()
 
     def prepare_quantized(self) -> None:
         """int8 dynamic quantization of the frozen base. Every target Linear is wrapped for LoRA
@@ -194,16 +208,19 @@ class Engine:
         b, packed = self._batch(run)
         logits = classify_mixed(self.model, b["input_ids"], None, b["token_type_ids"],
                                 [s.adapter for s in run], packed=packed)
-        infos = {}
-        for i, s, lg in zip(keep, run, logits):
-            info = infos.get(s.adapter) or infos.setdefault(s.adapter, self.head_info(s.adapter))
-            lg = lg.float().cpu()
-            if info["regression"]:
-                out[i] = {"score": float(lg[0])}
-            else:
-                p = lg.softmax(-1)
-                out[i] = {"label": info["labels"][int(p.argmax())],
-                          "probabilities": {n: float(x) for n, x in zip(info["labels"], p)}}
+        groups: dict[str | None, list[int]] = {}
+        for j, s in enumerate(run):
+            groups.setdefault(s.adapter, []).append(j)
+        for adapter, rows in groups.items():  # one softmax and one copy per adapter, not per sequence
+            info = self.head_info(adapter)
+            lg = torch.stack([logits[j] for j in rows]).float()
+            values = (lg[:, 0] if info["regression"] else lg.softmax(-1)).cpu().tolist()
+            for j, v in zip(rows, values):
+                if info["regression"]:
+                    out[keep[j]] = {"score": v}
+                else:
+                    best = max(range(len(v)), key=v.__getitem__)
+                    out[keep[j]] = {"label": info["labels"][best], "probabilities": dict(zip(info["labels"], v))}
         return out
 
     def _embed(self, items: list[Seq]) -> list:
