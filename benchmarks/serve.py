@@ -1,8 +1,8 @@
 """Serving throughput and latency: `lmforge serve` (dynamic batching, one mixed-adapter forward pass
 per batch) against a naive server that answers one request at a time with transformers + peft.
 
-  python -m benchmarks.serve            # 6 s per measurement (about 4 minutes on 2 cores)
-  python -m benchmarks.serve --quick    # 3 s per measurement
+  python -m benchmarks.serve            # 4 s per measurement (about 4 minutes on 2 cores)
+  python -m benchmarks.serve --quick    # 2 s per measurement
 
 Both servers run all-MiniLM-L6-v2 (6 layers) with the same 8 LoRA adapters (r=8 on query and value,
 each with its own 2-label head; random weights: speed does not depend on what they learned), on
@@ -32,6 +32,7 @@ from benchmarks.report import ROOT, write_section
 
 N_ADAPTERS = 8
 CONCURRENCY = (1, 8, 32)
+ROUNDS = 2
 
 
 def data_root() -> Path | None:
@@ -177,18 +178,25 @@ def measure(name: str, cmd: list[str], port: int, texts, seconds, warmup, log: P
     import httpx
 
     proc = start(cmd, port, log)
-    out = {}
+    out, errors = {}, {}
     try:
         for k in range(3 * N_ADAPTERS):  # first calls of each adapter are slow in both servers
             httpx.post(f"http://127.0.0.1:{port}/v1/classify", timeout=120,
                        json={"adapter": f"a{k % N_ADAPTERS}", "inputs": texts[k:k + 1 + k % 8]})
-        for mixed in (False, True):
-            for c in CONCURRENCY:
-                r = asyncio.run(load(f"http://127.0.0.1:{port}", c, mixed, texts, seconds, warmup))
-                key = f"{'8 adapters' if mixed else '1 adapter'}/c{c}"
-                out[key] = r
-                print(f"{name:8s} {key:16s} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-                      f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+        # the two modes alternate, twice, and each keeps its better run: another process
+        # that wakes up on the shared cores then costs one run, not the comparison
+        for c in CONCURRENCY:
+            for _ in range(ROUNDS):
+                for mixed in (False, True):
+                    r = asyncio.run(load(f"http://127.0.0.1:{port}", c, mixed, texts, seconds, warmup))
+                    key = f"{'8 adapters' if mixed else '1 adapter'}/c{c}"
+                    print(f"{name:8s} {key:16s} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                          f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+                    errors[key] = errors.get(key, 0) + r["errors"]
+                    if key not in out or r["rps"] > out[key]["rps"]:
+                        out[key] = r
+        for key in out:  # errors count over every run, kept or not
+            out[key]["errors"] = errors[key]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -259,7 +267,8 @@ def render(res: dict, seconds: float, threads: int) -> str:
             f"8-adapter / 1-adapter throughput of lmforge serve: "
             + ", ".join(f"{r:.2f} (c={c})" for r, c in zip(ratio, CONCURRENCY))
             + f" (target: at least 0.90). Non-200 answers: {errors}.\n\n"
-            f"Each cell: {seconds:g} s of closed-loop load after a warm-up, one sentence per request. "
+            f"Each cell: the better of {ROUNDS} runs of {seconds:g} s of closed-loop load (after a warm-up; "
+            "the 1- and 8-adapter runs alternate), one sentence per request. "
             f"Both servers use {threads} torch thread(s) with `OMP_WAIT_POLICY=PASSIVE`. "
             "lmforge: `lmforge serve --max-batch-size 32 --max-wait-ms 5` (defaults). Naive: FastAPI + "
             "transformers + peft, `set_adapter` then one forward pass per request, under a lock. The load "
@@ -296,8 +305,8 @@ def main(argv=None) -> int:
         port, *dirs = args.naive_server
         uvicorn.run(naive_app(dirs), host="127.0.0.1", port=int(port), log_level="warning")
         return 0
-    seconds = args.seconds or (3.0 if args.quick else 6.0)
-    warmup = 1.5
+    seconds = args.seconds or (2.0 if args.quick else 4.0)
+    warmup = 1.0
     texts = sentences()
     out_dir = ROOT / "runs" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
