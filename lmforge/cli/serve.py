@@ -1,7 +1,8 @@
-"""Serve a model over HTTP: classification with many LoRA adapters batched together, embeddings, generation.
+r"""Serve a model over HTTP: classification with many LoRA adapters batched together, embeddings, generation.
 
   lmforge serve --model minilm --adapter sst2=runs/sst2-lora --adapter cola=runs/cola-lora --port 8000
-  curl -s localhost:8000/v1/classify -d '{"adapter": "sst2", "inputs": ["a gorgeous film"]}'
+  curl -s localhost:8000/v1/classify -H 'content-type: application/json' \
+       -d '{"adapter": "sst2", "inputs": ["a gorgeous film"]}'
 
 Endpoints: POST /v1/classify, /v1/embed, /v1/generate (decoders); GET/POST /v1/adapters,
 DELETE /v1/adapters/NAME; GET /healthz, /metrics (Prometheus), /openapi.json, / (a web page).
