@@ -114,6 +114,24 @@ def test_packed_equals_padded_for_every_method(method, model_type):
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
 
 
+MANY = [7, 3, 11, 1, 5, 9, 2, 14, 6, 6, 13, 4, 8, 12, 10, 3, 5, 1, 9, 2]  # 20 sequences: 3 length buckets
+
+
+@pytest.mark.parametrize("model_type,method", [("bert", "full"), ("gpt2", "full"), ("bert", "prefix-layer"),
+                                               ("gpt2", "prefix-layer")])
+def test_length_buckets_in_attention_equal_padded(model_type, method):
+    model = random_model(tiny(model_type, "token-classification"))
+    apply_method(model, MethodConfig(method=method, prefix_length=3))
+    ex = items(MANY)
+    b = collate_packed(ex)
+    packed = Packed(b["cu_seqlens"], b["max_len"])
+    assert len(packed.groups) == 3 and sorted(torch.cat([g.seqs for g in packed.groups]).tolist()) == list(range(20))
+    assert packed.attn_rows < len(MANY) * max(MANY)  # less padding than one padded batch
+    padded = collate(ex, 0)
+    a = model(**model_inputs(padded)).logits[padded["attention_mask"].bool()]
+    torch.testing.assert_close(model(**model_inputs(b)).logits, a, atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_packed_mixed_adapter_batch_equals_each_adapter_alone():
     model = random_model(tiny()).eval()

@@ -138,19 +138,26 @@ class Attention(nn.Module):
         return self.output(y)
 
     def _forward_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """x [N, D]: projections on the real tokens only; one padded SDPA call for attention."""
+        """x [N, D]: projections on the real tokens only; attention per length bucket, each padded
+        to its own longest sequence (models/packing.py)."""
         N, D = x.shape
-        B, T, H = packed.batch_size, packed.max_len, self.num_heads
+        H, Dh = self.num_heads, self.head_dim
         qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)       # [N, 3D]
-        # [N, 3D] -> [B, T, 3, H, Dh] -> [3, B, H, T, Dh]
-        q, k, v = packed.pad(qkv).view(B, T, 3, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        prefix = self._prefix(B)
-        if prefix is not None:
-            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [B, H, P + T, Dh]
-        mask = packed.sdpa_mask(self.causal, prefix=0 if prefix is None else prefix[0].shape[2])
-        y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, D)                                   # [B, T, D]
-        return self.output(packed.unpad(y))                                      # [N, D]
+        rows = qkv.new_zeros(packed.attn_rows, 3 * D).index_copy(0, packed.attn_index, qkv)
+        drop = self.dropout_p if self.training else 0.0
+        outs = []
+        for g in packed.groups:
+            # rows of group g [n T, 3D] -> [n, T, 3, H, Dh] -> [3, n, H, T, Dh]
+            block = rows[g.start:g.start + g.n * g.T].view(g.n, g.T, 3, H, Dh)
+            q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)
+            prefix = self._prefix(g.n)
+            if prefix is not None:
+                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [n, H, P + T, Dh]
+            mask = packed.group_mask(g, self.causal, 0 if prefix is None else prefix[0].shape[2])
+            y = attend(q, k, v, mask, drop)                                      # [n, H, T, Dh]
+            outs.append(y.transpose(1, 2).reshape(g.n * g.T, D))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)                       # [rows, D]
+        return self.output(y.index_select(0, packed.attn_index))                 # [N, D]
 
 
 class Block(nn.Module):

@@ -7,6 +7,10 @@ for one batched SDPA call with a key-padding (and, for decoders, causal) mask, a
 rows back. At SST-2 lengths attention is a small part of the FLOPs, so this keeps nearly all of the
 saving while using the fastest attention kernel each device has.
 
+Attention runs per length bucket: the sequences are sorted by length and cut into a few groups,
+each padded only to its own longest member, so the quadratic part wastes little on padding too
+(`groups`, `attn_index`); heads and callers that want a plain padded view use `pad`/`unpad`.
+
 The layout: sequence b occupies stream positions cu_seqlens[b] .. cu_seqlens[b+1]-1 (cumulative
 sequence lengths, as in FlashAttention's varlen API).
 """
@@ -16,6 +20,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class Group:
+    """Sequences that attend together: n of them, padded to T, at rows [start, start + n T) of the
+    bucketed attention layout."""
+    seqs: torch.Tensor      # [n] sequence ids
+    n: int
+    T: int
+    start: int
+
+
+GROUP_MIN = 8   # fewer sequences than this in a group: the extra kernel calls cost more than padding
+GROUPS = 4      # at most this many length buckets per batch
 
 
 @dataclass(eq=False)
@@ -109,6 +127,60 @@ class Packed:
         if not causal and not prefix and bool(self.lengths.eq(self.max_len).all()):
             return None
         return self._get(("sdpa", causal, prefix), build)
+
+    # -- bucketed attention layout --------------------------------------------------------------
+    @property
+    def groups(self) -> list[Group]:
+        def build():
+            lengths = self.lengths.cpu()
+            B, device = self.batch_size, self.cu_seqlens.device
+            if B < 2 * GROUP_MIN or bool((lengths == lengths[0]).all()):
+                order, size = torch.arange(B), B
+            else:
+                order = torch.sort(lengths, stable=True).indices
+                size = max(GROUP_MIN, -(-B // GROUPS))
+            out, start = [], 0
+            for i in range(0, B, size):
+                seqs = order[i:i + size]
+                T = int(lengths[seqs].max())
+                out.append(Group(seqs.to(device), len(seqs), T, start))
+                start += len(seqs) * T
+            return out
+        return self._get("groups", build)
+
+    @property
+    def attn_index(self) -> torch.Tensor:
+        """Row of each token in the bucketed attention layout [N]."""
+        def build():
+            base = torch.empty(self.batch_size, dtype=torch.long, device=self.cu_seqlens.device)
+            for g in self.groups:
+                base[g.seqs] = g.start + g.T * torch.arange(g.n, device=base.device)
+            return base[self.seq_ids] + self.position_ids
+        return self._get("attn_index", build)
+
+    @property
+    def attn_rows(self) -> int:
+        g = self.groups[-1]
+        return g.start + g.n * g.T
+
+    def group_mask(self, g: Group, causal: bool, prefix: int = 0) -> torch.Tensor | None:
+        """Boolean keep-mask of group g: [n, 1, 1, P + T] or, causal, [n, 1, T, P + T]; None when
+        nothing needs masking."""
+        def build():
+            pos = torch.arange(g.T, device=self.cu_seqlens.device)
+            keep = pos[None, :] < self.lengths[g.seqs][:, None]                  # [n, T]
+            if prefix:
+                keep = torch.cat([keep.new_ones(g.n, prefix), keep], dim=1)
+            keep = keep[:, None, None, :]
+            if causal:
+                tri = torch.ones(g.T, g.T, dtype=torch.bool, device=keep.device).tril()
+                if prefix:
+                    tri = torch.cat([tri.new_ones(g.T, prefix), tri], dim=1)
+                keep = keep & tri[None, None]
+            return keep
+        if not causal and not prefix and bool((self.lengths[g.seqs] == g.T).all()):
+            return None
+        return self._get(("group_mask", g.start, causal, prefix), build)
 
     # -- moving between the stream and the padded layout ------------------------------------------
     def pad(self, x: torch.Tensor) -> torch.Tensor:
