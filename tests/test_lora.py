@@ -190,3 +190,19 @@ def test_table2_bitfit_parameter_count(size, want):
     apply_method(model, MethodConfig(method="bitfit"))
     n = sum(p.numel() for p in model.transformer.parameters() if p.requires_grad)
     assert round(n / 1e6, 1) == want, n
+
+
+@torch.no_grad()
+def test_adapter_added_to_an_eval_model_does_not_drop_out():
+    torch.manual_seed(0)
+    model = Model(KINDS["bert"]).eval()     # dropout 0.1 in the config; eval() turns it off
+    add_adapter(model, "a", LoraConfig(r=4, alpha=8, dropout=0.5))
+    randomize(model, "a", 3)
+    set_active(model, "a")
+    ids, mask = batch()
+    assert not model.adapter_heads["a"].training
+    assert all(not layer.lora_dropout["a"].training for layer in lora_layers(model).values())
+    torch.testing.assert_close(model(ids, mask).logits, model(ids, mask).logits, atol=0, rtol=0)
+    model.train()
+    add_adapter(model, "b", LoraConfig(r=4, alpha=8, dropout=0.5))
+    assert model.adapter_heads["b"].training  # and a training model's new adapter trains

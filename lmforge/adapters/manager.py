@@ -95,6 +95,13 @@ def add_adapter(model, name: str, config: LoraConfig, head: nn.Module | None | b
     if isinstance(head, nn.Module):
         model.adapter_heads[name] = head
         st["head_config"][name] = head_config or {}
+    # new modules (LoRA dropout, the head's dropout) follow the model's mode: an adapter loaded onto
+    # a model in eval() must not drop out
+    for layer in lora_layers(model).values():
+        if name in layer.lora_dropout:
+            layer.lora_dropout[name].train(model.training)
+    if name in model.adapter_heads:
+        model.adapter_heads[name].train(model.training)
     st["router"].version += 1
 
 
