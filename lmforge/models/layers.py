@@ -143,7 +143,8 @@ class Attention(nn.Module):
         N, D = x.shape
         H, Dh = self.num_heads, self.head_dim
         qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)       # [N, 3D]
-        rows = qkv.new_zeros(packed.attn_rows, 3 * D).index_copy(0, packed.attn_index, qkv)
+        dense = packed.dense  # the stream is the layout already: no scatter, no gather
+        rows = qkv if dense else qkv.new_zeros(packed.attn_rows, 3 * D).index_copy(0, packed.attn_index, qkv)
         drop = self.dropout_p if self.training else 0.0
         outs = []
         for g in packed.groups:
@@ -157,7 +158,7 @@ class Attention(nn.Module):
             y = attend(q, k, v, mask, drop)                                      # [n, H, T, Dh]
             outs.append(y.transpose(1, 2).reshape(g.n * g.T, D))
         y = outs[0] if len(outs) == 1 else torch.cat(outs)                       # [rows, D]
-        return self.output(y.index_select(0, packed.attn_index))                 # [N, D]
+        return self.output(y if dense else y.index_select(0, packed.attn_index))  # [N, D]
 
 
 class Block(nn.Module):

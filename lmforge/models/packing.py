@@ -159,6 +159,13 @@ class Packed:
         return self._get("attn_index", build)
 
     @property
+    def dense(self) -> bool:
+        """True when the stream already is the attention layout (one group, no padding: a single
+        sequence, or equal lengths), so attention needs no scatter or gather."""
+        return self._get("dense", lambda: len(self.groups) == 1 and self.groups[0].n * self.groups[0].T
+                         == self.num_tokens)
+
+    @property
     def attn_rows(self) -> int:
         g = self.groups[-1]
         return g.start + g.n * g.T
