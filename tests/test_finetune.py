@@ -46,10 +46,12 @@ def majority(data_dir):
     return max(sum(labels), len(labels) - sum(labels)) / len(labels)
 
 
-def test_full_finetune_beats_majority_on_held_out_rows(tmp_path, small_model, data_dir):
-    summary = run_finetune(config(tmp_path, small_model, train={"lr": 3e-4, "epochs": 3}))
+def test_full_finetune_beats_majority_on_held_out_rows(tmp_path, minilm_dir, data_dir):
+    # all six layers: the 2-layer cut's [CLS] learns too little from a few hundred phrases to pass
+    # reliably (it sits near the majority class for some seeds)
+    summary = run_finetune(config(tmp_path, minilm_dir, max_train_samples=1500, train={"lr": 2e-4, "epochs": 2}))
     base = majority(data_dir)
-    assert summary["dev_examples"] == 872 and summary["train_examples"] == 600
+    assert summary["dev_examples"] == 872 and summary["train_examples"] == 1500
     assert summary["best"]["accuracy"] > base + 0.10, (summary["best"], base)
     # the saved best model reproduces the metric, and carries label names and tokenizer
     clf = Classifier(tmp_path / "best")

@@ -5,7 +5,7 @@ machine; oneDNN's linear with the weight reordered once into its blocked layout 
 (the cores' FMA peak), and over 300 for the thin matrices of batch-1 inference. The weight is
 reordered once and reused until it changes (the cache is keyed by the tensor's version counter, so
 an optimizer step, a LoRA merge or a checkpoint load all invalidate it). Backward: the input gradient
-uses a prepacked transposed weight; the weight gradient is one ordinary GEMM.
+uses a prepacked transposed weight; the weight gradient is one oneDNN GEMM too.
 
 Parameter names, state dicts and `isinstance(m, nn.Linear)` are those of nn.Linear. On other devices,
 dtypes, or builds without oneDNN, forward is F.linear.
@@ -25,6 +25,15 @@ def _packed_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor |
     return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
 
 
+def _weight_grad(gy: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """gy^T x [out, in] as a oneDNN linear whose 'weight' is the narrower of x^T and gy^T, reordered
+    on the fly (about 1.3x torch.mm here, reorder included)."""
+    if x2d.shape[1] <= gy.shape[1]:   # in <= out: pack x^T [in, N]
+        return _packed_linear(gy.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(x2d.t().contiguous()), None)
+    return _packed_linear(x2d.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(gy.t().contiguous()),
+                          None).t()
+
+
 class _PackedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, module):
@@ -39,7 +48,7 @@ class _PackedLinearFn(torch.autograd.Function):
         module = ctx.module
         gy = gy.contiguous()
         gx = _packed_linear(gy, module._pack(True), None) if ctx.needs_input_grad[0] else None
-        gw = gy.t().mm(x2d) if ctx.needs_input_grad[1] else None
+        gw = _weight_grad(gy, x2d) if ctx.needs_input_grad[1] else None
         gb = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
 
