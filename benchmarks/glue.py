@@ -20,6 +20,11 @@ RECIPES = {
     "full": ["--lr", "1e-4", "--epochs", "3", "--batch-size", "32", "--warmup-ratio", "0.06"],
     "freeze": ["--lr", "1e-4", "--epochs", "3", "--batch-size", "32", "--freeze-layers", "3"],
     "features": [],
+    "lora": ["--lr", "1e-3", "--epochs", "3", "--batch-size", "32", "--lora-r", "8", "--lora-alpha", "16"],
+    "bitfit": ["--lr", "1e-3", "--epochs", "3", "--batch-size", "32"],
+    "adapter-houlsby": ["--lr", "1e-3", "--epochs", "3", "--batch-size", "32", "--adapter-size", "16"],
+    "adapter-pfeiffer": ["--lr", "1e-3", "--epochs", "3", "--batch-size", "32", "--adapter-size", "16"],
+    "prefix-layer": ["--lr", "3e-3", "--epochs", "3", "--batch-size", "32", "--prefix-length", "16"],
 }
 
 
@@ -30,13 +35,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--model", default="minilm")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--epochs", help="override every recipe's epochs (e.g. 1 for a cheaper table)")
+    p.add_argument("--name", default="GLUE", help="the BENCHMARKS.md section to write")
     args = p.parse_args(argv)
-    extra = []
+    extra = ["--epochs", args.epochs] if args.epochs else []
     if args.quick:
         args.tasks, args.seeds, extra = "sst2,rte", "1", ["--max-train-samples", "2000", "--epochs", "1"]
+    tag = f"{'-quick' if args.quick else ''}{'-e' + args.epochs if args.epochs else ''}"
     out_dirs = []
     for method in args.methods.split(","):
-        out = ROOT / "runs" / "bench" / f"glue-{method}{'-quick' if args.quick else ''}"
+        out = ROOT / "runs" / "bench" / f"glue-{method}{tag}"
         cmd = [sys.executable, "-m", "lmforge", "glue", "--model", args.model, "--method", method,
                "--tasks", args.tasks, "--seeds", args.seeds, "--out", str(out), "--no-progress",
                *RECIPES.get(method, []), *extra]
@@ -47,7 +55,7 @@ def main(argv=None) -> int:
     recipe = "\n".join(f"- `{m}`: `{' '.join(RECIPES.get(m, []) + extra) or '(defaults)'}`"
                        for m in args.methods.split(","))
     command = "python -m benchmarks.glue " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_section("GLUE" + (" (quick)" if args.quick else ""), command.strip(),
+    write_section(args.name + (" (quick)" if args.quick else ""), command.strip(),
                   f"{table}\nRecipes (same for every task):\n{recipe}\n")
     print(table)
     return 0

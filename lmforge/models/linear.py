@@ -30,8 +30,9 @@ def _weight_grad(gy: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     on the fly (about 1.3x torch.mm here, reorder included)."""
     if x2d.shape[1] <= gy.shape[1]:   # in <= out: pack x^T [in, N]
         return _packed_linear(gy.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(x2d.t().contiguous()), None)
+    # contiguous: optimizers' fused kernels read gradients as flat buffers with the parameter's strides
     return _packed_linear(x2d.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(gy.t().contiguous()),
-                          None).t()
+                          None).t().contiguous()
 
 
 class _PackedLinearFn(torch.autograd.Function):
