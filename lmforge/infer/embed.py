@@ -27,6 +27,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def pool_packed(hidden: torch.Tensor, packed, mode: str = "mean") -> torch.Tensor:
+    """Packed hidden states [N, D] -> [B, D], without padding them first (max pooling excepted)."""
+    if mode == "cls":
+        return hidden.index_select(0, packed.first)
+    if mode == "max":
+        return pool(packed.pad(hidden), packed.attention_mask(), mode)
+    sums = hidden.new_zeros(packed.batch_size, hidden.shape[-1]).index_add_(0, packed.seq_ids, hidden)
+    return sums / packed.lengths[:, None].to(hidden.dtype)
+
+
 def _sentence_transformers_settings(directory: Path) -> tuple[str, int | None]:
     """Pooling mode and max length from a sentence-transformers export, when the folder has one."""
     mode, max_length = "mean", None
@@ -72,7 +82,7 @@ class Embedder:
             ids, packed, types = pack_padded(*(batch[k].to(device) for k in
                                                ("input_ids", "attention_mask", "token_type_ids")))
             hidden = self.model(ids, token_type_ids=types, packed=packed).hidden_states
-            vec = pool(packed.pad(hidden), packed.attention_mask(), self.pooling)
+            vec = pool_packed(hidden, packed, self.pooling)
             out[idx] = (F.normalize(vec, dim=-1) if self.normalize else vec).float().cpu()
             bar.update(len(idx))
         bar.close()

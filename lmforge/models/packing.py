@@ -9,7 +9,7 @@ saving while using the fastest attention kernel each device has.
 
 Attention runs per length bucket: the sequences are sorted by length and cut into a few groups,
 each padded only to its own longest member, so the quadratic part wastes little on padding too
-(`groups`, `attn_index`); heads and callers that want a plain padded view use `pad`/`unpad`.
+(`groups`, `attn_index`); heads and callers that want a plain padded view use `pad`.
 
 The layout: sequence b occupies stream positions cu_seqlens[b] .. cu_seqlens[b+1]-1 (cumulative
 sequence lengths, as in FlashAttention's varlen API).
@@ -108,26 +108,6 @@ class Packed:
             return m.view(self.batch_size, self.max_len)
         return self._get("mask", build)
 
-    def sdpa_mask(self, causal: bool, prefix: int = 0) -> torch.Tensor | None:
-        """Boolean keep-mask for attention in the padded layout: [B, 1, 1, P + T] (keys), or
-        [B, 1, T, P + T] when causal, where P trainable prefix keys come first and are always
-        visible. None when no sequence is padded and no mask is needed."""
-        def build():
-            keep = self.attention_mask().bool()                                  # [B, T]
-            if prefix:
-                keep = torch.cat([keep.new_ones(self.batch_size, prefix), keep], dim=1)
-            keep = keep[:, None, None, :]                                        # [B, 1, 1, P+T]
-            if causal:
-                T = self.max_len
-                tri = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
-                if prefix:
-                    tri = torch.cat([tri.new_ones(T, prefix), tri], dim=1)
-                return keep & tri[None, None]                                    # [B, 1, T, P+T]
-            return keep
-        if not causal and not prefix and bool(self.lengths.eq(self.max_len).all()):
-            return None
-        return self._get(("sdpa", causal, prefix), build)
-
     # -- bucketed attention layout --------------------------------------------------------------
     @property
     def groups(self) -> list[Group]:
@@ -196,10 +176,6 @@ class Packed:
         out = x.new_zeros((B * T, *x.shape[1:]))
         out = out.index_copy(0, self.pad_index, x)
         return out.view(B, T, *x.shape[1:])
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T_max, ...] -> [N, ...]."""
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.pad_index)
 
 
 def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor):

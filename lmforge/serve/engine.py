@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.adapters.manager import _state, adapters, classify_mixed, delete_adapter, mixed_batch
-from lmforge.data.batches import Encoded, collate_packed
+from lmforge.data.batches import Encoded, collate_packed, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.models import from_pretrained
@@ -194,11 +194,10 @@ class Engine:
 
     def _batch(self, items: list[Seq]) -> tuple[dict, Packed]:
         """One unpadded stream for the batch (no work is spent on padding, whatever the lengths)."""
-        b = collate_packed([s.enc for s in items])
         device = self.model.device
-        types = b["token_type_ids"].to(device) if self.model.config.type_vocab_size > 0 else None
-        return {"input_ids": b["input_ids"].to(device), "token_type_ids": types}, \
-            Packed(b["cu_seqlens"].to(device), b["max_len"])
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_packed([s.enc for s in items]).items()}
+        inputs = model_inputs(b)
+        return inputs, inputs["packed"]
 
     def _classify(self, items: list[Seq]) -> list:
         keep, out = self._split_gone(items)
@@ -231,8 +230,8 @@ class Engine:
         b, packed = self._batch(run)
         with mixed_batch(self.model, [s.adapter for s in run], packed):
             hidden = self.model.transformer(b["input_ids"], None, b["token_type_ids"], packed=packed)
-        from lmforge.infer.embed import pool
-        vec = pool(packed.pad(hidden), packed.attention_mask(), self.pooling)
+        from lmforge.infer.embed import pool_packed
+        vec = pool_packed(hidden, packed, self.pooling)
         vec = F.normalize(vec, dim=-1).float().cpu()
         for i, v in zip(keep, vec):
             out[i] = v
