@@ -189,3 +189,31 @@ def test_frozen_base_methods_beat_majority_and_reload(tmp_path, minilm_dir, data
     assert main(["evaluate", "--run", str(tmp_path), "--task", "glue/sst2", "--max-eval-samples", "400"]) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert out["accuracy"] == pytest.approx(s["best"]["accuracy"], abs=1e-9)
+
+
+def test_glue_cli_runs_tasks_and_seeds_resumes_and_merges(tmp_path, small_model, data_dir, capsys):
+    out = tmp_path / "glue"
+    args = ["glue", "--model", str(small_model), "--method", "bitfit", "--tasks", "sst2,rte", "--seeds", "1,2",
+            "--max-train-samples", "48", "--max-eval-samples", "40", "--max-seq-len", "32", "--batch-size", "16",
+            "--epochs", "1", "--task-epochs", "rte=2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["task"], r["seed"]): r for r in results["runs"]}
+    assert set(runs) == {("glue/sst2", 1), ("glue/sst2", 2), ("glue/rte", 1), ("glue/rte", 2)}
+    assert runs["glue/sst2", 1]["epochs"] == 1 and runs["glue/rte", 1]["epochs"] == 2  # per-task override
+    assert runs["glue/rte", 1]["steps"] == 2 * runs["glue/sst2", 1]["steps"] == 6     # 48 rows / 16 per batch
+    table = (out / "table.md").read_text()
+    assert "| SST-2 | RTE | Avg. |" in table
+    row = table.splitlines()[2].split("|")
+    sst2, rte, avg = (float(row[i]) for i in (3, 4, 5))
+    assert avg == pytest.approx((sst2 + rte) / 2, abs=0.051)
+    # a second call reuses every finished run instead of training again
+    stamp = (out / "rte" / "seed2" / "summary.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "rte" / "seed2" / "summary.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main(["glue", "--merge", str(out), str(out)]) == 0
+    assert capsys.readouterr().out.count("(bitfit)") == 4  # two rows plus two wall-time lines
+    assert main(args[:-5] + ["--task-epochs", "rte", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "--task-epochs 'rte': expected TASK=EPOCHS" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -20,6 +20,8 @@ def add_parser(p) -> None:
 
     p.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte")
     p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--task-epochs", default="", metavar="TASK=N,...",
+                   help="per-task epochs overriding --epochs, e.g. sst2=1 (large tasks need fewer passes)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="only render one table from these result dirs")
     add_data_args(p)
     add_train_args(p)
@@ -47,6 +49,17 @@ def run(args) -> int:
         raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     tasks = [t for t in args.tasks.split(",") if t]
     args.task = tasks[0]
-    results = run_glue(config_from_args(args), tasks, seeds, args.out)
+    results = run_glue(config_from_args(args), tasks, seeds, args.out, _task_epochs(args.task_epochs))
     print(render_table([results]), end="")
     return 0
+
+
+def _task_epochs(spec: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--task-epochs {item!r}: expected TASK=EPOCHS, e.g. sst2=1") from None
+    return out

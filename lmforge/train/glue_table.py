@@ -21,8 +21,11 @@ COLUMNS = {"mnli": "MNLI", "sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnl
 PAPER_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb", "wnli"]
 
 
-def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str | Path) -> dict:
+def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str | Path,
+             task_epochs: dict[str, float] | None = None) -> dict:
+    """task_epochs overrides base.train.epochs per task (big tasks such as SST-2 need fewer passes)."""
     out = Path(out)
+    task_epochs = {get_task(k).name: v for k, v in (task_epochs or {}).items()}
     runs = []
     for name in tasks:
         task = get_task(name)
@@ -36,6 +39,7 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
                 cfg.task = f"glue/{task.name}"
                 cfg.train.seed = seed
                 cfg.train.out_dir = str(run_dir)
+                cfg.train.epochs = task_epochs.get(task.name, cfg.train.epochs)
                 print(f"== glue/{task.name} seed {seed} -> {run_dir}", flush=True)
                 summary = run_finetune(cfg, resume=(run_dir / "checkpoint").is_dir())
             runs.append(summary)
