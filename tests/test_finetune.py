@@ -91,9 +91,22 @@ def test_features_method_and_regression(tmp_path, small_model, data_dir):
     assert s["best"]["accuracy"] > majority(data_dir) + 0.10
     clf = Classifier(tmp_path / "f" / "best")
     assert clf.predict([Example("great")])[0]["label"] in clf.labels
-    r = run_finetune(config(tmp_path / "r", small_model, method="features", task="glue/stsb",
+    assert s["trainable_params"] == 2 * 384 + 2  # the probe, not the unused classifier head
+
+
+@pytest.mark.parametrize("pairs, floor", [("separate", 0.5), ("joint", 0.3)])
+def test_features_on_pairs_regression_and_reload(tmp_path, small_model, data_dir, pairs, floor):
+    r = run_finetune(config(tmp_path, small_model, method="features", task="glue/stsb", feature_pairs=pairs,
                             max_train_samples=800, max_eval_samples=300))
-    assert r["main_metric"] == "pearson" and r["best"]["pearson"] > 0.3
+    assert r["main_metric"] == "pearson" and r["best"]["pearson"] > floor, r["best"]
+    assert r["trainable_params"] == (4 if pairs == "separate" else 1) * 384 + 1
+    # the saved probe applies the same pair features: its dev scores reproduce the metric
+    from lmforge.data.glue import get_task, load_split
+    from scipy.stats import pearsonr
+    dev = load_split(get_task("stsb"), "dev", data_dir / "glue")[:300]
+    clf = Classifier(tmp_path / "best")
+    scores = [p["score"] for p in clf.predict(dev)]
+    assert pearsonr(scores, [e.label for e in dev])[0] == pytest.approx(r["best"]["pearson"], abs=1e-4)
 
 
 def test_own_csv_with_string_labels(tmp_path, small_model):

@@ -30,6 +30,7 @@ class MethodConfig:
     method: str = "full"
     freeze_layers: int = 0
     feature_pooling: str = "mean"      # features: mean | cls
+    feature_pairs: str = "separate"    # features on text pairs: separate ([u, v, |u-v|, u*v]) | joint
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1

@@ -38,6 +38,9 @@ def add_train_args(p) -> None:
                         "prefix-embedding | prefix-layer")
     p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--feature-pairs", choices=["separate", "joint"], default="separate",
+                   help="with --method features on text pairs: encode each text alone and combine "
+                        "[u, v, |u-v|, u*v] (separate), or encode the pair as one input (joint)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0, help="scaling is alpha / r")
     p.add_argument("--lora-dropout", type=float, default=0.1)
@@ -85,7 +88,8 @@ def config_from_args(args):
         dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,
         label_type=args.label_type, skip_bad_rows=args.skip_bad_rows, max_seq_len=args.max_seq_len,
         adapt=MethodConfig(method=args.method, freeze_layers=args.freeze_layers,
-                           feature_pooling=args.feature_pooling, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                           feature_pooling=args.feature_pooling,
+                           feature_pairs=args.feature_pairs, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                            adapter_size=args.adapter_size, prefix_length=args.prefix_length),
         packed=not args.padded, batch_tokens=args.batch_tokens,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from lmforge.data.batches import Encoded, collate, collate_packed, encode_examples, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
+from lmforge.infer.features import example_features
 from lmforge.models import from_pretrained
 
 
@@ -60,11 +61,8 @@ class Probe(torch.nn.Module):
         t = load_file(str(directory / "probe.safetensors"))
         self.weight, self.bias, self.mean, self.scale = t["weight"], t["bias"], t["mean"], t["scale"]
 
-    def forward(self, hidden, mask):
-        from lmforge.infer.embed import pool
-
-        z = (pool(hidden, mask, self.spec["pooling"]) - self.mean) / self.scale
-        return z @ self.weight.T + self.bias
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.scale @ self.weight.T + self.bias
 
 
 class Classifier:
@@ -95,15 +93,12 @@ class Classifier:
 
     @torch.no_grad()
     def logits(self, examples) -> torch.Tensor:
-        encoded = encode_examples(self.tokenizer, examples, self.max_length)
         if self.probe is None:
+            encoded = encode_examples(self.tokenizer, examples, self.max_length)
             return predict_logits(self.model, encoded, self.tokenizer.pad_token_id)
-        out = []
-        for start in range(0, len(encoded), 64):
-            b = collate(encoded[start:start + 64], self.tokenizer.pad_token_id)
-            h = self.model.transformer(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            out.append(self.probe(h, b["attention_mask"]))
-        return torch.cat(out)
+        x = example_features(self.model, self.tokenizer, examples, self.max_length, self.probe.spec["pooling"],
+                             self.probe.spec.get("pairs", "joint"))  # probes saved before "pairs" were joint
+        return self.probe(torch.from_numpy(x))
 
     def predict(self, examples) -> list[dict]:
         """Per example: {"label", "probabilities": {name: p}} or {"score"} for regression."""

@@ -14,36 +14,19 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lmforge.data.batches import Encoded, collate
+from lmforge.infer.features import example_features
 from lmforge.models.checkpoint import write_pretrained
 from lmforge.train.metrics import compute_metrics
 from lmforge.utils.atomic import atomic_dir
 
 
-@torch.no_grad()
-def extract_features(model, encoded: list[Encoded], pad_id: int, pooling: str = "mean",
-                     batch_size: int = 128) -> np.ndarray:
-    """[N, D] pooled last hidden states ("mean" over tokens, or the first token "cls")."""
-    from lmforge.infer.embed import pool
-
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    out = np.empty((len(encoded), model.config.hidden_size), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        b = collate([Encoded(encoded[i].input_ids, encoded[i].token_type_ids) for i in idx], pad_id)
-        h = model.transformer(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        out[idx] = pool(h, b["attention_mask"], pooling).numpy()
-    return out
-
-
-def fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out_dir: Path) -> dict:
+def fit_features(model, tokenizer, data, cfg, max_len: int, out_dir: Path) -> tuple[dict, int]:
+    """Fit the probe, save it with the encoder in out_dir; returns (dev metrics, probe parameters)."""
     from sklearn.linear_model import LogisticRegression, Ridge
 
-    pad = tokenizer.pad_token_id
-    pooling = cfg.adapt.feature_pooling
-    x_train = extract_features(model, train_enc, pad, pooling, cfg.eval_batch_size)
-    x_dev = extract_features(model, dev_enc, pad, pooling, cfg.eval_batch_size)
+    spec = {"pooling": cfg.adapt.feature_pooling, "pairs": cfg.adapt.feature_pairs}
+    x_train, x_dev = (example_features(model, tokenizer, examples, max_len, **spec,
+                                       batch_size=cfg.eval_batch_size) for examples in (data.train, data.dev))
     mean, scale = x_train.mean(0), x_train.std(0) + 1e-6  # standardise: lbfgs converges faster
     z_train, z_dev = (x_train - mean) / scale, (x_dev - mean) / scale
     y_train = np.array([e.label for e in data.train])
@@ -66,7 +49,7 @@ def fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out_dir: Path)
                    "bias": torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)),
                    "mean": torch.from_numpy(mean.astype(np.float32)),
                    "scale": torch.from_numpy(scale.astype(np.float32))}, str(tmp / "probe.safetensors"))
-        probe = {"pooling": pooling, "labels": data.labels, "regression": data.regression}
+        probe = {**spec, "labels": data.labels, "regression": data.regression}
         (tmp / "probe.json").write_text(json.dumps(probe, indent=1))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return metrics, weight.size + bias.size

@@ -109,7 +109,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
 
     if method == "features":
         from lmforge.train.features import fit_features
-        metrics = fit_features(model, tokenizer, data, train_enc, dev_enc, cfg, out / "best")
+        metrics, trainable = fit_features(model, tokenizer, data, cfg, max_len, out / "best")
         result = {"steps": 0, "best_metric": metrics[data.main_metric], "last_eval": metrics}
     else:
         pad = tokenizer.pad_token_id
