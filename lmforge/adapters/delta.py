@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -65,5 +66,6 @@ def load_delta(directory, device: str = "cpu"):
         if t.shape != params[n].shape:
             raise CheckpointError(f"{weights}: tensor {n!r} has shape {list(t.shape)} but the model expects "
                                   f"{list(params[n].shape)}")
-        params[n].data.copy_(t)
+        with torch.no_grad():
+            params[n].copy_(t)  # not .data: the copy must bump the version the prepacked Linear keys on
     return model.eval()
