@@ -65,3 +65,23 @@ def test_manual_attention_path_equals_sdpa(kind):
     # p below 1/65536 rounds to "keep everything": the manual path with no element dropped
     got = attend(q, k, v, mask, 1e-9, is_causal=kind == "causal")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type, act", [("bert", "gelu"), ("gpt2", "gelu_new"), ("bert", "relu")])
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_inference_path_equals_the_training_path(model_type, act, packed):
+    # inference fuses Q/K/V into one GEMM and GELU / the residual add into the FFN GEMMs; with autograd
+    # on, the model runs the separate ops: both give the same outputs
+    from lmforge.data.batches import collate, collate_packed, model_inputs
+    from tests.test_packing import items, random_model, tiny
+
+    head = "causal-lm" if model_type == "gpt2" else "classification"
+    model = random_model(tiny(model_type, head, hidden_act=act)).eval()
+    batch = (collate_packed if packed else lambda xs: collate(xs, 0))(items([7, 3, 12, 5]))
+    inputs = model_inputs(batch)
+    reference = model(**inputs)
+    with torch.inference_mode():
+        fused = model(**inputs)
+    for name in ("hidden_states", "logits"):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
+    assert ("concat" in model.transformer.layers[0].attention.query._packs) == packed

@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.linear import Linear
+from lmforge.models.linear import Linear, concat_linear, fused_linear
 from lmforge.models.packing import Packed
 
 
@@ -142,7 +142,9 @@ class Attention(nn.Module):
         to its own longest sequence (models/packing.py)."""
         N, D = x.shape
         H, Dh = self.num_heads, self.head_dim
-        qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)       # [N, 3D]
+        qkv = concat_linear(x, (self.query, self.key, self.value))                   # [N, 3D]
+        if qkv is None:  # training, or a projection wrapped by an adapter
+            qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
         rows = qkv if dense else qkv.new_zeros(packed.attn_rows, 3 * D).index_copy(0, packed.attn_index, qkv)
         drop = self.dropout_p if self.training else 0.0
@@ -173,16 +175,27 @@ class Block(nn.Module):
         self.intermediate = Linear(d, config.intermediate_size)
         self.output = Linear(config.intermediate_size, d)
         self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.act_name = config.hidden_act
         self.act = activation(config.hidden_act)
         self.dropout = Dropout(config.hidden_dropout)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.act(self.intermediate(x)))
 
+    def ffn_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + dropout(ffn(x)); at inference two GEMMs whose activation and residual add are
+        oneDNN post-ops (no separate passes over the [N, 4D] and [N, D] outputs)."""
+        if not (self.training and self.dropout.p > 0):
+            h = fused_linear(x, self.intermediate, act=self.act_name)
+            if h is not None:
+                y = fused_linear(h, self.output, add=residual)
+                return y if y is not None else residual + self.output(h)
+        return residual + self.dropout(self.ffn(x))
+
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
                 packed: Packed | None = None):
         if self.pre_norm:
             x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache, layer_idx, packed))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+            return self.ffn_residual(self.ffn_norm(x), x)
         x = self.attention_norm(x + self.dropout(self.attention(x, mask, cache, layer_idx, packed)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return self.ffn_norm(self.ffn_residual(x, x))

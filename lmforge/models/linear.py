@@ -95,3 +95,51 @@ class Linear(nn.Linear):
         state = dict(state)
         state["_packs"] = {}
         return state
+
+
+# oneDNN post-op (name, algorithm) for each activation the models use.
+_POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+             "relu": ("relu", "")}
+
+
+def _inference(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """True when x may take a fused, forward-only oneDNN path through these exact (unwrapped) Linears."""
+    if not all(type(m) is Linear and m._fast(x) for m in modules):
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
+
+
+def fused_linear(x: torch.Tensor, module: Linear, act: str | None = None,
+                 add: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Inference only: act(x W^T + b), or x W^T + b + add, as one oneDNN GEMM with a post-op, saving a
+    pass over the output. None when the fast path does not apply (training, a wrapped layer, a GPU)."""
+    if not _inference(x, module) or (act is not None and act not in _POST_OPS):
+        return None
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    if add is not None:
+        y = torch.ops.mkldnn._linear_pointwise.binary(
+            x2d, add.reshape(-1, module.out_features).contiguous(), module._pack(False), module.bias, "add")
+    else:
+        name, algo = _POST_OPS[act] if act else ("none", "")
+        y = torch.ops.mkldnn._linear_pointwise(x2d, module._pack(False), module.bias, name, [], algo)
+    return y.view(*x.shape[:-1], module.out_features)
+
+
+def concat_linear(x: torch.Tensor, modules: tuple[Linear, ...]) -> torch.Tensor | None:
+    """Inference only: [..., sum of out_features], several Linears reading the same input (Q, K, V)
+    as one GEMM with their weights stacked (cached on the first module until any of them changes).
+    None when the fast path does not apply."""
+    if not _inference(x, *modules) or any(m.bias is None for m in modules):
+        return None
+    first = modules[0]
+    key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in modules)
+    cached = first._packs.get("concat")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            w = torch.cat([m.weight.detach() for m in modules])
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w), torch.cat([m.bias.detach() for m in modules]))
+        first._packs["concat"] = cached
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(x2d, cached[1], cached[2], "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
