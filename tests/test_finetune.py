@@ -227,6 +227,9 @@ def test_glue_cli_runs_tasks_and_seeds_resumes_and_merges(tmp_path, small_model,
     capsys.readouterr()
     assert main(["glue", "--merge", str(out), str(out)]) == 0
     assert capsys.readouterr().out.count("(bitfit)") == 4  # two rows plus two wall-time lines
+    assert main(args + ["--label", "bitfit, 1 epoch"]) == 0  # a named row, from the same finished runs
+    assert (out / "results.json").stat().st_mtime_ns > stamp
+    assert "| bitfit, 1 epoch | 10.0K |" in (out / "table.md").read_text()
     assert main(args[:-5] + ["--task-epochs", "rte", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "--task-epochs 'rte': expected TASK=EPOCHS" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

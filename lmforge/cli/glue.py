@@ -22,6 +22,7 @@ def add_parser(p) -> None:
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--task-epochs", default="", metavar="TASK=N,...",
                    help="per-task epochs overriding --epochs, e.g. sst2=1 (large tasks need fewer passes)")
+    p.add_argument("--label", help="the table row's name (default: MODEL (METHOD))")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="only render one table from these result dirs")
     add_data_args(p)
     add_train_args(p)
@@ -49,7 +50,8 @@ def run(args) -> int:
         raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     tasks = [t for t in args.tasks.split(",") if t]
     args.task = tasks[0]
-    results = run_glue(config_from_args(args), tasks, seeds, args.out, _task_epochs(args.task_epochs))
+    results = run_glue(config_from_args(args), tasks, seeds, args.out, _task_epochs(args.task_epochs),
+                       args.label)
     print(render_table([results]), end="")
     return 0
 

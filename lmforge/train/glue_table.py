@@ -22,8 +22,9 @@ PAPER_ORDER = ["mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb", "wn
 
 
 def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str | Path,
-             task_epochs: dict[str, float] | None = None) -> dict:
-    """task_epochs overrides base.train.epochs per task (big tasks such as SST-2 need fewer passes)."""
+             task_epochs: dict[str, float] | None = None, label: str | None = None) -> dict:
+    """task_epochs overrides base.train.epochs per task (big tasks such as SST-2 need fewer passes);
+    label names the table row (default "model (method)")."""
     out = Path(out)
     task_epochs = {get_task(k).name: v for k, v in (task_epochs or {}).items()}
     runs = []
@@ -44,6 +45,8 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
                 summary = run_finetune(cfg, resume=(run_dir / "checkpoint").is_dir())
             runs.append(summary)
     results = {"model": base.model, "method": base.adapt.method, "seeds": seeds, "runs": runs}
+    if label:
+        results["label"] = label
     with atomic_file(out / "results.json", "w") as f:
         json.dump(results, f, indent=1)
     table = render_table([results])
@@ -82,7 +85,7 @@ def render_table(all_results: list[dict]) -> str:
         cells = [f"{s[t]['median']:.1f}" if t in s else "-" for t in tasks]
         done = [s[t]["median"] for t in tasks if t in s]
         avg = f"{statistics.mean(done):.1f}" if done else "-"
-        label = f"{res['model']} ({res['method']})"
+        label = res.get("label") or f"{res['model']} ({res['method']})"
         lines.append(f"| {label} | {params} | " + " | ".join(cells) + f" | {avg} |")
         timing.append(f"- {label}: " + ", ".join(
             f"{COLUMNS[t]} {sum(s[t]['wall']) / 60:.1f} min ({len(s[t]['wall'])} seeds)" for t in tasks if t in s))
