@@ -35,8 +35,9 @@ def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
         return torch.rand_like(like) >= p
     n = like.numel()
     words = torch.empty((n + 2) // 3, dtype=torch.int64).random_()
-    lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]   # uniform over int16
-    return (lanes >= -32768 + round(p * 65536)).view(like.shape)
+    lanes = words.view(torch.int16).view(-1, 4)[:, :3]                  # uniform over int16 (strided)
+    keep = lanes >= -32768 + round(p * 65536)                             # compare first: no lane copy
+    return keep.view(-1)[:n].view(like.shape)
 
 
 class Dropout(nn.Module):
@@ -146,7 +147,11 @@ class Attention(nn.Module):
         if qkv is None:  # training, or a projection wrapped by an adapter
             qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
-        rows = qkv if dense else qkv.new_zeros(packed.attn_rows, 3 * D).index_copy(0, packed.attn_index, qkv)
+        if dense:
+            rows = qkv
+        else:  # scatter into the bucketed layout [R, 3D]; only the padding rows need zeros
+            rows = qkv.new_empty(packed.attn_rows, 3 * D).index_copy_(0, packed.attn_index, qkv)
+            rows.index_fill_(0, packed.attn_pad_rows, 0.0)
         drop = self.dropout_p if self.training else 0.0
         outs = []
         for g in packed.groups:

@@ -139,6 +139,15 @@ class Packed:
         return self._get("attn_index", build)
 
     @property
+    def attn_pad_rows(self) -> torch.Tensor:
+        """The rows of the bucketed layout that hold no token (padding inside each group) [R - N]."""
+        def build():
+            used = torch.zeros(self.attn_rows, dtype=torch.bool, device=self.cu_seqlens.device)
+            used[self.attn_index] = True
+            return (~used).nonzero().squeeze(1)
+        return self._get("attn_pad_rows", build)
+
+    @property
     def dense(self) -> bool:
         """True when the stream already is the attention layout (one group, no padding: a single
         sequence, or equal lengths), so attention needs no scatter or gather."""
