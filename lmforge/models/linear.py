@@ -28,10 +28,12 @@ def _packed_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor |
 def _weight_grad(gy: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     """gy^T x [out, in] as a oneDNN linear whose 'weight' is the narrower of x^T and gy^T, reordered
     on the fly (about 1.3x torch.mm here, reorder included)."""
+    # The reorder reads the transposed view directly (no contiguous copy first); the GEMM's input
+    # must be contiguous.
     if x2d.shape[1] <= gy.shape[1]:   # in <= out: pack x^T [in, N]
-        return _packed_linear(gy.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(x2d.t().contiguous()), None)
+        return _packed_linear(gy.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(x2d.t()), None)
     # contiguous: optimizers' fused kernels read gradients as flat buffers with the parameter's strides
-    return _packed_linear(x2d.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(gy.t().contiguous()),
+    return _packed_linear(x2d.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(gy.t()),
                           None).t().contiguous()
 
 
@@ -67,7 +69,7 @@ class Linear(nn.Linear):
         cached = self._packs.get(transposed)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                src = w.detach().t().contiguous() if transposed else w.detach()
+                src = w.detach().t() if transposed else w.detach()  # the reorder reads the strided view
                 cached = (key, torch.ops.mkldnn._reorder_linear_weight(src))
             self._packs[transposed] = cached
         return cached[1]
