@@ -264,6 +264,13 @@ def worker_gemm(*_):
         out["gflops_onednn"] = rate(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     except (AttributeError, RuntimeError):
         pass
+    # int8: fbgemm's dynamic quantized linear, what `quantize_int8` uses (activation quantization
+    # included), counted as 2 ops per multiply-add like the fp32 rates
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    q = DynamicLinear(2048, 2048, bias_=False)
+    q.set_weight_bias(torch.quantize_per_channel(b.t().contiguous(), torch.full((2048,), 0.02),
+                                                 torch.zeros(2048, dtype=torch.long), 0, torch.qint8), None)
+    out["gops_int8"] = rate(lambda: q(a))
     return out
 
 
@@ -385,6 +392,12 @@ def render(results: dict, peak: float, peak_onednn: float | None = None) -> str:
                 if peak_onednn:
                     line += f", {100 * flops / peak_onednn:.0f}% of oneDNN's ({peak_onednn:.0f} GFLOP/s)"
                 util.append(line)
+    gemm = results.get("gemm/lmforge", {})
+    if gemm.get("gops_int8") and peak_onednn:
+        util.append(f"- GEMM at 2048^3: int8 (fbgemm dynamic, what `--quantize int8` runs) {gemm['gops_int8']:.0f} GOP/s "
+                    f"against fp32 {peak_onednn:.0f} GFLOP/s with oneDNN's prepacked weights (lmforge's fp32 path) "
+                    f"and {peak:.0f} with torch.mm: int8 arithmetic alone is {gemm['gops_int8'] / peak_onednn:.2f}x "
+                    f"lmforge's fp32 here")
     head = ("| measurement | lmforge | baseline | ratio | target |\n|---|---|---|---|---|\n")
     return (head + "\n".join(rows) + "\n\nBaseline: transformers + peft (padded to the longest in each batch), "
             "unless the row names ONNX Runtime. lmforge runs packed (unpadded).\n\n" + "\n".join(util) + "\n")

@@ -110,9 +110,10 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
         packed: Packed | None = None,    # x is a packed stream [N, D]
+        residual: torch.Tensor | None = None,  # added to the output (fused into its GEMM at inference)
     ) -> torch.Tensor:
         if packed is not None:
-            return self._forward_packed(x, packed)
+            return self._forward_packed(x, packed, residual)
         B, T, D = x.shape
         # [B, T, D] -> [B, H, T, Dh]
         q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -136,9 +137,15 @@ class Attention(nn.Module):
         is_causal = self.causal and mask is None and past == 0 and T > 1
         y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0, is_causal)
         y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Dh] -> [B, T, D]
-        return self.output(y)
+        return self._project(y, residual)
 
-    def _forward_packed(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    def _project(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is None:
+            return self.output(y)
+        out = fused_linear(y, self.output, add=residual)
+        return out if out is not None else residual + self.output(y)
+
+    def _forward_packed(self, x: torch.Tensor, packed: Packed, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, D]: projections on the real tokens only; attention per length bucket, each padded
         to its own longest sequence (models/packing.py)."""
         N, D = x.shape
@@ -165,7 +172,7 @@ class Attention(nn.Module):
             y = attend(q, k, v, mask, drop)                                      # [n, H, T, Dh]
             outs.append(y.transpose(1, 2).reshape(g.n * g.T, D))
         y = outs[0] if len(outs) == 1 else torch.cat(outs)                       # [rows, D]
-        return self.output(y if dense else y.index_select(0, packed.attn_index))  # [N, D]
+        return self._project(y if dense else y.index_select(0, packed.attn_index), residual)  # [N, D]
 
 
 class Block(nn.Module):
@@ -187,6 +194,12 @@ class Block(nn.Module):
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.act(self.intermediate(x)))
 
+    def attention_residual(self, h, residual, mask, cache, layer_idx, packed) -> torch.Tensor:
+        """residual + dropout(attention(h)); without dropout the output GEMM adds the residual itself."""
+        if self.training and self.dropout.p > 0:
+            return residual + self.dropout(self.attention(h, mask, cache, layer_idx, packed))
+        return self.attention(h, mask, cache, layer_idx, packed, residual=residual)
+
     def ffn_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + dropout(ffn(x)); at inference two GEMMs whose activation and residual add are
         oneDNN post-ops (no separate passes over the [N, 4D] and [N, D] outputs)."""
@@ -200,7 +213,7 @@ class Block(nn.Module):
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
                 packed: Packed | None = None):
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), mask, cache, layer_idx, packed))
+            x = self.attention_residual(self.attention_norm(x), x, mask, cache, layer_idx, packed)
             return self.ffn_residual(self.ffn_norm(x), x)
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask, cache, layer_idx, packed)))
+        x = self.attention_norm(self.attention_residual(x, x, mask, cache, layer_idx, packed))
         return self.ffn_norm(self.ffn_residual(x, x))
