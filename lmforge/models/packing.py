@@ -84,8 +84,10 @@ class Packed:
     @property
     def position_ids(self) -> torch.Tensor:
         """Position of each token inside its own sequence [N]: 0, 1, ... per sequence."""
-        return self._get("pos", lambda: torch.arange(self.num_tokens, device=self.cu_seqlens.device)
-                         - self.cu_seqlens[self.seq_ids])
+        def build():
+            pos = torch.arange(self.num_tokens, device=self.cu_seqlens.device)
+            return pos if self.batch_size == 1 else pos - self.cu_seqlens[self.seq_ids]
+        return self._get("pos", build)
 
     @property
     def pad_index(self) -> torch.Tensor:
@@ -174,9 +176,11 @@ class Packed:
                     tri = torch.cat([tri.new_ones(g.T, prefix), tri], dim=1)
                 keep = keep & tri[None, None]
             return keep
-        if not causal and not prefix and bool((self.lengths[g.seqs] == g.T).all()):
-            return None
-        return self._get(("group_mask", g.start, causal, prefix), build)
+        def build_or_none():  # every layer asks: decide once per batch
+            if not causal and not prefix and bool((self.lengths[g.seqs] == g.T).all()):
+                return None
+            return build()
+        return self._get(("group_mask", g.start, causal, prefix), build_or_none)
 
     # -- moving between the stream and the padded layout ------------------------------------------
     def pad(self, x: torch.Tensor) -> torch.Tensor:
