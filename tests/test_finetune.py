@@ -148,6 +148,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, small_model):
     proc.wait()
     killed_at = json.loads(state.read_text())["progress"]["step"]
     assert 9 <= killed_at < 36 and not (tmp_path / "cut" / "summary.json").exists()
+    before_kill = json.loads(state.read_text())["progress"]["elapsed_s"]
+    assert before_kill > 0
 
     subprocess.run(_cli(tmp_path / "cut", small_model, "--resume"), check=True, env=env, capture_output=True)
     whole = load_file(tmp_path / "whole" / "checkpoint" / "trainable.safetensors")
@@ -155,6 +157,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, small_model):
     assert whole.keys() == resumed.keys()
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
+    # the resumed run's wall time includes the time spent before the kill
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["wall_time_s"] > before_kill
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # the interrupted run's later log lines were dropped on resume
 

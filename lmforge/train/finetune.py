@@ -146,6 +146,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
                "trainable_params": trainable, "total_params": total, "main_metric": data.main_metric,
                "best": best, "best_step": result.get("best_step"), "steps": result["steps"],
                "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "train_examples": len(data.train), "dev_examples": len(data.dev),
-               "wall_time_s": round(time.perf_counter() - started, 1)}
+               # an interrupted run counts its time up to the checkpoint it resumed from
+               "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}
     _write_json(out / "summary.json", summary)
     return summary

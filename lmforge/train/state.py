@@ -29,6 +29,7 @@ class Progress:
     samples: int = 0           # training examples seen
     best_metric: float | None = None
     best_step: int | None = None
+    elapsed_s: float = 0.0     # wall time of the run up to this checkpoint (resumed runs add to it)
     extra: dict = field(default_factory=dict)
 
 

@@ -138,6 +138,7 @@ class Trainer:
         progress = Progress()
         if resume and self.checkpoint_dir.is_dir():
             progress = load_state(self.checkpoint_dir, model, optimizer, scheduler)
+        resumed_elapsed, segment_start = progress.elapsed_s, time.perf_counter()
         log = MetricsLog(self.out / "metrics.jsonl", progress.step if resume else None)
         (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         device = next(model.parameters()).device
@@ -197,10 +198,12 @@ class Trainer:
                 save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
                     not cfg.save_every and evaluated_at == progress.step) or progress.step == total
                 if save_now:
+                    progress.elapsed_s = resumed_elapsed + time.perf_counter() - segment_start
                     save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
                 t0 += time.perf_counter() - paused
                 if end_of_epoch:
                     break
         bar.close()
         return {"steps": progress.step, "samples": progress.samples, "best_metric": progress.best_metric,
-                "best_step": progress.best_step, "last_eval": last_eval}
+                "best_step": progress.best_step, "last_eval": last_eval,
+                "resumed_elapsed_s": resumed_elapsed}
