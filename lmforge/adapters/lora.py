@@ -172,6 +172,9 @@ class LoraLinear(nn.Module):
         for name in self.router.active:
             if name in self.lora_A and name not in self.merged:
                 A, B = self.lora_A[name], self.lora_B[name]
-                # (x A^T) B^T: two thin GEMMs, never the d x k product B A
-                y = y + B(A(self.lora_dropout[name](x))) * self.scaling[name]
+                # (x A^T) B^T: two thin GEMMs, never the d x k product B A; the second one also
+                # scales and adds to y (addmm: no separate passes over [N, out])
+                h = A(self.lora_dropout[name](x))
+                y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),
+                                alpha=self.scaling[name]).view(y.shape)
         return y
