@@ -55,3 +55,26 @@ def test_int8_can_quantize_every_projection():
     model = Model(CONFIG).eval()
     quantize_int8(model, keep_fp32=())
     assert quantizable(model) == []
+
+
+@torch.no_grad()
+def test_int8_qkv_is_one_projection_with_the_same_results():
+    torch.manual_seed(0)
+    model = Model(CONFIG).eval()
+    quantize_int8(model)
+    attentions = [layer.attention for layer in model.transformer.layers]
+    assert all(a.fused_qkv is not None for a in attentions)
+    ids = torch.randint(3, 60, (3, 10))
+    mask = torch.ones_like(ids)
+    fused = model(ids, mask).logits
+    saved = [a.fused_qkv for a in attentions]
+    for a in attentions:
+        a.fused_qkv = None                       # three separate int8 projections
+    torch.testing.assert_close(model(ids, mask).logits, fused, rtol=0, atol=1e-6)
+    for a, f in zip(attentions, saved):
+        a.fused_qkv = f
+    # with a LoRA adapter on the query, the projections stay separate (the adapter must see its own input)
+    lora = Model(CONFIG).eval()
+    add_adapter(lora, "a", LoraConfig(r=4, alpha=8))
+    quantize_int8(lora)
+    assert all(layer.attention.fused_qkv is None for layer in lora.transformer.layers)

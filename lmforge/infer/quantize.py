@@ -48,10 +48,33 @@ def quantize_int8(model: nn.Module, keep_fp32: tuple[str, ...] = KEEP_FP32) -> n
         raise ConfigError("no Linear layers to quantize in this model")
     for name in names:  # torch's dynamic quantization maps exact nn.Linear types
         model.get_submodule(name).__class__ = nn.Linear
+    fused = _stacked_qkv(model, set(names))
     with warnings.catch_warnings():  # torch.ao eager quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
         quantize_dynamic(model, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+        for name, (linear, holder) in fused.items():
+            quantize_dynamic(holder, {"0": default_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+            attention = model.get_submodule(name)
+            attention.fused_qkv = (holder[0], (attention.query, attention.key, attention.value))
     model.__dict__["quantized"] = "int8"
     return model.eval()
+
+
+
+def _stacked_qkv(model: nn.Module, names: set[str]) -> dict[str, tuple]:
+    """For each attention whose Q, K and V are all to be quantized: an fp32 [3D, D] Linear of the three
+    stacked, to quantize alongside them. One activation quantization and one GEMM then replace three,
+    with the same results: weights are quantized per output row, and the three share their input
+    (so its one per-tensor scale)."""
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "fused_qkv") and all(f"{name}.{p}" in names for p in ("query", "key", "value")):
+            parts = (m.query, m.key, m.value)
+            stacked = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts))
+            with torch.no_grad():
+                stacked.weight.copy_(torch.cat([p.weight for p in parts]))
+                stacked.bias.copy_(torch.cat([p.bias for p in parts]))
+            out[name] = (stacked, nn.Sequential(stacked))
+    return out

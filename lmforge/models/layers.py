@@ -92,6 +92,20 @@ class Attention(nn.Module):
         # Prefix-layer tuning plugs in here: a module returning (keys, values) [P, D] that every
         # query may attend to (adapters/prefix.py). None: plain attention.
         self.kv_prefix: nn.Module | None = None
+        # (module computing [.., 3D], (query, key, value) it was built from): a one-GEMM Q/K/V for
+        # inference (infer/quantize.py builds an int8 one). Used only while those three are in place.
+        self.fused_qkv: tuple | None = None
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[.., 3D] = Q, K, V projections of x, as one GEMM where possible."""
+        if self.fused_qkv is not None:
+            fused, sources = self.fused_qkv
+            if all(a is b for a, b in zip(sources, (self.query, self.key, self.value))):
+                return fused(x)
+        qkv = concat_linear(x, (self.query, self.key, self.value))
+        if qkv is None:  # training, or a projection wrapped by an adapter
+            qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+        return qkv
 
     def _prefix(self, B: int):
         """Trainable prefix keys and values [B, H, P, Dh], or None."""
@@ -150,9 +164,7 @@ class Attention(nn.Module):
         to its own longest sequence (models/packing.py)."""
         N, D = x.shape
         H, Dh = self.num_heads, self.head_dim
-        qkv = concat_linear(x, (self.query, self.key, self.value))                   # [N, 3D]
-        if qkv is None:  # training, or a projection wrapped by an adapter
-            qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
+        qkv = self._qkv(x)                                                          # [N, 3D]
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
         if dense:
             rows = qkv
