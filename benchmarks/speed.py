@@ -115,17 +115,21 @@ def worker_train(side, method, shape, n):
     import torch
     model, _, step = build(side, method)
     model.train()
-    if side == "lmforge":  # each side's own optimizer: ours (train/optim.py), and torch's AdamW as HF's Trainer uses
+    zero_grad = None
+    if side == "lmforge":  # each side's own optimizer and step, as its trainer runs them
         from lmforge.train.optim import build_optimizer
+        from lmforge.train.sparse_rows import RowSparseGrads
         opt = build_optimizer(model, 1e-5)
+        zero_grad = RowSparseGrads(model).zero_grad  # what lmforge's Trainer does (train/sparse_rows.py)
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    zero_grad = zero_grad or (lambda o: o.zero_grad())
     batches = sst2_batches(shape, n + 2)
     for ids, y in batches[:2]:
-        step(ids, y); opt.step(); opt.zero_grad()
+        step(ids, y); opt.step(); zero_grad(opt)
     t = time.perf_counter()
     for ids, y in batches[2:]:
-        step(ids, y); opt.step(); opt.zero_grad()
+        step(ids, y); opt.step(); zero_grad(opt)
     dt = time.perf_counter() - t
     tokens = sum(len(x) for ids, _ in batches[2:] for x in ids)
     seq_sq = sum(len(x) ** 2 for ids, _ in batches[2:] for x in ids)

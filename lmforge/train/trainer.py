@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.sparse_rows import RowSparseGrads
 from lmforge.train.state import Progress, load_state, save_state, set_seed
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"            # auto = bf16 autocast where the device supports it, else fp32
     progress_bar: bool = True
+    sparse_embedding_grads: bool = True  # big trainable embedding tables: row-sparse grads (sparse_rows.py)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -140,6 +142,7 @@ class Trainer:
             progress = load_state(self.checkpoint_dir, model, optimizer, scheduler)
         resumed_elapsed, segment_start = progress.elapsed_s, time.perf_counter()
         log = MetricsLog(self.out / "metrics.jsonl", progress.step if resume else None)
+        sparse_rows = RowSparseGrads(model) if cfg.sparse_embedding_grads else None
         (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         device = next(model.parameters()).device
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +176,10 @@ class Trainer:
                 lr = scheduler.get_last_lr()[0]  # the rate this step used
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if sparse_rows is not None:
+                    sparse_rows.zero_grad(optimizer)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 bar.update(1)
                 if progress.step % cfg.log_every == 0 or progress.step == total:
@@ -204,6 +210,8 @@ class Trainer:
                 if end_of_epoch:
                     break
         bar.close()
+        if sparse_rows is not None:
+            sparse_rows.close()
         return {"steps": progress.step, "samples": progress.samples, "best_metric": progress.best_metric,
                 "best_step": progress.best_step, "last_eval": last_eval,
                 "resumed_elapsed_s": resumed_elapsed}
