@@ -54,16 +54,15 @@ def quantize_int8(model: nn.Module, keep_fp32: tuple[str, ...] = KEEP_FP32) -> n
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
         quantize_dynamic(model, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
-        for name, (linear, holder) in fused.items():
-            quantize_dynamic(holder, {"0": default_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        for name, stacked in fused.items():
+            holder = quantize_dynamic(nn.Sequential(stacked), {"0": default_dynamic_qconfig}, dtype=torch.qint8)
             attention = model.get_submodule(name)
             attention.fused_qkv = (holder[0], (attention.query, attention.key, attention.value))
     model.__dict__["quantized"] = "int8"
     return model.eval()
 
 
-
-def _stacked_qkv(model: nn.Module, names: set[str]) -> dict[str, tuple]:
+def _stacked_qkv(model: nn.Module, names: set[str]) -> dict[str, nn.Linear]:
     """For each attention whose Q, K and V are all to be quantized: an fp32 [3D, D] Linear of the three
     stacked, to quantize alongside them. One activation quantization and one GEMM then replace three,
     with the same results: weights are quantized per output row, and the three share their input
@@ -76,5 +75,5 @@ def _stacked_qkv(model: nn.Module, names: set[str]) -> dict[str, tuple]:
             with torch.no_grad():
                 stacked.weight.copy_(torch.cat([p.weight for p in parts]))
                 stacked.bias.copy_(torch.cat([p.bias for p in parts]))
-            out[name] = (stacked, nn.Sequential(stacked))
+            out[name] = stacked
     return out

@@ -100,18 +100,19 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         classifier_dropout=cfg.classifier_dropout,
     )
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
-    train_enc = encode_examples(tokenizer, data.train, max_len)
-    dev_enc = encode_examples(tokenizer, data.dev, max_len)
     apply_method(model, cfg.adapt)
     trainable, total = parameter_counts(model)
     method = cfg.adapt.method
-    print(f"{method}: {describe_parameters(model)}", flush=True)
 
-    if method == "features":
+    if method == "features":  # the probe is what trains, not the model's head
         from lmforge.train.features import fit_features
         metrics, trainable = fit_features(model, tokenizer, data, cfg, max_len, out / "best")
+        print(f"features: trainable params: {trainable:,} (the linear probe) / {total:,} frozen", flush=True)
         result = {"steps": 0, "best_metric": metrics[data.main_metric], "last_eval": metrics}
     else:
+        print(f"{method}: {describe_parameters(model)}", flush=True)
+        train_enc = encode_examples(tokenizer, data.train, max_len)
+        dev_enc = encode_examples(tokenizer, data.dev, max_len)
         pad = tokenizer.pad_token_id
 
         def on_best(m, metrics):
