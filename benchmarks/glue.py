@@ -4,8 +4,9 @@
   python -m benchmarks.glue --quick     # 2 tasks, 1 seed, 2000 training rows: a few minutes
 
 Each (method, task, seed) is an ordinary `lmforge glue` run under runs/bench/glue-METHOD, so an
-interrupted benchmark resumes where it stopped. Seeds are the outer loop: after the first seed every
-method has a whole row, and the BENCHMARKS.md section is rewritten after each seed.
+interrupted benchmark resumes where it stopped. By default seeds are the outer loop: after the first
+seed every method has a whole row, and the BENCHMARKS.md section is rewritten after each seed.
+`--order methods` finishes the methods listed first before starting the next ones.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--epochs", help="override every recipe's epochs (e.g. 1 for a cheaper table)")
     p.add_argument("--name", default="GLUE", help="the BENCHMARKS.md section to write")
+    p.add_argument("--order", choices=["seeds", "methods"], default="seeds",
+                   help="outer loop: 'seeds' gives every method a row early; 'methods' finishes each "
+                        "method's seeds before starting the next (so the first methods listed finish first)")
     args = p.parse_args(argv)
     extra = ["--epochs", args.epochs] if args.epochs else []
     if args.quick:
@@ -59,16 +63,20 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.glue " + " ".join(argv if argv is not None else sys.argv[1:])
     recipe = "\n".join(f"- `{m}`: `{' '.join(RECIPES[m] + extra + task_epochs(m))}`" if RECIPES.get(m)
                        else f"- `{m}`: (defaults)" for m in methods)
-    for n in range(1, len(seeds) + 1):
-        out_dirs = []
-        for method in methods:
-            out = ROOT / "runs" / "bench" / f"glue-{method}{tag}"
-            cmd = [sys.executable, "-m", "lmforge", "glue", "--model", args.model, "--method", method,
-                   "--tasks", args.tasks, "--seeds", ",".join(seeds[:n]), "--out", str(out), "--no-progress",
-                   *RECIPES.get(method, []), *extra, *task_epochs(method)]
-            subprocess.run(cmd, check=True)
-            out_dirs.append(str(out))
-        table = subprocess.run([sys.executable, "-m", "lmforge", "glue", "--merge", *out_dirs],
+    out_dirs = [ROOT / "runs" / "bench" / f"glue-{m}{tag}" for m in methods]
+    # (seed count, method index) in the order asked for; each lmforge glue call resumes finished runs.
+    jobs = ([(n, i) for n in range(1, len(seeds) + 1) for i in range(len(methods))] if args.order == "seeds"
+            else [(n, i) for i in range(len(methods)) for n in range(1, len(seeds) + 1)])
+    for n, i in jobs:
+        method = methods[i]
+        cmd = [sys.executable, "-m", "lmforge", "glue", "--model", args.model, "--method", method,
+               "--tasks", args.tasks, "--seeds", ",".join(seeds[:n]), "--out", str(out_dirs[i]), "--no-progress",
+               *RECIPES.get(method, []), *extra, *task_epochs(method)]
+        subprocess.run(cmd, check=True)
+        if args.order == "seeds" and i < len(methods) - 1:
+            continue  # write the table once per seed round
+        done = [str(d) for d in out_dirs if (d / "results.json").exists()]
+        table = subprocess.run([sys.executable, "-m", "lmforge", "glue", "--merge", *done],
                                check=True, capture_output=True, text=True).stdout
         write_section(args.name + (" (quick)" if args.quick else ""), command.strip(),
                       f"{table}\nRecipes (one per method for every task; `--task-epochs` sets SST-2's):\n{recipe}\n")
