@@ -61,8 +61,11 @@ def test_int8_can_quantize_every_projection():
 def test_int8_qkv_is_one_projection_with_the_same_results():
     torch.manual_seed(0)
     model = Model(CONFIG).eval()
+    for layer in model.transformer.layers:  # Q, K, V of very different ranges: one scale per output row
+        layer.attention.key.weight.data *= 20   # keeps the stacked projection equal to the three apart
     quantize_int8(model)
     attentions = [layer.attention for layer in model.transformer.layers]
+    assert attentions[0].query.weight().qscheme() == torch.per_channel_affine
     assert all(a.fused_qkv is not None for a in attentions)
     ids = torch.randint(3, 60, (3, 10))
     mask = torch.ones_like(ids)

@@ -1,6 +1,11 @@
 """Dynamic int8 quantization for inference: the frozen base model's Linear layers hold int8 weights
-(per-channel scales) and quantize their inputs on the fly; LoRA A/B, bottleneck adapters and the
-task heads stay in fp32 (they are tiny, and adapters must stay exact and hot-swappable).
+(one scale per output channel) and quantize their inputs on the fly (one scale per tensor); LoRA A/B,
+bottleneck adapters and the task heads stay in fp32 (they are tiny, and adapters must stay exact and
+hot-swappable).
+
+Weights are prepacked for oneDNN where this torch has it (x86 with VNNI runs its int8 GEMMs about
+1.3x faster than fbgemm's at these sizes); the packed weights keep their kernel whatever
+`torch.backends.quantized.engine` says later, so the process-wide setting is restored at once.
 
 The FFN output projection stays fp32 by default: its inputs (after GELU) have a few large outlier
 channels, and one int8 scale per tensor for them cost 1.4 points of SST-2 dev accuracy in our
@@ -51,13 +56,20 @@ def quantize_int8(model: nn.Module, keep_fp32: tuple[str, ...] = KEEP_FP32) -> n
     fused = _stacked_qkv(model, set(names))
     with warnings.catch_warnings():  # torch.ao eager quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig as qconfig
+        from torch.ao.quantization import quantize_dynamic
 
-        quantize_dynamic(model, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
-        for name, stacked in fused.items():
-            holder = quantize_dynamic(nn.Sequential(stacked), {"0": default_dynamic_qconfig}, dtype=torch.qint8)
-            attention = model.get_submodule(name)
-            attention.fused_qkv = (holder[0], (attention.query, attention.key, attention.value))
+        engine = torch.backends.quantized.engine
+        if "onednn" in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = "onednn"
+        try:
+            quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True)
+            for name, stacked in fused.items():
+                holder = quantize_dynamic(nn.Sequential(stacked), {"0": qconfig}, dtype=torch.qint8)
+                attention = model.get_submodule(name)
+                attention.fused_qkv = (holder[0], (attention.query, attention.key, attention.value))
+        finally:
+            torch.backends.quantized.engine = engine
     model.__dict__["quantized"] = "int8"
     return model.eval()
 
