@@ -268,12 +268,16 @@ def worker_gemm(*_):
         out["gflops_onednn"] = rate(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     except (AttributeError, RuntimeError):
         pass
-    # int8: fbgemm's dynamic quantized linear, what `quantize_int8` uses (activation quantization
-    # included), counted as 2 ops per multiply-add like the fp32 rates
+    # int8: torch's dynamic quantized linear with the weights prepacked as `quantize_int8` does
+    # (oneDNN where available), activation quantization included, 2 ops per multiply-add like fp32
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    q = DynamicLinear(2048, 2048, bias_=False)
-    q.set_weight_bias(torch.quantize_per_channel(b.t().contiguous(), torch.full((2048,), 0.02),
-                                                 torch.zeros(2048, dtype=torch.long), 0, torch.qint8), None)
+
+    from lmforge.infer.quantize import prepack_engine
+    with prepack_engine() as engine:
+        q = DynamicLinear(2048, 2048, bias_=False)
+        q.set_weight_bias(torch.quantize_per_channel(b.t().contiguous(), torch.full((2048,), 0.02),
+                                                     torch.zeros(2048, dtype=torch.long), 0, torch.qint8), None)
+    out["int8_engine"] = engine
     out["gops_int8"] = rate(lambda: q(a))
     return out
 
@@ -398,7 +402,8 @@ def render(results: dict, peak: float, peak_onednn: float | None = None) -> str:
                 util.append(line)
     gemm = results.get("gemm/lmforge", {})
     if gemm.get("gops_int8") and peak_onednn:
-        util.append(f"- GEMM at 2048^3: int8 (fbgemm dynamic, what `--quantize int8` runs) {gemm['gops_int8']:.0f} GOP/s "
+        util.append(f"- GEMM at 2048^3: int8 ({gemm.get('int8_engine', 'fbgemm')} dynamic, what `--quantize int8` runs) "
+                    f"{gemm['gops_int8']:.0f} GOP/s "
                     f"against fp32 {peak_onednn:.0f} GFLOP/s with oneDNN's prepacked weights (lmforge's fp32 path) "
                     f"and {peak:.0f} with torch.mm: int8 arithmetic alone is {gemm['gops_int8'] / peak_onednn:.2f}x "
                     f"lmforge's fp32 here")

@@ -16,6 +16,7 @@ measurement, against +0.5 with it kept in fp32 (benchmarks/quality.py; the speed
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -59,19 +60,27 @@ def quantize_int8(model: nn.Module, keep_fp32: tuple[str, ...] = KEEP_FP32) -> n
         from torch.ao.quantization import per_channel_dynamic_qconfig as qconfig
         from torch.ao.quantization import quantize_dynamic
 
-        engine = torch.backends.quantized.engine
-        if "onednn" in torch.backends.quantized.supported_engines:
-            torch.backends.quantized.engine = "onednn"
-        try:
+        with prepack_engine():
             quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True)
             for name, stacked in fused.items():
                 holder = quantize_dynamic(nn.Sequential(stacked), {"0": qconfig}, dtype=torch.qint8)
                 attention = model.get_submodule(name)
                 attention.fused_qkv = (holder[0], (attention.query, attention.key, attention.value))
-        finally:
-            torch.backends.quantized.engine = engine
     model.__dict__["quantized"] = "int8"
     return model.eval()
+
+
+@contextmanager
+def prepack_engine():
+    """Within: int8 weights are prepacked for oneDNN where this torch has it (else the current engine);
+    yields the engine's name and restores the process-wide setting on exit."""
+    engine = torch.backends.quantized.engine
+    if "onednn" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "onednn"
+    try:
+        yield torch.backends.quantized.engine
+    finally:
+        torch.backends.quantized.engine = engine
 
 
 def _stacked_qkv(model: nn.Module, names: set[str]) -> dict[str, nn.Linear]:
