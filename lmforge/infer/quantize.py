@@ -3,14 +3,15 @@
 bottleneck adapters and the task heads stay in fp32 (they are tiny, and adapters must stay exact and
 hot-swappable).
 
-Weights are prepacked for oneDNN where this torch has it (x86 with VNNI runs its int8 GEMMs about
-1.3x faster than fbgemm's at these sizes); the packed weights keep their kernel whatever
-`torch.backends.quantized.engine` says later, so the process-wide setting is restored at once.
+Every projection of the trunk is int8 by default. Two choices keep that accurate: weight scales per
+output channel (one scale per tensor lost 1.2 to 2.1 points of SST-2 dev accuracy on three fine-tuned
+models with the FFN output in int8), and inputs in all 8 bits where the CPU has VNNI (torch's dynamic Linear keeps 7): the post-GELU
+inputs of the FFN output have outlier channels, about 14x the median. `benchmarks/int8.py` measures
+the cost over every fine-tuned SST-2 model. `keep_fp32=("output",)` keeps the FFN output in fp32.
 
-The FFN output projection stays fp32 by default: its inputs (after GELU) have a few large outlier
-channels, and one int8 scale per tensor for them cost 1.4 points of SST-2 dev accuracy in our
-measurement, against +0.5 with it kept in fp32 (benchmarks/quality.py; the speed-up drops from about
-1.7x to 1.35x). `keep_fp32=()` quantizes every projection.
+Weights are prepacked for oneDNN where this torch has it (on this VNNI machine its dynamic int8 GEMMs
+beat fbgemm's at these sizes); packed weights keep their kernel whatever
+`torch.backends.quantized.engine` says later, so the process-wide setting is restored at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lmforge.errors import ConfigError
 _SKIP = ("lora_A", "lora_B", "adapters", "adapter_heads")
 
 
-KEEP_FP32 = ("output",)  # paths inside a layer: "output" is the FFN output, not attention.output
+# Layer paths left fp32 unless asked: ("output",) would be the FFN output (not attention.output).
+KEEP_FP32: tuple[str, ...] = ()
 
 
 def _layer_path(name: str) -> str:
@@ -52,22 +54,50 @@ def quantize_int8(model: nn.Module, keep_fp32: tuple[str, ...] = KEEP_FP32) -> n
     names = quantizable(model, keep_fp32)
     if not names:
         raise ConfigError("no Linear layers to quantize in this model")
-    for name in names:  # torch's dynamic quantization maps exact nn.Linear types
-        model.get_submodule(name).__class__ = nn.Linear
     fused = _stacked_qkv(model, set(names))
-    with warnings.catch_warnings():  # torch.ao eager quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig as qconfig
-        from torch.ao.quantization import quantize_dynamic
-
-        with prepack_engine():
-            quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True)
-            for name, stacked in fused.items():
-                holder = quantize_dynamic(nn.Sequential(stacked), {"0": qconfig}, dtype=torch.qint8)
-                attention = model.get_submodule(name)
-                attention.fused_qkv = (holder[0], (attention.query, attention.key, attention.value))
+    with prepack_engine():
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int8Linear(model.get_submodule(name)))
+        for name, stacked in fused.items():
+            attention = model.get_submodule(name)
+            attention.fused_qkv = (Int8Linear(stacked), (attention.query, attention.key, attention.value))
     model.__dict__["quantized"] = "int8"
     return model.eval()
+
+
+# Without VNNI, x86 int8 GEMMs multiply u8 x s8 pairs into saturating int16 sums: inputs then keep
+# 7 bits (torch's reduce_range). With VNNI the sums are int32, and all 8 bits halve the rounding error.
+_REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
+
+
+class Int8Linear(nn.Module):
+    """A frozen nn.Linear as int8: weights symmetric per output channel (prepacked once), inputs
+    quantized per tensor at each call, fp32 out. `weight()` / `bias()` are methods, as in torch's
+    dynamic quantized Linear, so adapters wrapping it can tell it is not a trainable weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()  # [out]
+        with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+
+    def weight(self) -> torch.Tensor:
+        return torch.ops.quantized.linear_unpack(self._packed)[0]
+
+    def bias(self) -> torch.Tensor | None:
+        return torch.ops.quantized.linear_unpack(self._packed)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 @contextmanager
