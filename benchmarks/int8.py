@@ -58,6 +58,22 @@ def _evaluate(run_dirs):
     return rows, speed
 
 
+def _sts_embeddings() -> dict:
+    """all-MiniLM-L6-v2 as a sentence embedder: STS-B dev Spearman of cosine similarities, fp32 and int8."""
+    from scipy.stats import spearmanr
+
+    from lmforge.data.glue import get_task, load_split
+    from lmforge.infer.embed import Embedder
+
+    dev = load_split(get_task("stsb"), "dev", None)
+    out = {}
+    for kind in ("fp32", "int8"):
+        e = Embedder("minilm", quantize=None if kind == "fp32" else kind)
+        a, b = e.embed([x.text for x in dev]), e.embed([x.pair for x in dev])
+        out[kind] = 100 * spearmanr((a * b).sum(1).numpy(), [x.label for x in dev])[0]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", help="run directories (default: the SST-2 runs of benchmarks.glue)")
@@ -88,6 +104,10 @@ def main(argv=None) -> int:
             f"{speed['fp32']:.0f} seq/s, int8 {speed['int8']:.0f} ({speed['int8'] / speed['fp32']:.2f}x), FFN "
             f"output kept fp32 {speed['int8-keep']:.0f} ({speed['int8-keep'] / speed['fp32']:.2f}x).\n")
     command = "python -m benchmarks.int8" + (" --runs ..." if args.runs else "") + (" --quick" if args.quick else "")
+    sts = _sts_embeddings()
+    body += (f"\nSentence embeddings (all-MiniLM-L6-v2 itself, `lmforge embed --quantize int8`): STS-B dev Spearman of "
+             f"cosine similarities {sts['fp32']:.2f} in fp32, {sts['int8']:.2f} in int8 "
+             f"({sts['int8'] - sts['fp32']:+.2f}).\n")
     write_section("int8 accuracy cost" + (" (quick)" if args.quick else ""), command, body)
     print(body)
     return 0

@@ -73,6 +73,17 @@ def test_evaluate_and_predict_cli(tmp_path, small_model, capsys):
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(preds) == 2 and set(preds[0]["probabilities"]) == {"negative", "positive"}
     assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-5
+    # --quantize int8: the same commands on the int8 base, answers within int8 rounding
+    assert main(["evaluate", "--run", str(tmp_path), "--task", "glue/sst2", "--max-eval-samples", "100",
+                 "--quantize", "int8"]) == 0
+    q = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert q["examples"] == 100 and abs(q["accuracy"] - out["accuracy"]) <= 0.05
+    assert main(["predict", "--run", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "q.jsonl"),
+                 "--quantize", "int8"]) == 0
+    qpreds = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
+    for a, b in zip(preds, qpreds):
+        assert a["probabilities"] != b["probabilities"]   # the arithmetic did change ...
+        assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 0.05 for k in a["probabilities"])
 
 
 def test_freeze_keeps_bottom_layers_fixed(tmp_path, small_model):

@@ -20,6 +20,7 @@ def add_parser(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--decimals", type=int, default=6, help="digits after the point in the output")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
 
 
 def run(args) -> int:
@@ -38,7 +39,8 @@ def run(args) -> int:
     if not texts:
         raise DataError("nothing to embed: pass texts as arguments or --input FILE")
     embedder = Embedder(args.model, max_length=args.max_length, pooling=args.pooling,
-                        normalize=not args.no_normalize, batch_size=args.batch_size, device=args.device)
+                        normalize=not args.no_normalize, batch_size=args.batch_size, device=args.device,
+                        quantize=args.quantize)
     vectors = embedder.embed(texts, progress=len(texts) > 256 and sys.stderr.isatty())
     out = sys.stdout
     for line in iter_json_lines(vectors, args.decimals):

@@ -28,6 +28,7 @@ def add_parser(p) -> None:
     p.add_argument("--split", default="dev", help="dev (dev_matched/dev_mismatched for MNLI) or train")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
     add_data_args(p)
 
 
@@ -37,7 +38,7 @@ def run(args) -> int:
     from lmforge.train.metrics import compute_metrics
 
     directory = model_dir(args.run)
-    clf = Classifier(directory, max_length=args.max_seq_len)
+    clf = Classifier(directory, max_length=args.max_seq_len, quantize=args.quantize)
     data = load_eval_split(args, args.split, labels=None if clf.regression else clf.labels)
     if data.regression != clf.regression:
         raise ConfigError(f"{directory}: a {'regression' if clf.regression else 'classification'} model "

@@ -24,6 +24,7 @@ def add_parser(p) -> None:
     p.add_argument("--text-col", default="text")
     p.add_argument("--text-pair-col", dest="pair_col")
     p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
 
 
 def read_inputs(path: str, text_col: str, pair_col: str | None):
@@ -46,7 +47,7 @@ def run(args) -> int:
     examples = read_inputs(args.input, args.text_col, args.pair_col)
     if not examples:
         raise DataError(f"{args.input}: empty input")
-    clf = Classifier(model_dir(args.run), max_length=args.max_seq_len)
+    clf = Classifier(model_dir(args.run), max_length=args.max_seq_len, quantize=args.quantize)
     lines = [json.dumps(r) + "\n" for r in clf.predict(examples)]
     if args.output:
         with atomic_file(args.output, "w") as f:

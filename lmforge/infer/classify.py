@@ -12,6 +12,7 @@ from lmforge.data.batches import Encoded, collate, collate_packed, encode_exampl
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.infer.features import example_features
+from lmforge.infer.quantize import quantize_model
 from lmforge.models import from_pretrained
 
 
@@ -68,7 +69,8 @@ class Probe(torch.nn.Module):
 class Classifier:
     """A fine-tuned classifier directory (config.json + weights + tokenizer) ready to predict."""
 
-    def __init__(self, model_dir: str | Path, max_length: int = 512, device: str = "cpu"):
+    def __init__(self, model_dir: str | Path, max_length: int = 512, device: str = "cpu",
+                 quantize: str | None = None):
         model_dir = Path(model_dir)
         self.probe = Probe(model_dir) if (model_dir / "probe.json").is_file() else None
         if (model_dir / "adapter_config.json").is_file():
@@ -80,6 +82,8 @@ class Classifier:
             self.model = from_pretrained(model_dir, device=device).eval()
         if self.probe is None and self.model.config.head != "classification":
             raise ConfigError(f"{model_dir}: not a classifier (head {self.model.config.head!r})")
+        if quantize:
+            quantize_model(self.model, quantize)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_length = min(max_length, self.model.config.max_position_embeddings)
 

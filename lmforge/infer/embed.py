@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import DataError
+from lmforge.infer.quantize import quantize_model
 from lmforge.models import from_pretrained
 from lmforge.models.hub import resolve
 from lmforge.models.packing import pack_padded
@@ -53,10 +54,12 @@ def _sentence_transformers_settings(directory: Path) -> tuple[str, int | None]:
 
 class Embedder:
     def __init__(self, model: str, max_length: int | None = None, pooling: str | None = None,
-                 normalize: bool = True, batch_size: int = 64, device: str = "cpu"):
+                 normalize: bool = True, batch_size: int = 64, device: str = "cpu", quantize: str | None = None):
         directory = resolve(model)
         mode, st_max = _sentence_transformers_settings(directory)
         self.model = from_pretrained(directory, head=None, device=device).eval()
+        if quantize:
+            quantize_model(self.model, quantize)
         self.tokenizer = load_tokenizer(directory)
         self.pooling = pooling or mode
         self.max_length = max_length or st_max or self.model.config.max_position_embeddings

@@ -100,6 +100,16 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+QUANTIZE_CHOICES = ("int8",)
+
+
+def quantize_model(model: nn.Module, kind: str) -> nn.Module:
+    """`--quantize KIND` for the CLI, the server and the inference classes."""
+    if kind != "int8":
+        raise ConfigError(f"--quantize: unknown kind {kind!r} (expected one of {', '.join(QUANTIZE_CHOICES)})")
+    return quantize_int8(model)
+
+
 @contextmanager
 def prepack_engine():
     """Within: int8 weights are prepacked for oneDNN where this torch has it (else the current engine);
