@@ -34,6 +34,16 @@ RECIPES = {
     "lora-long": ["--method", "lora", "--label", "minilm (lora, 10 epochs)", "--lr", "1e-3", "--epochs", "10",
                   "--batch-size", "32", "--lora-r", "8", "--lora-alpha", "16"],
 }
+# Rows of the table in this order, whatever order --methods ran them in (the paper's: full fine-tuning
+# first, then the parameter-efficient methods, then the cheap baseline).
+TABLE_ORDER = ["full", "freeze", "lora", "lora-long", "bitfit", "adapter-houlsby", "adapter-pfeiffer", "prefix-layer",
+               "prefix-embedding", "features"]
+
+
+def _table_rank(method: str) -> int:
+    return TABLE_ORDER.index(method) if method in TABLE_ORDER else len(TABLE_ORDER)
+
+
 # The SST-2 epochs of the recipes above, which otherwise use TASK_EPOCHS.
 SST2_EPOCHS = {"lora-long": "sst2=2"}
 
@@ -62,7 +72,7 @@ def main(argv=None) -> int:
 
     command = "python -m benchmarks.glue " + " ".join(argv if argv is not None else sys.argv[1:])
     recipe = "\n".join(f"- `{m}`: `{' '.join(RECIPES[m] + extra + task_epochs(m))}`" if RECIPES.get(m)
-                       else f"- `{m}`: (defaults)" for m in methods)
+                       else f"- `{m}`: (defaults)" for m in sorted(methods, key=_table_rank))
     out_dirs = [ROOT / "runs" / "bench" / f"glue-{m}{tag}" for m in methods]
     # (seed count, method index) in the order asked for; each lmforge glue call resumes finished runs.
     jobs = ([(n, i) for n in range(1, len(seeds) + 1) for i in range(len(methods))] if args.order == "seeds"
@@ -75,7 +85,8 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True)
         if args.order == "seeds" and i < len(methods) - 1:
             continue  # write the table once per seed round
-        done = [str(d) for d in out_dirs if (d / "results.json").exists()]
+        done = [str(d) for m, d in sorted(zip(methods, out_dirs), key=lambda md: _table_rank(md[0]))
+                if (d / "results.json").exists()]
         table = subprocess.run([sys.executable, "-m", "lmforge", "glue", "--merge", *done],
                                check=True, capture_output=True, text=True).stdout
         write_section(args.name + (" (quick)" if args.quick else ""), command.strip(),
