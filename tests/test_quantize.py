@@ -59,6 +59,17 @@ def test_int8_quantizes_every_projection_by_default():
     assert torch.backends.quantized.engine == engine   # the process-wide setting is left as it was
 
 
+def test_a_quantized_model_is_not_saved_as_a_checkpoint(tmp_path):
+    from lmforge.models.checkpoint import save_pretrained
+    model = Model(CONFIG).eval()
+    save_pretrained(model, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    quantize_int8(model)
+    with pytest.raises(ConfigError, match="save it before quantizing"):
+        save_pretrained(model, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before   # the good one is untouched
+
+
 @torch.no_grad()
 def test_int8_qkv_is_one_projection_with_the_same_results():
     torch.manual_seed(0)

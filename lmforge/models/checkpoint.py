@@ -127,6 +127,9 @@ def from_pretrained(
 
 def write_pretrained(model: Model, directory: Path, tokenizer=None) -> None:
     """Write config.json + model.safetensors (Hugging Face names) into an existing directory."""
+    if getattr(model, "quantized", None):  # its int8 layers hold no state_dict weights: refuse, lose nothing
+        raise ConfigError(f"cannot save a model whose base is quantized ({model.quantized}): save it before "
+                          "quantizing (int8 inference weights are not a Hugging Face checkpoint)")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_file(hf.to_hf_state_dict(state, model.config), str(directory / _SAFETENSORS), metadata={"format": "pt"})
     config = hf.config_to_hf(model.config, model.dtype)
