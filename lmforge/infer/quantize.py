@@ -99,6 +99,20 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
+    # Copies and pickles carry the int8 weights unpacked and pack them again for the same kernel:
+    # torch's own packed-params pickling repacks for whatever engine is current (fbgemm by default),
+    # whose 8-bit inputs can saturate.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = torch.ops.quantized.linear_unpack(state["_packed"])
+        return state
+
+    def __setstate__(self, state):
+        weight, bias = state["_packed"]
+        with prepack_engine():
+            state["_packed"] = torch.ops.quantized.linear_prepack(weight, bias)
+        self.__dict__.update(state)
+
 
 QUANTIZE_CHOICES = ("int8",)
 
