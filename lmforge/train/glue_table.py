@@ -87,11 +87,12 @@ def render_table(all_results: list[dict]) -> str:
         avg = f"{statistics.mean(done):.1f}" if done else "-"
         label = res.get("label") or f"{res['model']} ({res['method']})"
         lines.append(f"| {label} | {params} | " + " | ".join(cells) + f" | {avg} |")
+        # the median run, not the sum: one run slowed by something else on the machine moves it least
         timing.append(f"- {label}: " + ", ".join(
-            f"{COLUMNS[t]} {sum(s[t]['wall']) / 60:.1f} min ({len(s[t]['wall'])} seeds)" for t in tasks if t in s))
+            f"{COLUMNS[t]} {statistics.median(s[t]['wall']) / 60:.1f} min" for t in tasks if t in s))
     metric_note = ", ".join(f"{COLUMNS[t]} {m}" for t, m in
                             ((t, get_task(t).main_metric) for t in tasks))
     seeds = sorted({len(res["seeds"]) for res in all_results})
     return "\n".join(lines) + (
         f"\n\nMedian over {'/'.join(map(str, seeds))} seeds, dev sets, x100. Metrics: {metric_note}.\n"
-        "Wall time on this machine (all seeds of a task):\n" + "\n".join(timing) + "\n")
+        "Wall time on this machine, one run (train + evaluations; the median over seeds):\n" + "\n".join(timing) + "\n")
