@@ -46,6 +46,17 @@ def finetune(out, seed: int, padded: bool, extra: list[str]) -> dict:
     return json.loads(summary.read_text())
 
 
+def _noise(acc: dict) -> str:
+    """How the packed-padded difference compares with the seed-to-seed spread: a paired t-test over seeds."""
+    if len(acc["packed"]) < 2:
+        return ""
+    from scipy.stats import ttest_rel
+    p = ttest_rel(acc["packed"], acc["padded"]).pvalue
+    spread = {m: max(v) - min(v) for m, v in acc.items()}
+    return (f"Seed-to-seed range: packed {spread['packed']:.2f}, padded {spread['padded']:.2f} points; paired "
+            f"t-test over the seeds p = {p:.2f} ({'no' if p > 0.05 else 'a'} significant difference at 5%).")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -64,7 +75,8 @@ def main(argv=None) -> int:
         f"\n\nMean dev accuracy: packed {statistics.mean(acc['packed']):.2f}, padded "
         f"{statistics.mean(acc['padded']):.2f} (difference "
         f"{statistics.mean(acc['packed']) - statistics.mean(acc['padded']):+.2f} points; the two paths differ "
-        "only in dropout masks, which are drawn per token). The int8 cost is `python -m benchmarks.int8`.\n")
+        "only in dropout masks, which are drawn per token). " + _noise(acc) +
+        " The int8 cost is `python -m benchmarks.int8`.\n")
     command = "python -m benchmarks.quality" + (" --quick" if args.quick else "")
     write_section("Quality of the fast paths" + (" (quick)" if args.quick else ""), command, body)
     print(body)
