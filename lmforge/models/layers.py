@@ -28,16 +28,15 @@ def activation(name: str):
 
 def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """A boolean mask shaped like `like`, True with probability 1 - p. On CPUs it is cut from 64-bit
-    random words, three 16-bit lanes each (torch's CPU generator gives 63 random bits per int64, so the
-    top lane is skipped): several times faster than bernoulli or uniform sampling per element. p is
-    rounded to a multiple of 1/65536. Elsewhere it is torch's own uniform sampling."""
+    random words, four 16-bit lanes each (a full-range random_ fills all 64 bits; the default range
+    gives 63): several times faster than bernoulli or uniform sampling per element. p is rounded to a
+    multiple of 1/65536. Elsewhere it is torch's own uniform sampling."""
     if like.device.type != "cpu":
         return torch.rand_like(like) >= p
     n = like.numel()
-    words = torch.empty((n + 2) // 3, dtype=torch.int64).random_()
-    lanes = words.view(torch.int16).view(-1, 4)[:, :3]                  # uniform over int16 (strided)
-    keep = lanes >= -32768 + round(p * 65536)                             # compare first: no lane copy
-    return keep.view(-1)[:n].view(like.shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
+    keep = words.view(torch.int16) >= -32768 + round(p * 65536)       # uniform over int16, contiguous
+    return keep[:n].view(like.shape)
 
 
 class Dropout(nn.Module):
@@ -173,9 +172,12 @@ class Attention(nn.Module):
             rows.index_fill_(0, packed.attn_pad_rows, 0.0)
         drop = self.dropout_p if self.training else 0.0
         outs = []
-        for g in packed.groups:
+        # split, not one slice per group: its backward is one concatenation of the groups' gradients,
+        # where each slice's would zero-fill a buffer of all the rows
+        blocks = rows.split([g.n * g.T for g in packed.groups]) if len(packed.groups) > 1 else (rows,)
+        for g, block in zip(packed.groups, blocks):
             # rows of group g [n T, 3D] -> [n, T, 3, H, Dh] -> [3, n, H, T, Dh]
-            block = rows[g.start:g.start + g.n * g.T].view(g.n, g.T, 3, H, Dh)
+            block = block.view(g.n, g.T, 3, H, Dh)
             q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)
             prefix = self._prefix(g.n)
             if prefix is not None:
