@@ -85,3 +85,56 @@ def test_fused_inference_path_equals_the_training_path(model_type, act, packed):
     for name in ("hidden_states", "logits"):
         torch.testing.assert_close(getattr(fused, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
     assert ("concat" in model.transformer.layers[0].attention.query._packs) == packed
+
+
+@pytest.mark.parametrize("setup", ["lora-qv", "lora-qkv-two-adapters", "prefix-layer", "gpt2-lora"])
+def test_training_qkv_as_one_gemm_equals_three_projections(setup, monkeypatch):
+    # training with frozen Q/K/V (LoRA, prefix tuning) runs them as one GEMM plus the adapters'
+    # low-rank terms (models/linear.py: lowrank_concat_linear): same loss and gradients as three
+    import lmforge.models.layers as layers
+    from lmforge.adapters.lora import LoraConfig
+    from lmforge.adapters.manager import add_adapter, set_active
+    from lmforge.adapters.methods import MethodConfig, apply_method
+    from lmforge.data.batches import collate_packed, model_inputs
+    from tests.test_packing import items, random_model, tiny
+
+    model_type = "gpt2" if setup.startswith("gpt2") else "bert"
+    config = tiny(model_type, "causal-lm" if model_type == "gpt2" else "classification")
+    config.hidden_dropout = config.attention_dropout = 0.1
+    model = random_model(config)
+    if setup == "prefix-layer":
+        apply_method(model, MethodConfig(method="prefix-layer", prefix_length=3))
+    else:
+        targets = ("query", "key", "value") if "qkv" in setup else ("query", "value")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = ["a", "b"] if "two" in setup else ["a"]
+        for n in names:
+            add_adapter(model, n, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets), head=False)
+        set_active(model, names)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+                with torch.no_grad():
+                    p.normal_(0, 0.3)
+    model.train()
+    inputs = model_inputs(collate_packed(items([7, 3, 12, 5, 9])))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+
+    def run():
+        torch.manual_seed(5)   # the same dropout masks, drawn in the same order, on both paths
+        out = model(**inputs)
+        loss = out.logits.float().pow(2).mean()
+        return loss, torch.autograd.grad(loss, trainable)
+
+    calls = []
+    real = layers.lowrank_concat_linear
+    monkeypatch.setattr(layers, "lowrank_concat_linear", lambda *a: calls.append(1) or real(*a))
+    fused_loss, fused_grads = run()
+    assert calls and all(c == 1 for c in calls)
+    monkeypatch.setattr(layers, "lowrank_concat_linear", lambda *a: None)
+    loss, grads = run()
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -165,16 +165,21 @@ class LoraLinear(nn.Module):
         h = h * gate.repeat_interleave(r, dim=1)
         return y + (h @ B.T).view(y.shape)
 
+    def low_rank_updates(self, x: torch.Tensor) -> list[tuple] | None:
+        """[(h, B, scale)] with forward(x) = base(x) + sum of scale * h B^T, h = A(dropout(x)) [.., r]
+        and B the [out, r] weight; None for a mixed-adapter batch. Lets a caller run this layer's base
+        GEMM together with others (models/linear.py: lowrank_concat_linear)."""
+        if self.router.per_example is not None:
+            return None
+        return [(self.lora_A[n](self.lora_dropout[n](x)), self.lora_B[n].weight, self.scaling[n])
+                for n in self.router.active if n in self.lora_A and n not in self.merged]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.router.per_example is not None:
             return self._mixed(x, y)
-        for name in self.router.active:
-            if name in self.lora_A and name not in self.merged:
-                A, B = self.lora_A[name], self.lora_B[name]
-                # (x A^T) B^T: two thin GEMMs, never the d x k product B A; the second one also
-                # scales and adds to y (addmm: no separate passes over [N, out])
-                h = A(self.lora_dropout[name](x))
-                y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.weight.t(),
-                                alpha=self.scaling[name]).view(y.shape)
+        for h, B, scale in self.low_rank_updates(x):
+            # (x A^T) B^T: two thin GEMMs, never the d x k product B A; the second one also
+            # scales and adds to y (addmm: no separate passes over [N, out])
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale).view(y.shape)
         return y

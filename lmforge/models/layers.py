@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.linear import Linear, concat_linear, fused_linear
+from lmforge.models.linear import Linear, concat_linear, fused_linear, lowrank_concat_linear
 from lmforge.models.packing import Packed
 
 
@@ -102,7 +102,9 @@ class Attention(nn.Module):
             if all(a is b for a, b in zip(sources, (self.query, self.key, self.value))):
                 return fused(x)
         qkv = concat_linear(x, (self.query, self.key, self.value))
-        if qkv is None:  # training, or a projection wrapped by an adapter
+        if qkv is None:  # training with the projections frozen (LoRA, prefix tuning)
+            qkv = lowrank_concat_linear(x, (self.query, self.key, self.value))
+        if qkv is None:  # training them, a mixed-adapter batch, another device
             qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         return qkv
 

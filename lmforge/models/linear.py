@@ -128,20 +128,87 @@ def fused_linear(x: torch.Tensor, module: Linear, act: str | None = None,
     return y.view(*x.shape[:-1], module.out_features)
 
 
+def _concat_packs(modules: tuple[Linear, ...], transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prepacked stacked weight [sum out, in], or its transpose; stacked bias), cached on the first
+    module until any of the weights or biases changes."""
+    first = modules[0]
+    key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in modules)
+    slot = "concat_t" if transposed else "concat"
+    cached = first._packs.get(slot)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            w = torch.cat([m.weight.detach() for m in modules])
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.t() if transposed else w),
+                      torch.cat([m.bias.detach() for m in modules]))
+        first._packs[slot] = cached
+    return cached[1], cached[2]
+
+
 def concat_linear(x: torch.Tensor, modules: tuple[Linear, ...]) -> torch.Tensor | None:
     """Inference only: [..., sum of out_features], several Linears reading the same input (Q, K, V)
     as one GEMM with their weights stacked (cached on the first module until any of them changes).
     None when the fast path does not apply."""
     if not _inference(x, *modules) or any(m.bias is None for m in modules):
         return None
-    first = modules[0]
-    key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in modules)
-    cached = first._packs.get("concat")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            w = torch.cat([m.weight.detach() for m in modules])
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w), torch.cat([m.bias.detach() for m in modules]))
-        first._packs["concat"] = cached
+    packed, bias = _concat_packs(modules, False)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2d, cached[1], cached[2], "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _LowRankConcatFn(torch.autograd.Function):
+    """y = x [W_1; ...; W_k]^T + b, then scale * h B^T added to each listed slice of y. The W are frozen:
+    backward gives x one GEMM over the stacked weights, and each (h, B) its thin GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x2d, modules, spans, *terms):
+        packed, bias = _concat_packs(modules, False)
+        y = torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
+        for (lo, hi, scale), (h, B) in zip(spans, zip(terms[0::2], terms[1::2])):
+            y[:, lo:hi].addmm_(h, B.t(), alpha=scale)
+        ctx.modules, ctx.spans = modules, spans
+        ctx.save_for_backward(*terms)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        gy = gy.contiguous()
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = _packed_linear(gy, _concat_packs(ctx.modules, True)[0], None)
+        grads = []
+        terms = ctx.saved_tensors
+        for i, (lo, hi, scale) in enumerate(ctx.spans):
+            h, B = terms[2 * i], terms[2 * i + 1]
+            g = gy[:, lo:hi]                                   # [N, out_i], strided
+            gh = torch.mm(g, B).mul_(scale) if ctx.needs_input_grad[3 + 2 * i] else None
+            gB = torch.mm(g.t(), h).mul_(scale) if ctx.needs_input_grad[4 + 2 * i] else None
+            grads += [gh, gB]
+        return (gx, None, None, *grads)
+
+
+def lowrank_concat_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """Training: [N, sum of out_features] of layers reading the same packed input x [N, in] (Q, K, V),
+    each a frozen Linear or a wrapper of one with `.base` and `.low_rank_updates(x)` (LoRA), as one
+    GEMM over the stacked frozen weights plus the wrappers' low-rank terms. Saves the three GEMMs'
+    concatenation and their gradients' copies and sum. None when it does not apply (a trainable
+    projection, a mixed-adapter batch, inference, a GPU)."""
+    if x.dim() != 2 or not torch.is_grad_enabled():
+        return None
+    bases = tuple(getattr(m, "base", m) for m in layers)
+    if not all(type(b) is Linear and b._fast(x) and b.bias is not None for b in bases) or any(
+            p.requires_grad for b in bases for p in b.parameters()):
+        return None
+    spans, terms, lo = [], [], 0
+    for m, b in zip(layers, bases):
+        if m is not b:
+            updates = m.low_rank_updates(x) if hasattr(m, "low_rank_updates") else None
+            if updates is None:
+                return None
+            for h, B, scale in updates:
+                spans.append((lo, lo + b.out_features, scale))
+                terms += [h, B]
+        lo += b.out_features
+    if not terms and not x.requires_grad:
+        return None  # nothing to differentiate: the inference path (concat_linear) applies
+    return _LowRankConcatFn.apply(x.contiguous(), bases, tuple(spans), *terms)
