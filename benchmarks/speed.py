@@ -141,14 +141,19 @@ def worker_infer(side, method, shape, n):
     model, forward, _ = build(side, method)
     model.eval()
     batches = sst2_batches(shape, n + 2)
+    # The best of 3 passes over the same batches: steady state, as in a server that has seen these
+    # shapes (the first pass also builds each shape's kernels, and one pass lasts about a second).
+    passes = []
     with torch.inference_mode():
         for ids, y in batches[:2]:
             forward(ids, y)
-        t = time.perf_counter()
-        for ids, y in batches[2:]:
-            forward(ids, y)
-    dt = time.perf_counter() - t
-    return {"seqs_per_s": 32 * n / dt, "seconds": dt}
+        for _ in range(3):
+            t = time.perf_counter()
+            for ids, y in batches[2:]:
+                forward(ids, y)
+            passes.append(time.perf_counter() - t)
+    dt = min(passes)
+    return {"seqs_per_s": 32 * n / dt, "seconds": dt, "first_pass_seqs_per_s": 32 * n / passes[0]}
 
 
 def worker_latency(side, method, tokens, n):
