@@ -197,12 +197,13 @@ def lowrank_concat_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tor
         return None
     bases = tuple(getattr(m, "base", m) for m in layers)
     if not all(type(b) is Linear and b._fast(x) and b.bias is not None for b in bases) or any(
-            p.requires_grad for b in bases for p in b.parameters()):
+            p.requires_grad for b in bases for p in b.parameters()) or any(
+            m is not b and not hasattr(m, "low_rank_updates") for m, b in zip(layers, bases)):
         return None
     spans, terms, lo = [], [], 0
     for m, b in zip(layers, bases):
         if m is not b:
-            updates = m.low_rank_updates(x) if hasattr(m, "low_rank_updates") else None
+            updates = m.low_rank_updates(x)   # None (a mixed batch) comes before any work is done
             if updates is None:
                 return None
             for h, B, scale in updates:
