@@ -5,9 +5,10 @@ hot-swappable).
 
 Every projection of the trunk is int8 by default. Two choices keep that accurate: weight scales per
 output channel (one scale per tensor lost 1.2 to 2.1 points of SST-2 dev accuracy on three fine-tuned
-models with the FFN output in int8), and inputs in all 8 bits where the CPU has VNNI (torch's dynamic Linear keeps 7): the post-GELU
-inputs of the FFN output have outlier channels, about 14x the median. `benchmarks/int8.py` measures
-the cost over every fine-tuned SST-2 model. `keep_fp32=("output",)` keeps the FFN output in fp32.
+models with the FFN output in int8), and inputs in all 8 bits where the CPU has VNNI (torch's dynamic
+Linear keeps 7): the post-GELU inputs of the FFN output have outlier channels, about 14x the median.
+`benchmarks/int8.py` measures the cost over every fine-tuned SST-2 model. `keep_fp32=("output",)`
+keeps the FFN output in fp32.
 
 Weights are prepacked for oneDNN where this torch has it (on this VNNI machine its dynamic int8 GEMMs
 beat fbgemm's at these sizes); packed weights keep their kernel whatever
@@ -118,7 +119,7 @@ QUANTIZE_CHOICES = ("int8",)
 
 
 def quantize_model(model: nn.Module, kind: str) -> nn.Module:
-    """`--quantize KIND` for the CLI, the server and the inference classes."""
+    """`--quantize KIND` of `lmforge evaluate / predict / embed` (Classifier, Embedder)."""
     if kind != "int8":
         raise ConfigError(f"--quantize: unknown kind {kind!r} (expected one of {', '.join(QUANTIZE_CHOICES)})")
     return quantize_int8(model)
