@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.report import ROOT, write_section
 
@@ -34,12 +35,12 @@ def _evaluate(run_dirs):
     labels = torch.tensor([e.label for e in dev])
     rows, speed = [], {}
     for i, run in enumerate(run_dirs):
-        models, preds = {}, {}
+        models, preds, enc = {}, {}, None
         for kind, keep in VARIANTS.items():
-            clf = Classifier(run / "best")
+            clf = Classifier(run / "best")  # a fresh copy per variant: quantization is in place
             if keep is not None:
                 quantize_int8(clf.model, keep_fp32=keep)
-            enc = encode_examples(clf.tokenizer, dev, 128)
+            enc = enc or encode_examples(clf.tokenizer, dev, 128)  # one run, one tokenizer: encode once
             preds[kind] = predict_logits(clf.model, enc, clf.tokenizer.pad_token_id, 32).argmax(-1)
             models[kind] = (clf, enc)
         row = {"run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run)}
@@ -79,7 +80,6 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="*", help="run directories (default: the SST-2 runs of benchmarks.glue)")
     p.add_argument("--quick", action="store_true", help="the SST-2 runs of `benchmarks.glue --quick`")
     args = p.parse_args(argv)
-    from pathlib import Path
     tag = "-quick" if args.quick else ""
     runs = [Path(r) for r in args.runs] if args.runs else sorted(
         d for m in ("lora", "lora-long", "full")

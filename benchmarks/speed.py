@@ -73,7 +73,6 @@ def to_padded(ids, labels):
 
 def build(side: str, method: str, head: str = "classification"):
     """(model, step(ids, labels) -> loss or logits) for lmforge or transformers(+peft)."""
-    import torch
     import torch.nn.functional as F
 
     if side == "lmforge":
@@ -349,7 +348,7 @@ def main(argv=None) -> int:
     rounds = 1 if args.quick else ROUNDS
     results: dict = {}
     for name, kind, method, shape, n in plan:
-        sides = ["lmforge"] if kind in ("gemm",) or method == "int8" else ["lmforge", "transformers"]
+        sides = ["lmforge"] if kind == "gemm" or method == "int8" else ["lmforge", "transformers"]
         if kind == "latency" and method != "int8":
             sides.append("onnxruntime")
         for _ in range(rounds):

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from lmforge.adapters.manager import _state, adapters, classify_mixed, delete_adapter, mixed_batch
 from lmforge.data.batches import Encoded, collate_packed, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.errors import ConfigError
 from lmforge.models import from_pretrained
 from lmforge.models.checkpoint import load_config
 from lmforge.models.generate import generate
@@ -115,15 +114,12 @@ class Engine:
         first, so that adapters loaded later still find a layer to attach to."""
         from lmforge.adapters.lora import LoraConfig
         from lmforge.adapters.manager import LAYER_TARGETS, add_adapter
-        try:
-            from lmforge.infer.quantize import quantize_int8
-        except ImportError:
-            raise ConfigError("--quantize int8 needs lmforge.infer.quantize (not in this version)") from None
+        from lmforge.infer.quantize import quantize_model
         with self.lock:
             if self.model_type != "gpt2":  # PEFT-format adapters exist for encoders only
                 add_adapter(self.model, "__wrap__", LoraConfig(r=1, target_modules=LAYER_TARGETS), head=False)
                 delete_adapter(self.model, "__wrap__")
-            self.model = quantize_int8(self.model)
+            self.model = quantize_model(self.model, "int8")
         self.quantized = "int8"
 
     # -- encoding (request threads) ---------------------------------------------------------------
