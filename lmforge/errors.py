@@ -15,3 +15,8 @@ class CheckpointError(LmforgeError):
 
 class DataError(LmforgeError):
     """An input data file is missing, empty or has a bad row."""
+
+
+class NonFiniteError(LmforgeError):
+    """Training produced a NaN or infinite loss, gradient norm or weight; names the step and the last
+    good checkpoint (nothing non-finite is ever saved over it)."""

@@ -14,7 +14,9 @@ COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__)
+    from lmforge.cli.validate import Parser
+
+    parser = Parser(prog="lmforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and ignored")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
@@ -24,10 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 for any refused input, with one line on stderr)."""
     from lmforge.errors import LmforgeError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:  # option types and ranges are checked here (cli/validate.py), before any command runs
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one line (or --help)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -39,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `lmforge embed ... | head`
         return 0
+    # Last resorts for what no check above foresaw: still one line, naming the file when known.
+    except OSError as e:  # a read-only file system, a full disk, a permission
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lmforge {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"lmforge {args.command}: error: a file is not UTF-8 text ({e.reason} at byte {e.start})",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from lmforge.cli.validate import non_negative_int, positive_int, seq_len
 from lmforge.errors import DataError
 
 
@@ -14,26 +15,28 @@ def add_parser(p) -> None:
     p.add_argument("texts", nargs="*", help="texts to embed")
     p.add_argument("--model", default="minilm", help="model directory, alias or hub id (default: minilm)")
     p.add_argument("--input", help="file with one text per line ('-' for stdin)")
-    p.add_argument("--max-length", type=int, help="truncate longer inputs (default: the model's setting)")
+    p.add_argument("--max-length", type=seq_len, help="truncate longer inputs (default: the model's setting)")
     p.add_argument("--pooling", choices=["mean", "cls", "max"], help="default: the model's setting, else mean")
     p.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--decimals", type=int, default=6, help="digits after the point in the output")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--decimals", type=non_negative_int, default=6, help="digits after the point in the output")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
 
 
 def run(args) -> int:
-    from lmforge.infer.embed import Embedder, iter_json_lines, read_lines
+    from lmforge.data.tables import decode_text, read_text_file
+    from lmforge.infer.embed import Embedder, iter_json_lines
 
     if args.input and args.texts:
         raise DataError("give texts as arguments or --input, not both")
-    if args.input == "-":
-        texts = sys.stdin.read().splitlines()
+    if args.input:
+        # decoded here, not by Python's text layer, so a bad byte is reported with its line
+        texts = (decode_text(sys.stdin.buffer.read(), "<stdin>") if args.input == "-"
+                 else read_text_file(args.input)).splitlines()
         if not texts:
-            raise DataError("<stdin>: empty input (expected one text per line)")
-    elif args.input:
-        texts = read_lines(args.input)
+            raise DataError(f"{args.input if args.input != '-' else '<stdin>'}: empty input "
+                            "(expected one text per line)")
     else:
         texts = args.texts
     if not texts:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.cli.validate import positive_int, seq_len
 from lmforge.errors import ConfigError
 
 
@@ -26,8 +27,8 @@ def add_parser(p) -> None:
 
     p.add_argument("--run", required=True, help="run directory (its best/ model is used) or model directory")
     p.add_argument("--split", default="dev", help="dev (dev_matched/dev_mismatched for MNLI) or train")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--max-seq-len", type=seq_len, default=128)
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
     add_data_args(p)
 

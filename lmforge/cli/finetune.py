@@ -6,7 +6,22 @@
 
 from __future__ import annotations
 
-from lmforge.train.trainer import TrainConfig
+from lmforge.cli.validate import field_type, ranged, writable_dir
+from lmforge.train.finetune import LABEL_TYPES, METHOD_RULES, FinetuneConfig
+from lmforge.train.trainer import PRECISIONS, SCHEDULES, TrainConfig
+
+
+# Option types from the config fields' rules (lmforge/utils/checks.py): one rule, two entry points.
+def T(name: str):
+    return field_type(TrainConfig, name)
+
+
+def F(name: str):
+    return field_type(FinetuneConfig, name)
+
+
+def M(name: str, base: type = int):
+    return ranged(base, METHOD_RULES[name])
 
 
 def add_data_args(p) -> None:
@@ -18,11 +33,11 @@ def add_data_args(p) -> None:
     p.add_argument("--text-col", default="text")
     p.add_argument("--text-pair-col", dest="pair_col")
     p.add_argument("--label-col", default="label")
-    p.add_argument("--label-type", choices=["auto", "class", "float"], default="auto",
+    p.add_argument("--label-type", choices=LABEL_TYPES, default="auto",
                    help="float = regression; auto = float when every label parses as a number with a fraction")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
-    p.add_argument("--max-train-samples", type=int)
-    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--max-train-samples", type=F("max_train_samples"))
+    p.add_argument("--max-eval-samples", type=F("max_eval_samples"))
 
 
 def add_parser(p) -> None:
@@ -36,53 +51,57 @@ def add_train_args(p) -> None:
     p.add_argument("--method", default="full",
                    help="full | freeze | features | bitfit | lora | adapter-houlsby | adapter-pfeiffer | "
                         "prefix-embedding | prefix-layer")
-    p.add_argument("--freeze-layers", type=int, default=0, help="with --method freeze: bottom layers to freeze")
+    p.add_argument("--freeze-layers", type=M("freeze_layers"), default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--feature-pairs", choices=["separate", "joint"], default="separate",
                    help="with --method features on text pairs: encode each text alone and combine "
                         "[u, v, |u-v|, u*v] (separate), or encode the pair as one input (joint)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="scaling is alpha / r")
-    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--lora-r", type=M("lora_r"), default=8)
+    p.add_argument("--lora-alpha", type=M("lora_alpha", float), default=16.0, help="scaling is alpha / r")
+    p.add_argument("--lora-dropout", type=M("lora_dropout", float), default=0.1)
     p.add_argument("--lora-targets", default="query,value",
                    help="paths inside a layer: query,key,value,attention.output,intermediate,output")
-    p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size of Houlsby/Pfeiffer adapters")
-    p.add_argument("--prefix-length", type=int, default=16, help="virtual tokens of prefix-embedding/-layer tuning")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--batch-tokens", type=int,
+    p.add_argument("--adapter-size", type=M("adapter_size"), default=64, help="bottleneck size of Houlsby/Pfeiffer adapters")
+    p.add_argument("--prefix-length", type=M("prefix_length"), default=16, help="virtual tokens of prefix-embedding/-layer tuning")
+    p.add_argument("--out", type=writable_dir, help="run directory")
+    p.add_argument("--epochs", type=T("epochs"), default=d.epochs)
+    p.add_argument("--max-steps", type=T("max_steps"), help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=T("lr"), default=d.lr)
+    p.add_argument("--batch-size", type=T("batch_size"), default=d.batch_size)
+    p.add_argument("--batch-tokens", type=F("batch_tokens"),
                    help="form batches of similar-length examples up to this many (padded) tokens "
                         "instead of --batch-size examples")
     p.add_argument("--padded", action="store_true",
                    help="run padded batches (the default packs each batch into one unpadded stream)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=d.schedule)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
-    p.add_argument("--save-every", type=int, help="optimizer steps between checkpoints (default: at evaluations)")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--classifier-dropout", type=float)
+    p.add_argument("--grad-accum", type=T("grad_accum"), default=d.grad_accum)
+    p.add_argument("--max-seq-len", type=F("max_seq_len"), default=128)
+    p.add_argument("--warmup-ratio", type=T("warmup_ratio"), default=d.warmup_ratio)
+    p.add_argument("--weight-decay", type=T("weight_decay"), default=d.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--max-grad-norm", type=T("max_grad_norm"), default=d.max_grad_norm,
+                   help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--eval-every", type=T("eval_every"), help="optimizer steps between dev evaluations (default: each epoch)")
+    p.add_argument("--save-every", type=T("save_every"), help="optimizer steps between checkpoints (default: at evaluations)")
+    p.add_argument("--log-every", type=T("log_every"), default=d.log_every)
+    p.add_argument("--seed", type=T("seed"), default=d.seed)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--classifier-dropout", type=F("classifier_dropout"))
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) an optimizer step whose loss or gradient norm is NaN/Inf "
+                        "instead of stopping the run")
     p.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args):
     from lmforge.adapters.methods import MethodConfig
-    from lmforge.train.finetune import FinetuneConfig
 
     train = TrainConfig(
         out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-        precision=args.precision, progress_bar=not args.no_progress)
+        precision=args.precision, progress_bar=not args.no_progress,
+        skip_nonfinite=args.skip_nonfinite)
     return FinetuneConfig(
         model=args.model, task=args.task, data_dir=args.data_dir, train_file=args.train_file,
         dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,
@@ -98,13 +117,9 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    import json
-
-    from lmforge.errors import ConfigError
     from lmforge.train.finetune import run_finetune
+    from lmforge.utils import strict_json
 
-    if not args.out:
-        raise ConfigError("--out DIR is required: the run directory")
-    summary = run_finetune(config_from_args(args), resume=args.resume)
-    print(json.dumps(summary))
+    summary = run_finetune(config_from_args(args), resume=args.resume)  # validates before writing
+    print(strict_json.dumps(summary))
     return 0

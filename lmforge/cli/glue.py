@@ -9,21 +9,25 @@ OUT/results.json and OUT/table.md hold the results; each task and seed is a run 
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+from lmforge.cli.validate import int_list
 from lmforge.errors import ConfigError
+from lmforge.utils.checks import POSITIVE
 
 
 def add_parser(p) -> None:
     from lmforge.cli.finetune import add_data_args, add_train_args
 
-    p.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte")
-    p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--task-epochs", default="", metavar="TASK=N,...",
+    p.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte", type=_tasks)
+    p.add_argument("--seeds", default="1,2,3", type=int_list)
+    p.add_argument("--task-epochs", default="", metavar="TASK=N,...", type=_task_epochs,
                    help="per-task epochs overriding --epochs, e.g. sst2=1 (large tasks need fewer passes)")
     p.add_argument("--label", help="the table row's name (default: MODEL (METHOD))")
-    p.add_argument("--merge", nargs="+", metavar="DIR", help="only render one table from these result dirs")
+    p.add_argument("--merge", nargs="+", metavar="DIR", type=_results_dir,
+                   help="only render one table from these result dirs")
     add_data_args(p)
     add_train_args(p)
 
@@ -32,36 +36,57 @@ def run(args) -> int:
     from lmforge.train.glue_table import render_table, run_glue
 
     if args.merge:
-        results = []
-        for d in args.merge:
-            f = Path(d) / "results.json"
-            if not f.is_file():
-                raise ConfigError(f"{f}: not found (run `lmforge glue --out {d}` first)")
-            results.append(json.loads(f.read_text()))
-        print(render_table(results), end="")
+        print(render_table([json.loads(f.read_text(encoding="utf-8")) for f in args.merge]), end="")
         return 0
     if not args.out:
         raise ConfigError("--out DIR is required")
     from lmforge.cli.finetune import config_from_args
 
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    tasks = [t for t in args.tasks.split(",") if t]
-    args.task = tasks[0]
-    results = run_glue(config_from_args(args), tasks, seeds, args.out, _task_epochs(args.task_epochs),
-                       args.label)
+    args.task = args.tasks[0]
+    base = config_from_args(args)
+    base.validate()  # before the first run directory is made
+    results = run_glue(base, args.tasks, args.seeds, args.out, args.task_epochs, args.label)
     print(render_table([results]), end="")
     return 0
 
 
+def _tasks(spec: str) -> list[str]:
+    from lmforge.data.glue import get_task
+
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"must name at least one GLUE task, got {spec!r}")
+    for t in tasks:
+        try:
+            get_task(t)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return tasks
+
+
 def _task_epochs(spec: str) -> dict[str, float]:
+    from lmforge.data.glue import get_task
+
     out = {}
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition("=")
         try:
-            out[name.strip()] = float(value)
+            epochs = float(value)
         except ValueError:
-            raise ConfigError(f"--task-epochs {item!r}: expected TASK=EPOCHS, e.g. sst2=1") from None
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TASK=EPOCHS, e.g. sst2=1") from None
+        why = POSITIVE.problem(epochs)
+        if why:
+            raise argparse.ArgumentTypeError(f"{item!r}: epochs {why}")
+        try:
+            get_task(name.strip())
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(f"{item!r}: {e}") from None
+        out[name.strip()] = epochs
     return out
+
+
+def _results_dir(d: str) -> Path:
+    f = Path(d) / "results.json"
+    if not f.is_file():
+        raise argparse.ArgumentTypeError(f"{f}: not found (run `lmforge glue --out {d}` first)")
+    return f

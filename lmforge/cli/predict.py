@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmforge.cli.validate import seq_len, writable_file
 from lmforge.errors import DataError
 from lmforge.utils.atomic import atomic_file
 
@@ -20,10 +21,10 @@ from lmforge.utils.atomic import atomic_file
 def add_parser(p) -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--input", required=True)
-    p.add_argument("--output", help="write here (atomically) instead of standard output")
+    p.add_argument("--output", type=writable_file, help="write here (atomically) instead of standard output")
     p.add_argument("--text-col", default="text")
     p.add_argument("--text-pair-col", dest="pair_col")
-    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--max-seq-len", type=seq_len, default=128)
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
 
 
@@ -34,10 +35,10 @@ def read_inputs(path: str, text_col: str, pair_col: str | None):
     if p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
         examples, _, _ = load_table(p, text_col=text_col, pair_col=pair_col, label_col=None)
         return examples
-    from lmforge.data.tables import Example
-    from lmforge.infer.embed import read_lines
+    from lmforge.data.tables import Example, read_text_file
 
-    return [Example(text=t, pair=None, label=None, line=i + 1) for i, t in enumerate(read_lines(p))]
+    return [Example(text=t, pair=None, label=None, line=i + 1)
+            for i, t in enumerate(read_text_file(p).splitlines())]
 
 
 def run(args) -> int:

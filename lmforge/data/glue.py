@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.tables import Example
+from lmforge.data.tables import Example, read_text_file
 from lmforge.errors import ConfigError, DataError
 
 csv.field_size_limit(sys.maxsize)
@@ -72,9 +73,10 @@ def default_data_dir() -> Path | None:
 
 
 def _read_tsv(path: Path, header: bool) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
-    # GLUE TSVs are unquoted: a '"' is text, not a quote (QUOTE_NONE); MRPC has a BOM (utf-8-sig).
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    # GLUE TSVs are unquoted: a '"' is text, not a quote (QUOTE_NONE); MRPC has a BOM (read_text_file
+    # drops it). StringIO(newline="") splits lines as open(newline="") would.
+    text = read_text_file(path)
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     numbered = [(i + 1, r) for i, r in enumerate(rows) if r]
     if header:
         return numbered[0][1], numbered[1:]

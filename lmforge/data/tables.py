@@ -45,10 +45,34 @@ class BadRows:
         return f"{self.skipped} ({why}; first at lines {self.first_lines})"
 
 
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 (a leading BOM dropped) -> str; a bad byte is a DataError naming the line and column,
+    where Python's own error gives only a byte offset into the whole file."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1  # in bytes, from 1
+        raise DataError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A whole input file as text (see decode_text); a missing or unreadable file is a DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror})") from None
+    return decode_text(data, str(p))
+
+
 def _rows(path: Path):
     """(line number, dict) per record; JSONL lines that are not JSON objects come as (line, error)."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path)
     if not text.strip():
         raise DataError(f"{path}: empty file")
     if suffix in (".jsonl", ".json", ".ndjson"):

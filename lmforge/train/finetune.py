@@ -23,18 +23,26 @@ from lmforge.data.batches import collate, collate_packed, encode_examples, token
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
-from lmforge.models import from_pretrained, save_pretrained
+from lmforge.models import from_pretrained
 from lmforge.train.data import TaskData, load_task_data
-from lmforge.adapters.methods import (ADAPTER, MethodConfig, apply_method, describe_parameters,
-                                      parameter_counts)
+from lmforge.adapters.methods import MethodConfig, apply_method, describe_parameters, parameter_counts
+from lmforge.models import routing
 from lmforge.train.metrics import compute_metrics
 from lmforge.train.objectives import sequence_classification_loss
 from lmforge.train.plot import plot_metrics
 from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
-from lmforge.utils.atomic import atomic_file
+from lmforge.utils import strict_json
+from lmforge.utils.atomic import atomic_file, clean_stale_temps
+from lmforge.utils.checks import AT_LEAST_1, DROPOUT, NON_NEGATIVE, POSITIVE, SEQ_LEN, check_fields, rule
 
 log = logging.getLogger(__name__)
+
+
+# The ranges of the --method knobs (MethodConfig lives in adapters/, which knows nothing of the CLI).
+METHOD_RULES = {"freeze_layers": NON_NEGATIVE, "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE,
+                "lora_dropout": DROPOUT, "adapter_size": AT_LEAST_1, "prefix_length": AT_LEAST_1}
+LABEL_TYPES = ("auto", "class", "float")
 
 
 @dataclass
@@ -50,13 +58,14 @@ class FinetuneConfig:
     label_type: str = "auto"              # auto | class | float
     skip_bad_rows: bool = False
     adapt: MethodConfig = field(default_factory=MethodConfig)   # --method and its size knobs
-    max_seq_len: int = 128
+    max_seq_len: int = field(default=128, metadata=rule(SEQ_LEN))
     packed: bool = True                   # unpadded execution (models/packing.py); False = padded batches
-    batch_tokens: int | None = None       # length-bucketed batches by token budget, not batch_size
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_batch_size: int = 128
-    classifier_dropout: float | None = None
+    # length-bucketed batches by token budget, not batch_size
+    batch_tokens: int | None = field(default=None, metadata=rule(AT_LEAST_1))
+    max_train_samples: int | None = field(default=None, metadata=rule(AT_LEAST_1))
+    max_eval_samples: int | None = field(default=None, metadata=rule(AT_LEAST_1))
+    eval_batch_size: int = field(default=128, metadata=rule(AT_LEAST_1))
+    classifier_dropout: float | None = field(default=None, metadata=rule(DROPOUT))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/finetune"))
 
     @classmethod
@@ -66,10 +75,57 @@ class FinetuneConfig:
         d["adapt"] = MethodConfig(**d["adapt"])
         return cls(**d)
 
+    def validate(self) -> None:
+        """ConfigError naming the option of the first bad setting; reads nothing, writes nothing."""
+        check_fields(self)
+        for name, r in METHOD_RULES.items():
+            why = r.problem(getattr(self.adapt, name))
+            if why:
+                raise ConfigError(f"--{name.replace('_', '-')} {why}")
+        if self.label_type not in LABEL_TYPES:
+            raise ConfigError(f"--label-type {self.label_type!r} is not one of {', '.join(LABEL_TYPES)}")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_seq_len:
+            raise ConfigError(f"--batch-tokens {self.batch_tokens} is less than --max-seq-len "
+                              f"{self.max_seq_len}: a budget must hold at least one whole sequence")
+        self.train.validate()
+
+
+# Settings --resume may change: the progress bar changes nothing computed, and --skip-nonfinite is
+# how a run stopped by a NaN continues from its last good checkpoint.
+_RESUME_FREE = {"train.progress_bar", "train.skip_nonfinite"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(run_file: Path, cfg: FinetuneConfig) -> None:
+    """--resume continues the run in run_file's directory only with the settings it was started with;
+    otherwise a ConfigError names the first setting that differs, and nothing is changed."""
+    try:
+        saved = _flat(asdict(FinetuneConfig.from_dict(json.loads(run_file.read_text(encoding="utf-8")))))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{run_file}: cannot read the interrupted run's settings ({e})") from None
+    now = _flat(asdict(cfg))
+    differ = [k for k in sorted(saved.keys() | now.keys())
+              if k not in _RESUME_FREE and saved.get(k) != now.get(k)]
+    if differ:
+        k = differ[0]
+        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:4])})" if len(differ) > 1 else ""
+        raise ConfigError(f"{run_file}: --resume needs the same settings as the interrupted run; {k} was "
+                          f"{saved.get(k)!r}, now {now.get(k)!r}{more}. Run again with the same options, "
+                          "or without --resume to start over")
+
 
 def _write_json(path: Path, obj) -> None:
     with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=1)
+        strict_json.dump(obj, f, indent=1)
 
 
 def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128,
@@ -80,17 +136,17 @@ def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: 
 
 
 def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
+    # Everything that can be refused is checked, and all inputs read, before the run directory is
+    # touched: a failed command must not rewrite the run.json of the interrupted run it points at.
+    cfg.validate()
     out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run.json"
     if resume and run_file.is_file():
-        saved = FinetuneConfig.from_dict(json.loads(run_file.read_text()))
-        if asdict(saved) != asdict(cfg):
-            raise ConfigError(f"{run_file}: --resume needs the same settings as the interrupted run; "
-                              "they differ (run again without --resume, or with the same options)")
-    _write_json(run_file, asdict(cfg))
+        check_resume(run_file, cfg)
     started = time.perf_counter()
     data = load_task_data(cfg)
+    if not data.train:
+        raise ConfigError(f"{data.name}: the training set is empty")
     tokenizer = load_tokenizer(cfg.model)
     set_seed(cfg.train.seed)  # the new head's initialisation is part of the run
     model = from_pretrained(
@@ -102,6 +158,9 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
     apply_method(model, cfg.adapt)
     trainable, total = parameter_counts(model)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    _write_json(run_file, asdict(cfg))
     method = cfg.adapt.method
 
     if method == "features":  # the probe is what trains, not the model's head
@@ -116,15 +175,9 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         pad = tokenizer.pad_token_id
 
         def on_best(m, metrics):
-            # Only what the method changed is saved: megabytes, not the model (full/freeze: the model).
-            if method == "lora":  # in PEFT's format, the adapter with its head
-                from lmforge.adapters.peft_format import save_adapter
-                save_adapter(m, ADAPTER, out / "best", base_model=cfg.model, tokenizer=tokenizer)
-            elif cfg.adapt.saves_whole_model:
-                save_pretrained(m, out / "best", tokenizer=tokenizer)
-            else:
-                from lmforge.adapters.delta import save_delta
-                save_delta(m, out / "best", cfg.adapt, base_model=cfg.model, tokenizer=tokenizer)
+            # Only what the method changed is saved: megabytes, not the model (full/freeze: the model;
+            # LoRA: the adapter with its head in PEFT's format).
+            spec.save(m, out / "best", cfg.adapt, cfg.model, tokenizer)
             _write_json(out / "best" / "metrics.json", metrics)
 
         batch_plan = None
@@ -139,13 +192,15 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
             evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
             main_metric=data.main_metric, on_best=on_best,
         )
-        result = trainer.train(resume=resume)
+        with routing.using(spec.adapter):  # every forward pass of the run (and its evaluations) routes to it
+            result = trainer.train(resume=resume)
         plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {method}")
     best = json.loads((out / "best" / "metrics.json").read_text()) if (out / "best" / "metrics.json").is_file() \
         else result["last_eval"]
     summary = {"task": data.name, "model": cfg.model, "method": method, "seed": cfg.train.seed,
                "trainable_params": trainable, "total_params": total, "main_metric": data.main_metric,
                "best": best, "best_step": result.get("best_step"), "steps": result["steps"],
+               "skipped_steps": result.get("skipped_steps", 0),
                "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "train_examples": len(data.train), "dev_examples": len(data.dev),
                # an interrupted run counts its time up to the checkpoint it resumed from
                "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmforge.data.glue import get_task
 from lmforge.train.finetune import FinetuneConfig, run_finetune
+from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_file
 
 # The paper's column names and the metric it reports for each task.
@@ -48,7 +49,7 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
     if label:
         results["label"] = label
     with atomic_file(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
+        strict_json.dump(results, f, indent=1)
     table = render_table([results])
     with atomic_file(out / "table.md", "w") as f:
         f.write(table)

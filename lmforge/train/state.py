@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import CheckpointError
+from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_dir
 
 
@@ -30,6 +31,7 @@ class Progress:
     best_metric: float | None = None
     best_step: int | None = None
     elapsed_s: float = 0.0     # wall time of the run up to this checkpoint (resumed runs add to it)
+    skipped_steps: int = 0     # optimizer steps skipped for a NaN/Inf loss or gradient (skip_nonfinite)
     extra: dict = field(default_factory=dict)
 
 
@@ -74,7 +76,7 @@ def save_state(path: str | Path, model, optimizer, scheduler, progress: Progress
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         state = {"progress": asdict(progress), "scheduler": scheduler.state_dict(),
                  "python_rng": list(random.getstate())}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "trainer_state.json").write_text(strict_json.dumps(state, indent=1))
 
 
 def load_state(path: str | Path, model, optimizer, scheduler) -> Progress:

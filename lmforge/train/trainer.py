@@ -12,37 +12,62 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
+from lmforge.errors import ConfigError, NonFiniteError
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.sparse_rows import RowSparseGrads
 from lmforge.train.state import Progress, load_state, save_state, set_seed
+from lmforge.utils import strict_json
+from lmforge.utils.atomic import atomic_file, clean_stale_temps
+from lmforge.utils.checks import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, check_fields,
+                                  check_writable_dir, rule)
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str
-    epochs: float = 3.0
-    max_steps: int | None = None       # optimizer steps; overrides epochs
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
+    out_dir: str = field(metadata={"option": "--out"})
+    epochs: float = field(default=3.0, metadata=rule(POSITIVE))
+    max_steps: int | None = field(default=None, metadata=rule(AT_LEAST_1))  # optimizer steps; overrides epochs
+    batch_size: int = field(default=32, metadata=rule(AT_LEAST_1))
+    grad_accum: int = field(default=1, metadata=rule(AT_LEAST_1))
+    lr: float = field(default=2e-5, metadata=rule(POSITIVE))
+    weight_decay: float = field(default=0.01, metadata=rule(NON_NEGATIVE))
+    warmup_ratio: float = field(default=0.06, metadata=rule(UNIT_INTERVAL))
     schedule: str = "linear"           # linear | cosine | constant
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None      # optimizer steps; None = at the end of every epoch
-    save_every: int | None = None      # optimizer steps; None = whenever it evaluates
-    log_every: int = 20
-    seed: int = 42
+    max_grad_norm: float | None = field(default=1.0, metadata=rule(NON_NEGATIVE))  # None or 0: no clipping
+    # optimizer steps; None = at the end of every epoch
+    eval_every: int | None = field(default=None, metadata=rule(AT_LEAST_1))
+    # optimizer steps; None = whenever it evaluates
+    save_every: int | None = field(default=None, metadata=rule(AT_LEAST_1))
+    log_every: int = field(default=20, metadata=rule(AT_LEAST_1))
+    seed: int = field(default=42, metadata=rule(SEED))
     precision: str = "auto"            # auto = bf16 autocast where the device supports it, else fp32
     progress_bar: bool = True
     sparse_embedding_grads: bool = True  # big trainable embedding tables: row-sparse grads (sparse_rows.py)
+    # A NaN/Inf loss or gradient norm skips that optimizer step (see Trainer.train) instead of
+    # stopping the run with NonFiniteError.
+    skip_nonfinite: bool = False
+
+    def validate(self) -> None:
+        """ConfigError naming the option when a setting is out of range or the run directory cannot
+        be written; nothing is created."""
+        check_fields(self)
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not self.out_dir:
+            raise ConfigError("--out DIR is required: the run directory")
+        check_writable_dir(self.out_dir, "--out")
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -64,7 +89,8 @@ def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per log or evaluation event. On resume, events after the
-    checkpoint's step (written by the interrupted run) are dropped so the file reads as one run."""
+    checkpoint's step (written by the interrupted run) are dropped so the file reads as one run.
+    Lines are strict JSON: a non-finite number is written as null (utils/strict_json.py)."""
 
     def __init__(self, path: Path, keep_until_step: int | None = None):
         self.path = path
@@ -77,7 +103,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json.dumps(record) + "\n")
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable tensors holding a NaN or an infinity."""
+    with torch.no_grad():
+        return [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
 class Trainer:
@@ -94,6 +126,9 @@ class Trainer:
         on_best: Callable[[torch.nn.Module, dict], None] | None = None,
         batch_plan: Callable[[int], list[list[int]]] | None = None,
     ):
+        config.validate()
+        if len(train_set) == 0:
+            raise ConfigError("the training set is empty: nothing to train on")
         self.model, self.config = model, config
         self.train_set, self.collate, self.loss_fn = train_set, collate, loss_fn
         self.evaluate, self.main_metric = evaluate, main_metric
@@ -103,18 +138,48 @@ class Trainer:
         )
         self.out = Path(config.out_dir)
         self.checkpoint_dir = self.out / "checkpoint"
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, once there is one
 
     # -- bookkeeping --------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches; an empty plan would make the loop spin without ever taking a step."""
+        plan = self.batch_plan(epoch)
+        if not plan or not all(plan):
+            raise ConfigError(f"the batch plan of epoch {epoch} has no batches or an empty batch "
+                              f"({len(self.train_set)} training examples)")
+        return plan
+
     def total_steps(self) -> int:
         if self.config.max_steps:
             return self.config.max_steps
-        per_epoch = math.ceil(len(self.batch_plan(0)) / self.config.grad_accum)
+        per_epoch = math.ceil(len(self._plan(0)) / self.config.grad_accum)
         return max(1, math.ceil(self.config.epochs * per_epoch))
 
     def _is_better(self, value: float, best: float | None) -> bool:
+        if not math.isfinite(value):  # a NaN metric is never the best model
+            return False
         if best is None:
             return True
         return value > best if self.greater_is_better else value < best
+
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved before it"
+        return f"last good checkpoint: {self.checkpoint_dir} (step {self.saved_step})"
+
+    def _nonfinite(self, step: int, what: str) -> None:
+        """Stop the run, unless skip_nonfinite lets the caller skip the step."""
+        if not self.config.skip_nonfinite:
+            raise NonFiniteError(f"step {step}: {what}; {self._last_good()} "
+                                 "(--skip-nonfinite skips such steps instead)")
+
+    def _check_weights(self, step: int, where: Path) -> None:
+        """Never write NaN/Inf weights over a good checkpoint or best model."""
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise NonFiniteError(f"step {step}: weights {bad[0]!r}{more} are not finite, not saved to "
+                                 f"{where}; {self._last_good()}")
 
     def _evaluate(self, progress: Progress, log: MetricsLog) -> dict:
         self.model.eval()
@@ -124,15 +189,25 @@ class Trainer:
         log.write({"step": progress.step, "epoch": progress.epoch, "eval": metrics})
         key = self.main_metric or next(iter(metrics))
         if self._is_better(metrics[key], progress.best_metric):
-            progress.best_metric, progress.best_step = metrics[key], progress.step
             if self.on_best is not None:
+                self._check_weights(progress.step, self.out / "best")
                 self.on_best(self.model, metrics)
+            progress.best_metric, progress.best_step = metrics[key], progress.step
         return metrics
+
+    @staticmethod
+    def _grad_norm(trainable: list[torch.Tensor], max_norm: float | None) -> float:
+        """The total gradient norm (clipping to max_norm first when it is set)."""
+        if max_norm:
+            return float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        grads = [p.grad for p in trainable if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
         cfg, model = self.config, self.model
         self.out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.out)  # what a killed run's atomic writes left behind
         set_seed(cfg.seed)
         total = self.total_steps()
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -140,10 +215,12 @@ class Trainer:
         progress = Progress()
         if resume and self.checkpoint_dir.is_dir():
             progress = load_state(self.checkpoint_dir, model, optimizer, scheduler)
+            self.saved_step = progress.step
         resumed_elapsed, segment_start = progress.elapsed_s, time.perf_counter()
         log = MetricsLog(self.out / "metrics.jsonl", progress.step if resume else None)
         sparse_rows = RowSparseGrads(model) if cfg.sparse_embedding_grads else None
-        (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        with atomic_file(self.out / "train_config.json", "w") as f:
+            strict_json.dump(asdict(cfg), f, indent=1)
         device = next(model.parameters()).device
         trainable = [p for p in model.parameters() if p.requires_grad]
         model.train()
@@ -152,66 +229,92 @@ class Trainer:
         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
         last_eval: dict = {}
         evaluated_at = -1
-        while progress.step < total:
-            plan = self.batch_plan(progress.epoch)
-            micro = 0  # micro-batches accumulated into the pending step
-            while progress.batch < len(plan) and progress.step < total:
-                indices = plan[progress.batch]
-                batch = {k: v.to(device) if torch.is_tensor(v) else v
-                         for k, v in self.collate([self.train_set[i] for i in indices]).items()}
-                with autocast_context(device, cfg.precision):
-                    loss = self.loss_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
-                progress.batch += 1
-                progress.samples += len(indices)
-                window_loss += loss.detach().item()
-                window_n += 1
-                window_samples += len(indices)
-                micro += 1
-                if micro < cfg.grad_accum and progress.batch < len(plan):
-                    continue
-                micro = 0
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                optimizer.step()
-                scheduler.step()
-                if sparse_rows is not None:
-                    sparse_rows.zero_grad(optimizer)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                bar.update(1)
-                if progress.step % cfg.log_every == 0 or progress.step == total:
-                    elapsed = time.perf_counter() - t0
-                    record = {"step": progress.step, "epoch": progress.epoch,
-                              "loss": window_loss / window_n, "lr": lr,
-                              "samples_per_s": window_samples / max(elapsed, 1e-9)}
-                    log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    sps=f"{record['samples_per_s']:.0f}")
-                    window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
-                end_of_epoch = progress.batch == len(plan)
-                do_eval = self.evaluate is not None and (
-                    (cfg.eval_every and progress.step % cfg.eval_every == 0)
-                    or (not cfg.eval_every and end_of_epoch) or progress.step == total
-                )
-                if end_of_epoch:
+        try:
+            while progress.step < total:
+                plan = self._plan(progress.epoch)
+                if progress.batch >= len(plan):  # nothing left of this epoch: never loop on it
                     progress.epoch, progress.batch = progress.epoch + 1, 0
-                paused = time.perf_counter()  # evaluation and saving do not count as training time
-                if do_eval:
-                    last_eval, evaluated_at = self._evaluate(progress, log), progress.step
-                save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
-                    not cfg.save_every and evaluated_at == progress.step) or progress.step == total
-                if save_now:
-                    progress.elapsed_s = resumed_elapsed + time.perf_counter() - segment_start
-                    save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
-                t0 += time.perf_counter() - paused
-                if end_of_epoch:
-                    break
-        bar.close()
-        if sparse_rows is not None:
-            sparse_rows.close()
+                    continue
+                micro = 0        # micro-batches accumulated into the pending step
+                step_ok = True   # every one of them had a finite loss
+                while progress.batch < len(plan) and progress.step < total:
+                    indices = plan[progress.batch]
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v
+                             for k, v in self.collate([self.train_set[i] for i in indices]).items()}
+                    with autocast_context(device, cfg.precision):
+                        loss = self.loss_fn(model, batch)
+                    value = loss.detach().item()
+                    if math.isfinite(value):
+                        (loss / cfg.grad_accum).backward()
+                        window_loss += value
+                        window_n += 1
+                    else:  # no backward: its NaN gradients would poison the whole step
+                        self._nonfinite(progress.step + 1, f"loss is {value}")
+                        step_ok = False
+                    progress.batch += 1
+                    progress.samples += len(indices)
+                    window_samples += len(indices)
+                    micro += 1
+                    if micro < cfg.grad_accum and progress.batch < len(plan):
+                        continue
+                    micro = 0
+                    if step_ok:
+                        norm = self._grad_norm(trainable, cfg.max_grad_norm)
+                        if not math.isfinite(norm):
+                            self._nonfinite(progress.step + 1, f"gradient norm is {norm}")
+                            step_ok = False
+                    lr = scheduler.get_last_lr()[0]  # the rate this step used
+                    # A skipped step leaves the weights and AdamW's moments as they were, but the
+                    # step counter and the schedule still advance (as torch.amp.GradScaler does), so
+                    # the run's length, data order and resume positions do not depend on skips.
+                    if step_ok:
+                        optimizer.step()
+                    else:
+                        progress.skipped_steps += 1
+                    scheduler.step()
+                    if sparse_rows is not None:
+                        sparse_rows.zero_grad(optimizer)
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                    step_ok = True
+                    progress.step += 1
+                    bar.update(1)
+                    if progress.step % cfg.log_every == 0 or progress.step == total:
+                        elapsed = time.perf_counter() - t0
+                        record = {"step": progress.step, "epoch": progress.epoch}
+                        if window_n:  # a window of skipped steps only has no loss to report
+                            record["loss"] = window_loss / window_n
+                        record.update(lr=lr, samples_per_s=window_samples / max(elapsed, 1e-9))
+                        if cfg.skip_nonfinite:
+                            record["skipped_steps"] = progress.skipped_steps
+                        log.write(record)
+                        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
+                                        sps=f"{record['samples_per_s']:.0f}")
+                        window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
+                    end_of_epoch = progress.batch == len(plan)
+                    do_eval = self.evaluate is not None and (
+                        (cfg.eval_every and progress.step % cfg.eval_every == 0)
+                        or (not cfg.eval_every and end_of_epoch) or progress.step == total
+                    )
+                    if end_of_epoch:
+                        progress.epoch, progress.batch = progress.epoch + 1, 0
+                    paused = time.perf_counter()  # evaluation and saving do not count as training time
+                    if do_eval:
+                        last_eval, evaluated_at = self._evaluate(progress, log), progress.step
+                    save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
+                        not cfg.save_every and evaluated_at == progress.step) or progress.step == total
+                    if save_now:
+                        self._check_weights(progress.step, self.checkpoint_dir)
+                        progress.elapsed_s = resumed_elapsed + time.perf_counter() - segment_start
+                        save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
+                        self.saved_step = progress.step
+                    t0 += time.perf_counter() - paused
+                    if end_of_epoch:
+                        break
+        finally:
+            bar.close()
+            if sparse_rows is not None:
+                sparse_rows.close()
         return {"steps": progress.step, "samples": progress.samples, "best_metric": progress.best_metric,
                 "best_step": progress.best_step, "last_eval": last_eval,
-                "resumed_elapsed_s": resumed_elapsed}
+                "skipped_steps": progress.skipped_steps, "resumed_elapsed_s": resumed_elapsed}

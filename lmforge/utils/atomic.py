@@ -4,10 +4,51 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+# The names the writers below leave behind when a process dies mid-write: tempfile's
+# ".NAME.<8 random chars>.tmp" (mkstemp / mkdtemp with our prefix and suffix), and atomic_dir's
+# ".NAME.old-PID" backup of the version being replaced.
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+_BACKUP = re.compile(r"\.(?P<name>.+)\.old-\d+")
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Remove what interrupted atomic writes left in `directory` (only lmforge's own temp names).
+
+    A backup whose target is missing (the process died between the two renames of atomic_dir) is
+    the only whole copy, so it is renamed back instead of removed. Returns the names handled.
+    Call it only where no other process is writing (at the start of a run in its own directory)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    handled = []
+    for entry in sorted(directory.iterdir()):
+        if _TEMP.fullmatch(entry.name):
+            _remove(entry)
+        elif m := _BACKUP.fullmatch(entry.name):
+            target = directory / m["name"]
+            if target.exists():
+                _remove(entry)
+            else:
+                os.replace(entry, target)
+        else:
+            continue
+        handled.append(entry.name)
+    return handled
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
