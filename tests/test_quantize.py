@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmforge.adapters.lora import LoraConfig
-from lmforge.adapters.manager import add_adapter, classify_mixed, merge, set_active
+from lmforge.adapters.manager import add_adapter, classify_mixed, merge
 from lmforge.errors import ConfigError
 from lmforge.infer.quantize import quantizable, quantize_int8
 from lmforge.models import Model, ModelConfig
@@ -27,8 +27,7 @@ def test_int8_keeps_adapters_fp32_and_outputs_close():
             p.normal_(0, 0.05)
     ids = torch.randint(3, 60, (4, 12))
     mask = torch.ones_like(ids)
-    set_active(model, "a")
-    want = model(ids, mask).logits
+    want = model(ids, mask, adapters="a").logits
     n_linear = len(quantizable(model))
     assert n_linear == 2 * 6  # q, k, v, attention.output, intermediate, output per layer
     quantize_int8(model, keep_fp32=("output",))
@@ -37,10 +36,9 @@ def test_int8_keeps_adapters_fp32_and_outputs_close():
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(".lora_A.a")}
     assert kinds == {"Linear"} and all(isinstance(m, nn.Linear) for n, m in model.named_modules()
                                        if n.endswith((".lora_A.a", ".lora_B.a")))
-    got = model(ids, mask).logits
+    got = model(ids, mask, adapters="a").logits
     assert not torch.equal(got, want)                               # it did change the arithmetic
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)     # ... by int8 rounding only
-    set_active(model, None)
     mixed = classify_mixed(model, ids, mask, None, ["a", "b", None, "a"])
     # inputs are quantized with one scale per tensor, so neighbours in a batch move results within
     # int8 rounding (exact equality with offline prediction holds for fp32 only)
@@ -70,23 +68,58 @@ def test_a_quantized_model_is_not_saved_as_a_checkpoint(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before   # the good one is untouched
 
 
+class _Spy(torch.nn.Module):
+    """Wraps a module and counts its calls."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
 @torch.no_grad()
 def test_int8_qkv_is_one_projection_with_the_same_results():
+    """The fused int8 Q/K/V runs only on the packed path (padded attention calls query/key/value
+    one by one), so the model runs packed here, a spy checks the fused GEMM really ran, and it is
+    compared with the three int8 projections apart: its output slice by slice, and the logits."""
+    from lmforge.models.packing import pack_padded
+
     torch.manual_seed(0)
     model = Model(CONFIG).eval()
     for layer in model.transformer.layers:  # Q, K, V of very different ranges: one scale per output row
         layer.attention.key.weight.data *= 20   # keeps the stacked projection equal to the three apart
+        layer.attention.value.weight.data *= 0.05
     quantize_int8(model)
     attentions = [layer.attention for layer in model.transformer.layers]
     assert attentions[0].query.weight().qscheme() == torch.per_channel_affine
     assert all(a.fused_qkv is not None for a in attentions)
     ids = torch.randint(3, 60, (3, 10))
     mask = torch.ones_like(ids)
-    fused = model(ids, mask).logits
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    flat, packed = pack_padded(ids, mask)
+    spies = []
+    for a in attentions:
+        fused, sources = a.fused_qkv
+        spies.append(_Spy(fused))
+        a.fused_qkv = (spies[-1], sources)
+        # the fused module alone: [Q | K | V] equal to the three int8 projections, in that order
+        x = torch.randn(17, CONFIG.hidden_size)
+        want = torch.cat([a.query(x), a.key(x), a.value(x)], dim=-1)
+        torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-6)
+    fused_logits = model(flat, packed=packed).logits
+    assert [s.calls for s in spies] == [1] * len(attentions)   # the fused GEMM ran, once per layer
     saved = [a.fused_qkv for a in attentions]
     for a in attentions:
         a.fused_qkv = None                       # three separate int8 projections
-    torch.testing.assert_close(model(ids, mask).logits, fused, rtol=0, atol=1e-6)
+    apart = model(flat, packed=packed).logits
+    assert [s.calls for s in spies] == [1] * len(attentions)   # ... and now it did not
+    torch.testing.assert_close(apart, fused_logits, rtol=0, atol=1e-6)
+    # the padded path (never fused) agrees too, within int8 rounding of a different batch shape
+    torch.testing.assert_close(model(ids, mask).logits, fused_logits, rtol=0.05, atol=0.05)
     for a, f in zip(attentions, saved):
         a.fused_qkv = f
     # with a LoRA adapter on the query, the projections stay separate (the adapter must see its own input)
