@@ -93,15 +93,17 @@ def test_training_qkv_as_one_gemm_equals_three_projections(setup, monkeypatch):
     # low-rank terms (models/linear.py: lowrank_concat_linear): same loss and gradients as three
     import lmforge.models.layers as layers
     from lmforge.adapters.lora import LoraConfig
-    from lmforge.adapters.manager import add_adapter, set_active
+    from lmforge.adapters.manager import add_adapter
     from lmforge.adapters.methods import MethodConfig, apply_method
     from lmforge.data.batches import collate_packed, model_inputs
+    from lmforge.models.routing import Routing
     from tests.test_packing import items, random_model, tiny
 
     model_type = "gpt2" if setup.startswith("gpt2") else "bert"
     config = tiny(model_type, "causal-lm" if model_type == "gpt2" else "classification")
     config.hidden_dropout = config.attention_dropout = 0.1
     model = random_model(config)
+    route = None   # the adapters every forward pass runs with
     if setup == "prefix-layer":
         apply_method(model, MethodConfig(method="prefix-layer", prefix_length=3))
     else:
@@ -111,7 +113,7 @@ def test_training_qkv_as_one_gemm_equals_three_projections(setup, monkeypatch):
         names = ["a", "b"] if "two" in setup else ["a"]
         for n in names:
             add_adapter(model, n, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets), head=False)
-        set_active(model, names)
+        route = Routing.stack(*names)
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
@@ -124,7 +126,7 @@ def test_training_qkv_as_one_gemm_equals_three_projections(setup, monkeypatch):
 
     def run():
         torch.manual_seed(5)   # the same dropout masks, drawn in the same order, on both paths
-        out = model(**inputs)
+        out = model(**inputs, adapters=route)
         loss = out.logits.float().pow(2).mean()
         return loss, torch.autograd.grad(loss, trainable)
 

@@ -5,7 +5,7 @@ import torch
 
 from lmforge.adapters.lora import LoraConfig
 from lmforge.adapters.manager import (add_adapter, adapters, classify_mixed, delete_adapter, lora_layers,
-                                      mark_trainable, merge, mixed_batch, set_active, unmerge)
+                                      mark_trainable, merge, mixed_batch, unmerge)
 from lmforge.errors import ConfigError
 from lmforge.models import Model, ModelConfig
 
@@ -52,22 +52,24 @@ def test_new_adapter_is_the_base_model_and_merge_roundtrip(kind):
     ids, mask = batch()
     base = model(ids, mask).hidden_states
     add_adapter(model, "a", LoraConfig(r=4, alpha=8, target_modules=("query", "value", "output")))
-    set_active(model, "a")
-    torch.testing.assert_close(model(ids, mask).hidden_states, base, atol=0, rtol=0)
+    torch.testing.assert_close(model(ids, mask, adapters="a").hidden_states, base, atol=0, rtol=0)
     randomize(model, "a", 0)
-    adapted = model(ids, mask).hidden_states
+    adapted = model(ids, mask, adapters="a").hidden_states
     assert (adapted - base).abs().max() > 1e-2
+    torch.testing.assert_close(model(ids, mask).hidden_states, base, atol=0, rtol=0)  # no adapter named: base
     weights = {n: m.base.weight.clone() for n, m in lora_layers(model).items()}
-    merge(model)
-    merge(model)  # idempotent
+    merge(model, "a")
+    merge(model, "a")  # idempotent
+    # merged: the weights carry the adapter (a routing naming it adds nothing more)
     torch.testing.assert_close(model(ids, mask).hidden_states, adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids, mask, adapters="a").hidden_states, adapted, atol=1e-5, rtol=1e-5)
     unmerge(model)
     unmerge(model)
     for n, m in lora_layers(model).items():
         torch.testing.assert_close(m.base.weight, weights[n], atol=1e-6, rtol=0)
-    torch.testing.assert_close(model(ids, mask).hidden_states, adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids, mask, adapters="a").hidden_states, adapted, atol=1e-5, rtol=1e-5)
     # train()/eval() never merge or unmerge
-    merge(model)
+    merge(model, "a")
     model.train()
     model.eval()
     assert all(m.merged == ["a"] for m in lora_layers(model).values())
@@ -98,19 +100,17 @@ def test_mixed_batch_equals_each_adapter_alone(kind):
     names = ["a", "b", None, "c", "a", "b"]
     with mixed_batch(model, names):
         mixed = model.transformer(ids, mask)
+    via_forward = model(ids, mask, adapters=names).hidden_states
     for i, name in enumerate(names):
-        set_active(model, name)
-        alone = model.transformer(ids[i:i + 1], mask[i:i + 1])
+        alone = model(ids[i:i + 1], mask[i:i + 1], adapters=name).hidden_states
         keep = mask[i].bool()
         torch.testing.assert_close(mixed[i][keep], alone[0][keep], atol=1e-5, rtol=1e-5)
-    set_active(model, None)
+        torch.testing.assert_close(via_forward[i][keep], alone[0][keep], atol=1e-5, rtol=1e-5)
     if kind != "gpt2":
         logits = classify_mixed(model, ids, mask, None, names)
         for i, name in enumerate(names):
-            set_active(model, name)
-            want = model(ids[i:i + 1], mask[i:i + 1]).logits[0]
+            want = model(ids[i:i + 1], mask[i:i + 1], adapters=name).logits[0]
             torch.testing.assert_close(logits[i], want, atol=1e-5, rtol=1e-5)
-        set_active(model, None)
 
 
 def test_adapter_management_errors_and_delete():
@@ -120,8 +120,11 @@ def test_adapter_management_errors_and_delete():
     add_adapter(model, "a", LoraConfig())
     with pytest.raises(ConfigError, match="already exists"):
         add_adapter(model, "a", LoraConfig())
+    ids, mask = batch()
     with pytest.raises(ConfigError, match=r"no adapter named 'zz' \(loaded: a\)"):
-        set_active(model, "zz")
+        model(ids, mask, adapters="zz")
+    with pytest.raises(ConfigError, match=r"no adapter named 'zz' \(loaded: a\)"):
+        model(ids, mask, adapters=["a", "zz", None, None, None, None])
     with pytest.raises(ConfigError, match="no adapter named 'zz'"):
         with mixed_batch(model, ["a", "zz"]):
             pass
@@ -166,9 +169,8 @@ def test_merged_export_is_a_plain_model_with_the_same_outputs(tmp_path):
     model = model_of("bert")
     add_adapter(model, "a", LoraConfig(r=4, target_modules=("query", "value", "intermediate")))
     randomize(model, "a", 3)
-    set_active(model, "a")
     ids, mask = batch()
-    want = model(ids, mask).logits
+    want = model(ids, mask, adapters="a").logits
     plain = merged_model(model, "a")
     assert not any(".lora_" in k for k in plain.state_dict())
     torch.testing.assert_close(plain(ids, mask).logits, want, atol=1e-5, rtol=1e-5)
@@ -198,11 +200,11 @@ def test_adapter_added_to_an_eval_model_does_not_drop_out():
     model = Model(KINDS["bert"]).eval()     # dropout 0.1 in the config; eval() turns it off
     add_adapter(model, "a", LoraConfig(r=4, alpha=8, dropout=0.5))
     randomize(model, "a", 3)
-    set_active(model, "a")
     ids, mask = batch()
     assert not model.adapter_heads["a"].training
     assert all(not layer.lora_dropout["a"].training for layer in lora_layers(model).values())
-    torch.testing.assert_close(model(ids, mask).logits, model(ids, mask).logits, atol=0, rtol=0)
+    torch.testing.assert_close(model(ids, mask, adapters="a").logits, model(ids, mask, adapters="a").logits,
+                               atol=0, rtol=0)
     model.train()
     add_adapter(model, "b", LoraConfig(r=4, alpha=8, dropout=0.5))
     assert model.adapter_heads["b"].training  # and a training model's new adapter trains

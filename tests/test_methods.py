@@ -26,7 +26,7 @@ TRAINS = {
     "freeze": lambda n: n.startswith(("transformer.layers.1.", "transformer.pooler", "head.")),
     "features": lambda n: n.startswith("head."),
     "bitfit": lambda n: n.endswith("bias") or n.startswith("head."),
-    "lora": lambda n: ".lora_" in n or n.startswith("head."),
+    "lora": lambda n: ".lora_" in n or n.startswith("adapter_heads.default."),   # its own head, not the base's
     "adapter-houlsby": lambda n: ".adapters." in n or n.startswith("head."),
     "adapter-pfeiffer": lambda n: ".adapters." in n or n.startswith("head."),
     "prefix-embedding": lambda n: ".input_prefix." in n or n.startswith("head."),
@@ -39,19 +39,21 @@ TRAINS = {
 def test_what_trains_and_start_from_base(method):
     model = fresh()
     before = model(IDS).logits
-    apply_method(model, MethodConfig(method=method, freeze_layers=1, adapter_size=4, prefix_length=3))
+    spec = apply_method(model, MethodConfig(method=method, freeze_layers=1, adapter_size=4, prefix_length=3))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(TRAINS[method](n) for n in names), sorted(names)[:5]
     if method.startswith("prefix-"):  # prefixes change attention from the first step: no identity start
         n = sum(p.numel() for p in model.transformer.parameters() if p.requires_grad)
         assert n == 3 * 32 * (1 if method == "prefix-embedding" else 2 * 2)  # P d, or L 2 P d
-        assert not torch.allclose(model(IDS).logits, before)
+        assert not torch.allclose(model(IDS, adapters=spec.adapter).logits, before)
         return
     if method == "adapter-houlsby":
         assert sum(".attention.output.adapters." in n for n in names) == 2 * 4  # down/up w+b, 2 layers
     if method == "adapter-pfeiffer":
         assert not any(".attention.output.adapters." in n for n in names)
-    torch.testing.assert_close(model(IDS).logits, before, atol=1e-6, rtol=0)  # identity at the start
+    if method == "lora":   # it runs routed to its adapter, whose head starts as a copy of the base head
+        assert spec.adapter == "default" and spec.mixable
+    torch.testing.assert_close(model(IDS, adapters=spec.adapter).logits, before, atol=1e-6, rtol=0)  # identity
 
 
 def test_unknown_method():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmforge.adapters.lora import LoraConfig
-from lmforge.adapters.manager import add_adapter, classify_mixed, set_active
+from lmforge.adapters.manager import add_adapter, classify_mixed
+from lmforge.models import routing
 from lmforge.adapters.methods import MethodConfig, apply_method
 from lmforge.data.batches import Encoded, collate, collate_packed, model_inputs, token_budget_batches
 from lmforge.models import Model, ModelConfig
@@ -97,12 +98,14 @@ METHODS = ["full", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer", "pre
 @pytest.mark.parametrize("method", METHODS)
 def test_packed_equals_padded_for_every_method(method, model_type):
     model = random_model(tiny(model_type))
-    apply_method(model, MethodConfig(method=method, adapter_size=4, lora_r=4, lora_dropout=0.0, prefix_length=3))
+    spec = apply_method(model, MethodConfig(method=method, adapter_size=4, lora_r=4, lora_dropout=0.0,
+                                            prefix_length=3))
     with torch.no_grad():  # adapters start as the identity; make them do something
         for n, p in model.named_parameters():
             if ".lora_B" in n or ".adapters." in n:
                 p.normal_(0, 0.3)
-    a, b, _ = both(model)
+    with routing.using(spec.adapter):   # the adapter the method trains (LoRA's), as a run routes to it
+        a, b, _ = both(model)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
     grads = []
     for out in (a.logits, b.logits):
@@ -149,11 +152,9 @@ def test_packed_mixed_adapter_batch_equals_each_adapter_alone():
     mixed_padded = classify_mixed(model, padded["input_ids"], padded["attention_mask"],
                                   padded["token_type_ids"], names)
     for i, name in enumerate(names):
-        set_active(model, name)
-        alone = model(**model_inputs(collate([ex[i]], 0))).logits[0]
+        alone = model(**model_inputs(collate([ex[i]], 0)), adapters=name).logits[0]
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mixed_padded[i], alone, atol=1e-5, rtol=1e-5)
-    set_active(model, None)
 
 
 @torch.no_grad()
@@ -187,12 +188,13 @@ def test_packed_training_matches_padded_training():
         model = random_model(tiny(), seed=3)
         apply_method(model, MethodConfig(method="lora", lora_r=4, lora_dropout=0.0))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for step in range(4):
-            batch = ex[step * 2:(step + 1) * 2] + ex[:1]
-            loss = sequence_classification_loss(model, collate_packed(batch) if packed else collate(batch, 0))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+        with routing.using("default"):   # the adapter the LoRA method trains
+            for step in range(4):
+                batch = ex[step * 2:(step + 1) * 2] + ex[:1]
+                loss = sequence_classification_loss(model, collate_packed(batch) if packed else collate(batch, 0))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     for n in finals[0]:
         torch.testing.assert_close(finals[0][n], finals[1][n], atol=1e-5, rtol=1e-4, msg=n)

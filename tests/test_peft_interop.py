@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 from lmforge.adapters.lora import LoraConfig
-from lmforge.adapters.manager import add_adapter, adapters, lora_layers, set_active
+from lmforge.adapters.manager import add_adapter, adapters, lora_layers
 from lmforge.adapters.peft_format import load_adapter, save_adapter
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import Model, ModelConfig, from_pretrained, save_pretrained
@@ -33,7 +33,6 @@ def trained_adapter(model, name, targets, r=4):
                 layer.lora_B[name].weight.copy_(torch.randn(layer.lora_B[name].weight.shape, generator=g))
         for p in model.adapter_heads[name].parameters():
             p.copy_(torch.randn(p.shape, generator=g))
-    set_active(model, name)
 
 
 @pytest.fixture
@@ -51,7 +50,7 @@ def base(tmp_path):
 def test_our_adapter_loads_in_peft_with_its_head(tmp_path, base, kind):
     model = from_pretrained(base(kind)).eval()
     trained_adapter(model, "sst2", ("query", "value", "output"))
-    ours = model(IDS).logits
+    ours = model(IDS, adapters="sst2").logits
     save_adapter(model, "sst2", tmp_path / "adapter")
     ref = peft.PeftModel.from_pretrained(T.AutoModelForSequenceClassification.from_pretrained(base(kind)),
                                          tmp_path / "adapter").eval()
@@ -59,8 +58,7 @@ def test_our_adapter_loads_in_peft_with_its_head(tmp_path, base, kind):
     # and back: a reloaded adapter gives the same logits, head included (not a random one)
     again = from_pretrained(base(kind)).eval()
     load_adapter(again, tmp_path / "adapter", "sst2")
-    set_active(again, "sst2")
-    torch.testing.assert_close(again(IDS).logits, ours, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(again(IDS, adapters="sst2").logits, ours, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", list(CFG))
@@ -75,8 +73,7 @@ def test_peft_adapter_loads_here(tmp_path, base, kind):
     ref.eval().save_pretrained(tmp_path / "peft")
     model = from_pretrained(base(kind)).eval()
     load_adapter(model, tmp_path / "peft", "p")
-    set_active(model, "p")
-    torch.testing.assert_close(model(IDS).logits, ref(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(IDS, adapters="p").logits, ref(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
 
 
 def _other_base(tmp_path):

@@ -1,20 +1,22 @@
 """LoRA (Hu et al., 2021): h = W x + (alpha / r) * B A x, with W frozen, A in R^{r x k}, B in R^{d x r}.
 
 LoraLinear wraps the nn.Linear it adapts (it does not subclass it) and keeps any number of adapters
-in dicts keyed by name. Which adapters apply is decided by a Router shared by every wrapped layer of
-a model: either a list of active adapters for the whole batch, or one adapter per example (a mixed
-batch, computed in one pass by gathering each example's A and B).
+in dicts keyed by name. Which adapters apply is an argument of the forward pass: the wrapper reads
+the routing of the call running on its thread (models/routing.py), either the same adapters for every
+row, or one adapter per row (a mixed batch, computed in one pass by gathering each row's A and B).
+The wrapper keeps no per-call state, so threads may run forward passes on one model concurrently.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models import routing
 from lmforge.models.layers import Dropout
 
 
@@ -40,18 +42,8 @@ class LoraConfig:
         return self.alpha / self.r
 
 
-@dataclass
-class Router:
-    """Which adapters apply to the current forward pass, shared by all LoraLinear of a model."""
-    active: list[str] = field(default_factory=list)
-    per_example: torch.Tensor | None = None   # [B] slot per example, -1 = base model only
-    per_token: torch.Tensor | None = None     # [N] slot per token of a packed batch
-    slots: list[str] = field(default_factory=list)
-    version: int = 0                          # bumped when adapters change: invalidates stacks
-
-
 class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, router: Router):
+    def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
         self.lora_A = nn.ModuleDict()
@@ -59,8 +51,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.merged: list[str] = []
-        self.router = router  # a plain attribute, not a submodule
-        self._stack_cache: tuple | None = None
+        self._stack_cache: tuple | None = None   # (key, stacked A/B) for inference
 
     @property
     def in_features(self) -> int:
@@ -122,9 +113,13 @@ class LoraLinear(nn.Module):
     def _stacked(self, slots: list[str]):
         """A [S * r_max, in] and B [out, S * r_max] of the slots side by side (ranks zero-padded),
         and each slot's scale [S]."""
-        key = (tuple(slots), self.router.version)
-        if self._stack_cache is not None and self._stack_cache[0] == key and not torch.is_grad_enabled():
-            return self._stack_cache[1]
+        # keyed by the tensors themselves and their version counters: any change to A or B (an
+        # optimizer step, a load, another adapter under the same name) builds a new stack
+        key = tuple((n, id(self.lora_A[n].weight), self.lora_A[n].weight._version,
+                     id(self.lora_B[n].weight), self.lora_B[n].weight._version) for n in slots)
+        cached = self._stack_cache  # one read: another thread may replace it meanwhile
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
         r_max = max(self.lora_A[n].weight.shape[0] for n in slots)
         w = self.lora_A[slots[0]].weight
         A = w.new_zeros(len(slots), r_max, self.in_features)
@@ -139,46 +134,57 @@ class LoraLinear(nn.Module):
             self._stack_cache = (key, stacked)
         return stacked
 
-    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor, r: routing.Routing) -> torch.Tensor:
         """Every row of x with its own adapter, in two GEMMs for the whole batch: x times all
         adapters' A side by side [rows, S * r], a gate that keeps only each row's own adapter's
         r columns (times its scale), then times all B side by side. No sub-batches, no per-row
         weight copies."""
-        router = self.router
-        present = [n for n in router.slots if n in self.lora_A]
+        slots = r.names
+        present = [n for n in slots if n in self.lora_A]
         if not present:
             return y
         if self.merged:
             raise ConfigError("mixed-adapter batches need unmerged adapters: call unmerge() first")
         # Slots whose adapter does not touch this layer act as "no adapter" here.
-        remap = torch.tensor([present.index(n) if n in present else -1 for n in router.slots] + [-1],
+        remap = torch.tensor([present.index(n) if n in present else -1 for n in slots] + [-1],
                              device=x.device)
-        if x.dim() == 2:                                      # packed [N, in]
-            if router.per_token is None:
-                raise ConfigError("a packed mixed-adapter batch needs mixed_batch(..., packed=...)")
-            slot = remap[router.per_token]                    # [N]
-        else:                                                 # padded [B, T, in]
-            slot = remap[router.per_example].repeat_interleave(x.shape[1])  # [B * T]
-        A, B, scale, r = self._stacked(present)
+        rows = len(r.per_row)
+        if x.dim() == 3:                                      # padded [B, T, in]
+            slot = remap[r.row_slots(x.device)].repeat_interleave(x.shape[1])   # [B * T]
+        else:                                                 # packed [N, in], or one row each [B, in]
+            tokens = r.token_slots(x.device)
+            if tokens is not None and x.shape[0] == tokens.shape[0]:
+                slot = remap[tokens]                          # [N]
+            elif x.shape[0] == rows:
+                slot = remap[r.row_slots(x.device)]           # [B]
+            else:
+                raise ConfigError(f"a mixed-adapter routing of {rows} rows does not fit an input of "
+                                  f"{x.shape[0]} rows (a packed batch needs its layout: pass packed=)")
+        A, B, scale, r_max = self._stacked(present)
         gate = torch.nn.functional.one_hot(slot + 1, len(present) + 1)[:, 1:].to(x.dtype) * scale  # [R, S]
         h = x.reshape(-1, self.in_features) @ A.T             # [R, S * r]
-        h = h * gate.repeat_interleave(r, dim=1)
+        h = h * gate.repeat_interleave(r_max, dim=1)
         return y + (h @ B.T).view(y.shape)
+
+    def _updates(self, x: torch.Tensor, names: tuple[str, ...]) -> list[tuple]:
+        return [(self.lora_A[n](self.lora_dropout[n](x)), self.lora_B[n].weight, self.scaling[n])
+                for n in names if n in self.lora_A and n not in self.merged]
 
     def low_rank_updates(self, x: torch.Tensor) -> list[tuple] | None:
         """[(h, B, scale)] with forward(x) = base(x) + sum of scale * h B^T, h = A(dropout(x)) [.., r]
-        and B the [out, r] weight; None for a mixed-adapter batch. Lets a caller run this layer's base
-        GEMM together with others (models/linear.py: lowrank_concat_linear)."""
-        if self.router.per_example is not None:
+        and B the [out, r] weight, for the adapters of the current call; None for a mixed-adapter
+        batch. Lets a caller run this layer's base GEMM together with others (lowrank_concat_linear)."""
+        r = routing.current()
+        if r.mixed:
             return None
-        return [(self.lora_A[n](self.lora_dropout[n](x)), self.lora_B[n].weight, self.scaling[n])
-                for n in self.router.active if n in self.lora_A and n not in self.merged]
+        return self._updates(x, r.uniform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.router.per_example is not None:
-            return self._mixed(x, y)
-        for h, B, scale in self.low_rank_updates(x):
+        r = routing.current()
+        if r.mixed:
+            return self._mixed(x, y, r)
+        for h, B, scale in self._updates(x, r.uniform):
             # (x A^T) B^T: two thin GEMMs, never the d x k product B A; the second one also
             # scales and adds to y (addmm: no separate passes over [N, out])
             y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale).view(y.shape)

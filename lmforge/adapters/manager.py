@@ -1,6 +1,9 @@
-"""Adapters on a model: add, activate, delete, merge and unmerge LoRA adapters by name; mixed-adapter
-batches; and a task head per adapter, so that an adapter always travels with the head it was trained
-with.
+"""Adapters on a model: add, delete, merge and unmerge LoRA adapters by name; mixed-adapter
+batches; and a task head per adapter (the model's head table, Model.add_head), so that an adapter
+always travels with the head it was trained with.
+
+There is no "active adapter": which adapters a forward pass uses is its `adapters=` argument
+(`model(ids, mask, adapters="sst2")`, or a name per row for a mixed batch; see models/routing.py).
 
 Targets are paths inside a Transformer layer (query, key, value, attention.output, intermediate,
 output), so "output" means the FFN output and never also the attention output; a full module path
@@ -12,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import torch
 from torch import nn
 
-from lmforge.adapters.lora import LoraConfig, LoraLinear, Router
+from lmforge.adapters.lora import LoraConfig, LoraLinear
 from lmforge.errors import ConfigError
+from lmforge.models import routing
 
 TARGET_ALIASES = {"query": "attention.query", "key": "attention.key", "value": "attention.value",
                   "q": "attention.query", "k": "attention.key", "v": "attention.value",
@@ -25,17 +28,9 @@ TARGET_ALIASES = {"query": "attention.query", "key": "attention.key", "value": "
 LAYER_TARGETS = ("query", "key", "value", "attention.output", "intermediate", "output")
 
 
-def _state(model) -> dict:
-    """Adapter bookkeeping kept on the model: router, configs, per-adapter heads and head settings."""
-    if "_adapters" not in model.__dict__:
-        model.__dict__["_adapters"] = {"router": Router(), "configs": {}, "head_config": {},
-                                       "base_head": model.head, "base_config": model.config}
-        model.add_module("adapter_heads", nn.ModuleDict())
-    return model.__dict__["_adapters"]
-
-
 def adapters(model) -> dict[str, LoraConfig]:
-    return dict(_state(model)["configs"]) if "_adapters" in model.__dict__ else {}
+    """The LoRA adapters on the model, with their configs."""
+    return {n: c for n, c in model.adapter_configs.items() if isinstance(c, LoraConfig)}
 
 
 def lora_layers(model) -> dict[str, LoraLinear]:
@@ -77,47 +72,38 @@ def _targets(model, patterns) -> list[tuple[nn.Module, str]]:
 def add_adapter(model, name: str, config: LoraConfig, head: nn.Module | None | bool = True,
                 head_config: dict | None = None) -> None:
     """Add LoRA adapter `name` to the target layers. head=True gives the adapter its own copy of the
-    model's current head (a module may be passed instead; False: the adapter has no head)."""
-    st = _state(model)
+    model's head (a module may be passed instead; False: the adapter has no head)."""
     if not name or "." in name:
         raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
-    if name in st["configs"]:
-        raise ConfigError(f"adapter {name!r} already exists (loaded: {', '.join(st['configs'])})")
+    if name in model.adapter_names:
+        raise ConfigError(f"adapter {name!r} already exists (loaded: {', '.join(model.adapter_names)})")
     for parent, attr in _targets(model, config.target_modules):
         module = getattr(parent, attr)
         if not isinstance(module, LoraLinear):
-            module = LoraLinear(module, st["router"])
+            module = LoraLinear(module)
             setattr(parent, attr, module)
         module.add(name, config)
-    st["configs"][name] = config
-    if head is True and st["base_head"] is not None:
-        head = copy.deepcopy(st["base_head"])
+    if head is True and model.head is not None:
+        head = copy.deepcopy(model.head)
     if isinstance(head, nn.Module):
-        model.adapter_heads[name] = head
-        st["head_config"][name] = head_config or {}
-    # new modules (LoRA dropout, the head's dropout) follow the model's mode: an adapter loaded onto
-    # a model in eval() must not drop out
+        # new modules (LoRA dropout, the head's dropout) follow the model's mode: an adapter loaded
+        # onto a model in eval() must not drop out
+        model.add_head(name, head.train(model.training), head_config)
     for layer in lora_layers(model).values():
         if name in layer.lora_dropout:
             layer.lora_dropout[name].train(model.training)
-    if name in model.adapter_heads:
-        model.adapter_heads[name].train(model.training)
-    st["router"].version += 1
+    model.register_adapter(name, config)   # last: a routing may name it from now on
 
 
 def delete_adapter(model, name: str) -> None:
-    st = _state(model)
     _require(model, [name])
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model).values()
+    if any(name in layer.merged for layer in layers):
+        raise ConfigError(f"adapter {name!r} is merged: unmerge it before deleting it")
+    model.unregister_adapter(name)         # first: no routing may name it any more
+    for layer in layers:
         if name in layer.lora_A:
             layer.remove(name)
-    del st["configs"][name]
-    if name in model.adapter_heads:
-        del model.adapter_heads[name]
-    st["head_config"].pop(name, None)
-    if name in st["router"].active:
-        set_active(model, [n for n in st["router"].active if n != name])
-    st["router"].version += 1
 
 
 def _require(model, names) -> None:
@@ -127,29 +113,13 @@ def _require(model, names) -> None:
             raise ConfigError(f"no adapter named {n!r} (loaded: {', '.join(loaded) or 'none'})")
 
 
-def set_active(model, names: list[str] | str | None) -> None:
-    """Apply these adapters to every example (none: the base model). With one adapter that has a
-    head, the model's head and label settings become that adapter's."""
-    names = [names] if isinstance(names, str) else list(names or [])
-    _require(model, names)
-    st = _state(model)
-    st["router"].active = names
-    own = [n for n in names if n in model.adapter_heads]
-    if len(own) == 1:
-        model.head = model.adapter_heads[own[0]]
-        model.config = st["base_config"].replace(**st["head_config"][own[0]])
-    else:
-        model.head, model.config = st["base_head"], st["base_config"]
-
-
-def merge(model, name: str | None = None) -> None:
-    """Fold B A into W for `name` (default: the active adapters). Explicit, never a side effect."""
-    names = [name] if name else list(_state(model)["router"].active)
-    _require(model, names)
+def merge(model, name: str) -> None:
+    """Fold B A into W for adapter `name`. Explicit, never a side effect. While merged, the model
+    runs that adapter whatever a call's routing says (export; unmerge() undoes it)."""
+    _require(model, [name])
     for layer in lora_layers(model).values():
-        for n in names:
-            if n in layer.lora_A:
-                layer.merge(n)
+        if name in layer.lora_A:
+            layer.merge(name)
 
 
 def unmerge(model, name: str | None = None) -> None:
@@ -179,56 +149,38 @@ def mark_trainable(model, name: str) -> None:
 
 @contextlib.contextmanager
 def mixed_batch(model, names: list[str | None], packed=None):
-    """Within this block each example i uses adapter names[i] (None: the base model). With a
+    """Within this block (on this thread) each example i uses adapter names[i] (None: the base model),
+    for code that calls the trunk directly; Model.forward takes `adapters=names` itself. With a
     packed batch (models.packing.Packed), pass its layout so each token finds its example."""
     _require(model, [n for n in names if n])
-    router = _state(model)["router"]
-    if router.active:
-        raise ConfigError("deactivate adapters (set_active(model, None)) before a mixed batch")
-    slots = sorted({n for n in names if n})
-    device = next(model.parameters()).device
-    router.slots = slots
-    router.per_example = torch.tensor([slots.index(n) if n else -1 for n in names], device=device)
-    if packed is not None:
-        router.per_token = router.per_example[packed.seq_ids]
-    try:
+    with routing.using(list(names), token_rows=packed.seq_ids if packed is not None else None):
         yield
-    finally:
-        router.per_example, router.per_token, router.slots = None, None, []
 
 
 def classify_mixed(model, input_ids, attention_mask, token_type_ids, names: list[str | None],
                    packed=None) -> list:
-    """One forward pass for a batch whose examples name different adapters; each example's logits
-    come from its own adapter's head (heads are tiny: they run per adapter group). Padded inputs
-    [B, T] with their mask, or packed [N] streams with their layout (attention_mask unused)."""
-    with mixed_batch(model, names, packed):
-        hidden = model.transformer(input_ids, attention_mask, token_type_ids, packed=packed)
-    if packed is not None:  # heads read the first/last token: hand them a padded view
-        hidden, attention_mask = packed.pad(hidden), packed.attention_mask()
-    pooled = model.transformer.pool(hidden) if model.transformer.pooler is not None else None
-    out: list = [None] * len(names)
-    base_head = _state(model)["base_head"]
-    for name in dict.fromkeys(names):
-        rows = [i for i, n in enumerate(names) if n == name]
-        head = model.adapter_heads[name] if name in model.adapter_heads else base_head
-        logits = head(hidden[rows], pooled[rows] if pooled is not None else None, attention_mask[rows])
-        for j, i in enumerate(rows):
-            out[i] = logits[j]
-    return out
+    """One forward pass for a batch whose examples name different adapters; example i's logits [C_i]
+    come from its own adapter's head. Padded inputs [B, T] with their mask, or packed [N] streams
+    with their layout (attention_mask unused)."""
+    _require(model, [n for n in names if n])
+    logits = model(input_ids, attention_mask, token_type_ids, packed=packed, adapters=list(names)).logits
+    return list(logits)
 
 
 def merged_model(model, name: str):
     """A plain model (no adapter modules) whose weights have adapter `name` folded in, with the
-    adapter's head: what `lmforge export --merged` writes. The adapted model is left unmerged."""
+    adapter's head and label settings: what `lmforge export --merged` writes. The adapted model is
+    left unmerged."""
     from lmforge.models import Model
 
-    set_active(model, name)
     merge(model, name)
     try:
-        plain = Model(model.config)
+        plain = Model(model.config_for(name))
         state = {k.replace(".base.", "."): v for k, v in model.state_dict().items()
                  if ".lora_" not in k and not k.startswith("adapter_heads.")}
+        if name in model.adapter_heads:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            state.update({f"head.{k}": v for k, v in model.adapter_heads[name].state_dict().items()})
         plain.load_state_dict(state)  # strict: every weight accounted for
     finally:
         unmerge(model, name)

@@ -10,11 +10,16 @@ adapter-pfeiffer  one bottleneck adapter (adapter_size) after the FFN
 prefix-embedding  prefix_length trainable virtual tokens at the input
 prefix-layer      trainable keys and values of prefix_length virtual tokens in every layer
 In every method but `features`, the task head trains too.
+
+Each family is one `Method` object in REGISTRY (attach, trainable parameters, save, load, export,
+whether it mixes in a batch): callers dispatch through get_method() / method_of_dir() / load_run().
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -53,10 +58,57 @@ def head_config(model) -> dict:
     return {"num_labels": c.num_labels, "id2label": c.id2label, "problem_type": c.problem_type}
 
 
-def apply_method(model, m: MethodConfig) -> None:
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if m.method == "freeze":
+class Method:
+    """One adaptation method family. Every consumer (training, evaluate/predict, export, the server)
+    dispatches through these methods instead of testing --method names:
+
+    attach(model, m)      add what the method adds and mark what trains (requires_grad)
+    trainable(model)      the (name, parameter) pairs that train
+    save(model, dir, m, base_model, tokenizer)   what the run keeps in best/
+    load(dir, device)     (model, adapter) from such a directory: the model and the adapter name a
+                          forward pass must route to (None: the model itself is adapted)
+    export(model, adapter) a plain model (no adapter modules), or ConfigError saying why not
+    adapter               the adapter name a model adapted by attach() runs with (routing), or None
+    trains_model          False when something else trains (features: a probe on frozen features)
+    mixable               whether its adapters serve side by side in one mixed-adapter batch
+    mergeable             whether export folds it into the base weights (LoRA)
+    """
+    names: tuple[str, ...] = ()
+    adapter: str | None = None
+    trains_model = True
+    mixable = False
+    mergeable = False
+
+    def attach(self, model, m: MethodConfig) -> None:
+        raise NotImplementedError
+
+    def trainable(self, model) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def save(self, model, directory, m: MethodConfig, base_model: str, tokenizer=None) -> Path:
+        from lmforge.adapters.delta import save_delta
+        return save_delta(model, directory, m, base_model, tokenizer)
+
+    def load(self, directory: Path, device: str = "cpu"):
+        from lmforge.adapters.delta import load_delta
+        return load_delta(directory, device), self.adapter
+
+    def export(self, model, adapter: str | None = None):
+        return model
+
+    @staticmethod
+    def _freeze_trunk(model) -> None:
+        for p in model.transformer.parameters():
+            p.requires_grad_(False)
+
+
+class WholeModel(Method):
+    """full (every weight) and freeze (embeddings and the bottom K layers frozen): saved whole."""
+    names = ("full", "freeze")
+
+    def attach(self, model, m: MethodConfig) -> None:
+        if m.method != "freeze":
+            return
         n = model.config.num_layers
         if not 0 <= m.freeze_layers <= n:
             raise ConfigError(f"--freeze-layers {m.freeze_layers} is outside 0..{n} (the model has {n} layers)")
@@ -64,34 +116,148 @@ def apply_method(model, m: MethodConfig) -> None:
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
-    elif m.method == "features":
-        for p in model.transformer.parameters():
-            p.requires_grad_(False)
-    elif m.method == "bitfit":
+
+    def save(self, model, directory, m, base_model, tokenizer=None) -> Path:
+        from lmforge.models import save_pretrained
+        save_pretrained(model, directory, tokenizer=tokenizer)
+        return Path(directory)
+
+    def load(self, directory: Path, device: str = "cpu"):
+        from lmforge.models import from_pretrained
+        return from_pretrained(directory, device=device).eval(), None
+
+
+class Features(WholeModel):
+    """features: the encoder frozen; a linear probe (train/features.py) is what trains, and is
+    saved with the encoder (probe.json + probe.safetensors beside config.json)."""
+    names = ("features",)
+    trains_model = False
+
+    def attach(self, model, m: MethodConfig) -> None:
+        self._freeze_trunk(model)
+
+    def save(self, model, directory, m, base_model, tokenizer=None) -> Path:
+        raise ConfigError("a features run is saved by its probe fit (train/features.py)")
+
+
+class BitFit(Method):
+    """bitfit: only the biases train; saved as a delta, exported as a plain model."""
+    names = ("bitfit",)
+
+    def attach(self, model, m: MethodConfig) -> None:
         for name, p in model.transformer.named_parameters():
             p.requires_grad_(name.endswith("bias"))
-    elif m.method == "lora":
+
+
+class Bottleneck(Method):
+    """adapter-houlsby / adapter-pfeiffer: bottleneck adapters in every layer."""
+    names = ("adapter-houlsby", "adapter-pfeiffer")
+
+    def attach(self, model, m: MethodConfig) -> None:
+        from lmforge.adapters.bottleneck import BottleneckConfig, add_bottleneck
+        self._freeze_trunk(model)
+        add_bottleneck(model, ADAPTER, BottleneckConfig(kind=m.method.removeprefix("adapter-"),
+                                                        size=m.adapter_size, activation=m.adapter_activation))
+
+    def export(self, model, adapter=None):
+        raise ConfigError("bottleneck adapters add layers a plain model does not have; export supports "
+                          "full, freeze, bitfit and (with --merged) lora runs")
+
+
+class Prefix(Method):
+    """prefix-embedding / prefix-layer: trainable virtual tokens, or keys and values in every layer."""
+    names = ("prefix-embedding", "prefix-layer")
+
+    def attach(self, model, m: MethodConfig) -> None:
+        from lmforge.adapters.prefix import PrefixConfig, add_prefix
+        self._freeze_trunk(model)
+        add_prefix(model, ADAPTER, PrefixConfig(kind=m.method.removeprefix("prefix-"), length=m.prefix_length))
+
+    def export(self, model, adapter=None):
+        raise ConfigError("prefix tuning adds virtual tokens a plain model does not have; export supports "
+                          "full, freeze, bitfit and (with --merged) lora runs")
+
+
+class Lora(Method):
+    """lora: an adapter named ADAPTER with its own head, in PEFT's format; runs routed to ADAPTER,
+    mixes with other LoRA adapters in one batch, and merges into the weights on export."""
+    names = ("lora",)
+    adapter = ADAPTER
+    mixable = True
+    mergeable = True
+
+    def attach(self, model, m: MethodConfig) -> None:
         from lmforge.adapters.lora import LoraConfig
-        from lmforge.adapters.manager import add_adapter, mark_trainable, set_active
+        from lmforge.adapters.manager import add_adapter, mark_trainable
 
         targets = tuple(t.strip() for t in m.lora_targets.split(",") if t.strip())
         add_adapter(model, ADAPTER, LoraConfig(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                                                target_modules=targets), head_config=head_config(model))
-        set_active(model, ADAPTER)
         mark_trainable(model, ADAPTER)
-    elif m.method.startswith("adapter-"):
-        from lmforge.adapters.bottleneck import BottleneckConfig, add_bottleneck
 
-        for p in model.transformer.parameters():
-            p.requires_grad_(False)
-        add_bottleneck(model, ADAPTER, BottleneckConfig(kind=m.method.removeprefix("adapter-"),
-                                                        size=m.adapter_size, activation=m.adapter_activation))
-    elif m.method.startswith("prefix-"):
-        from lmforge.adapters.prefix import PrefixConfig, add_prefix
+    def save(self, model, directory, m, base_model, tokenizer=None) -> Path:
+        from lmforge.adapters.peft_format import save_adapter
+        return save_adapter(model, ADAPTER, directory, base_model=base_model, tokenizer=tokenizer)
 
-        for p in model.transformer.parameters():
-            p.requires_grad_(False)
-        add_prefix(model, ADAPTER, PrefixConfig(kind=m.method.removeprefix("prefix-"), length=m.prefix_length))
+    def load(self, directory: Path, device: str = "cpu", name: str = ADAPTER):
+        from lmforge.adapters.peft_format import load_adapter, read_adapter_config
+        from lmforge.models import from_pretrained
+
+        base = read_adapter_config(directory).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{directory / 'adapter_config.json'}: no base_model_name_or_path to load the "
+                              "adapter onto")
+        model = from_pretrained(base, head="classification", device=device).eval()
+        load_adapter(model, directory, name)
+        return model.eval(), name
+
+    def export(self, model, adapter=None):
+        from lmforge.adapters.manager import merged_model
+        return merged_model(model, adapter or ADAPTER)
+
+
+REGISTRY: dict[str, Method] = {name: family for family in (WholeModel(), Features(), BitFit(), Bottleneck(),
+                                                            Prefix(), Lora()) for name in family.names}
+assert set(REGISTRY) == set(METHODS)
+
+
+def get_method(method: str | MethodConfig) -> Method:
+    name = method.method if isinstance(method, MethodConfig) else method
+    if name not in REGISTRY:
+        raise ConfigError(f"--method {name!r} is not one of {', '.join(METHODS)}")
+    return REGISTRY[name]
+
+
+def method_of_dir(directory: Path) -> Method:
+    """The method family that wrote a run's best/ (or an adapter / model directory)."""
+    directory = Path(directory)
+    if (directory / "adapter_config.json").is_file():
+        return REGISTRY["lora"]
+    if (directory / "delta.json").is_file():
+        try:
+            meta = json.loads((directory / "delta.json").read_text())
+            return get_method(meta["method"]["method"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{directory / 'delta.json'}: cannot be read ({e})") from None
+    if (directory / "probe.json").is_file():
+        return REGISTRY["features"]
+    return REGISTRY["full"]
+
+
+def load_run(directory, device: str = "cpu"):
+    """(model, adapter) of a run's best/ directory: the adapted model in eval mode and the adapter
+    name its forward passes route to (None: the model is adapted as a whole)."""
+    directory = Path(directory)
+    return method_of_dir(directory).load(directory, device)
+
+
+def apply_method(model, m: MethodConfig) -> Method:
+    """Everything trains, then the method decides what it adds and what stays frozen."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    method = get_method(m)
+    method.attach(model, m)
+    return method
 
 
 def parameter_counts(model) -> tuple[int, int]:

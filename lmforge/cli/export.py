@@ -21,25 +21,17 @@ def add_parser(p) -> None:
 
 
 def run(args) -> int:
-    from lmforge.adapters.manager import merged_model
+    from lmforge.adapters.methods import method_of_dir
     from lmforge.cli.evaluate import model_dir
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.infer.classify import load_adapter_run
-    from lmforge.models import from_pretrained, save_pretrained
+    from lmforge.models import save_pretrained
 
     directory = model_dir(args.run)
-    if (directory / "adapter_config.json").is_file():
-        if not args.merged:
-            raise ConfigError(f"{directory}: an adapter run; pass --merged to fold it into a plain model")
-        model = merged_model(load_adapter_run(directory), "default")
-    elif (directory / "delta.json").is_file():
-        from lmforge.adapters.delta import load_delta
-        model = load_delta(directory)
-        if any(".adapters." in n for n, _ in model.named_parameters()):
-            raise ConfigError(f"{directory}: bottleneck adapters add layers a plain model does not have; "
-                              "export supports full, freeze, bitfit and (with --merged) lora runs")
-    else:
-        model = from_pretrained(directory)
+    method = method_of_dir(directory)   # the method that wrote the run loads and exports it
+    if method.mergeable and not args.merged:
+        raise ConfigError(f"{directory}: an adapter run; pass --merged to fold it into a plain model")
+    model, adapter = method.load(directory)
+    model = method.export(model, adapter)
     tokenizer = load_tokenizer(directory)
     save_pretrained(model, args.out, tokenizer=tokenizer)
     print(f"wrote {Path(args.out)} ({model.config.model_type}, head {model.config.head})")

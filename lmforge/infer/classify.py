@@ -14,13 +14,16 @@ from lmforge.errors import ConfigError
 from lmforge.infer.features import example_features
 from lmforge.infer.quantize import quantize_model
 from lmforge.models import from_pretrained
+from lmforge.models.routing import INHERIT
 
 
 @torch.inference_mode()
 def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int = 64,
-                   packed: bool = True) -> torch.Tensor:
+                   packed: bool = True, adapters=INHERIT) -> torch.Tensor:
     """Logits [N, C] ([N, 1] for regression) in the order of `encoded`. Batches are formed from
-    examples of similar length and run unpadded (packed=True) or padded to their longest."""
+    examples of similar length and run unpadded (packed=True) or padded to their longest.
+    `adapters`: the adapter every example runs with (Model.forward's argument; left out, the
+    routing of an enclosing routing.using block, e.g. the one a LoRA training run evaluates in)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -31,7 +34,7 @@ def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int =
         items = [Encoded(encoded[i].input_ids, encoded[i].token_type_ids) for i in idx]
         b = collate_packed(items) if packed else collate(items, pad_id)
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        logits = model(**model_inputs(b)).logits.float().cpu()
+        logits = model(**model_inputs(b), adapters=adapters).logits.float().cpu()
         if out is None:
             out = torch.empty(len(encoded), logits.shape[-1])
         out[idx] = logits
@@ -40,17 +43,11 @@ def predict_logits(model, encoded: list[Encoded], pad_id: int, batch_size: int =
 
 
 def load_adapter_run(directory: Path, device: str = "cpu", name: str = "default"):
-    """A LoRA run's best/: the base model it names, with the adapter and its head active."""
-    from lmforge.adapters.manager import set_active
-    from lmforge.adapters.peft_format import load_adapter, read_adapter_config
+    """A LoRA run's best/: the base model it names with the adapter (and its head) loaded as `name`;
+    run it with `model(..., adapters=name)`."""
+    from lmforge.adapters.methods import get_method
 
-    base = read_adapter_config(directory).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{directory / 'adapter_config.json'}: no base_model_name_or_path to load the adapter onto")
-    model = from_pretrained(base, head="classification", device=device).eval()
-    load_adapter(model, directory, name)
-    set_active(model, name)
-    return model
+    return get_method("lora").load(Path(directory), device, name)[0]
 
 
 class Probe(torch.nn.Module):
@@ -71,35 +68,33 @@ class Classifier:
 
     def __init__(self, model_dir: str | Path, max_length: int = 512, device: str = "cpu",
                  quantize: str | None = None):
+        from lmforge.adapters.methods import load_run
+
         model_dir = Path(model_dir)
         self.probe = Probe(model_dir) if (model_dir / "probe.json").is_file() else None
-        if (model_dir / "adapter_config.json").is_file():
-            self.model = load_adapter_run(model_dir, device)
-        elif (model_dir / "delta.json").is_file():
-            from lmforge.adapters.delta import load_delta
-            self.model = load_delta(model_dir, device)
-        else:
-            self.model = from_pretrained(model_dir, device=device).eval()
-        if self.probe is None and self.model.config.head != "classification":
-            raise ConfigError(f"{model_dir}: not a classifier (head {self.model.config.head!r})")
+        # the method that wrote the directory loads it; `adapter` is what every forward pass routes to
+        self.model, self.adapter = load_run(model_dir, device)
+        self.config = self.model.config_for(self.adapter)
+        if self.probe is None and self.config.head != "classification":
+            raise ConfigError(f"{model_dir}: not a classifier (head {self.config.head!r})")
         if quantize:
             quantize_model(self.model, quantize)
         self.tokenizer = load_tokenizer(model_dir)
-        self.max_length = min(max_length, self.model.config.max_position_embeddings)
+        self.max_length = min(max_length, self.config.max_position_embeddings)
 
     @property
     def labels(self) -> list[str]:
-        return self.probe.spec["labels"] if self.probe else self.model.config.labels
+        return self.probe.spec["labels"] if self.probe else self.config.labels
 
     @property
     def regression(self) -> bool:
-        return self.probe.spec["regression"] if self.probe else self.model.config.is_regression
+        return self.probe.spec["regression"] if self.probe else self.config.is_regression
 
     @torch.no_grad()
     def logits(self, examples) -> torch.Tensor:
         if self.probe is None:
             encoded = encode_examples(self.tokenizer, examples, self.max_length)
-            return predict_logits(self.model, encoded, self.tokenizer.pad_token_id)
+            return predict_logits(self.model, encoded, self.tokenizer.pad_token_id, adapters=self.adapter)
         x = example_features(self.model, self.tokenizer, examples, self.max_length, self.probe.spec["pooling"],
                              self.probe.spec.get("pairs", "joint"))  # probes saved before "pairs" were joint
         return self.probe(torch.from_numpy(x))

@@ -72,13 +72,26 @@ class ClassificationHead(nn.Module):
         self.dense = nn.Linear(d, d) if config.model_type == "roberta" else None
         self.out_proj = nn.Linear(d, config.num_labels, bias=config.model_type != "gpt2")
 
-    def forward(self, hidden, pooled, attention_mask, packed: Packed | None = None) -> torch.Tensor:
+    def features(self, hidden, pooled, attention_mask, packed: Packed | None = None) -> torch.Tensor:
+        """[B, D]: what the head reads (no parameters of its own): the pooler output (BERT), the first
+        token (RoBERTa) or the last real token (GPT-2). Heads of one base read the same features,
+        so a batch whose rows use different heads computes them once."""
         if self.model_type == "bert":
-            return self.out_proj(self.dropout(pooled))
+            return pooled
         if self.model_type == "roberta":
-            x = torch.tanh(self.dense(self.dropout(first_token(hidden, packed))))
-            return self.out_proj(self.dropout(x))
-        return self.out_proj(last_token(hidden, attention_mask, packed))
+            return first_token(hidden, packed)
+        return last_token(hidden, attention_mask, packed)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, num_labels] from features [B, D]."""
+        if self.model_type == "roberta":
+            x = torch.tanh(self.dense(self.dropout(x)))
+        elif self.model_type == "gpt2":
+            return self.out_proj(x)
+        return self.out_proj(self.dropout(x))
+
+    def forward(self, hidden, pooled, attention_mask, packed: Packed | None = None) -> torch.Tensor:
+        return self.classify(self.features(hidden, pooled, attention_mask, packed))
 
 
 class TokenClassificationHead(nn.Module):
@@ -116,10 +129,17 @@ class ScalarHead(nn.Module):
         self.causal = config.causal
         self.out_proj = nn.Linear(config.hidden_size, 1, bias=config.model_type != "gpt2")
 
-    def forward(self, hidden, attention_mask, packed: Packed | None = None):
-        values = self.out_proj(hidden).squeeze(-1)  # [B, T] (packed: [N])
+    def token_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(hidden).squeeze(-1)    # [B, T] (packed: [N]); any rows of tokens
+
+    def reward(self, values: torch.Tensor, attention_mask, packed: Packed | None = None) -> torch.Tensor:
+        """[B]: the value at each sequence's last (decoders) or first (encoders) token."""
         pick = last_token if self.causal else (lambda h, m, p: first_token(h, p))
-        return values, pick(values.unsqueeze(-1), attention_mask, packed).squeeze(-1)
+        return pick(values.unsqueeze(-1), attention_mask, packed).squeeze(-1)
+
+    def forward(self, hidden, attention_mask, packed: Packed | None = None):
+        values = self.token_values(hidden)
+        return values, self.reward(values, attention_mask, packed)
 
 
 def build_head(config: ModelConfig) -> nn.Module | None:

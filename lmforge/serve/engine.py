@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.adapters.manager import _state, adapters, classify_mixed, delete_adapter, mixed_batch
+from lmforge.adapters.manager import adapters, classify_mixed, delete_adapter, mixed_batch
 from lmforge.data.batches import Encoded, collate_packed, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models import from_pretrained
@@ -84,11 +84,10 @@ class Engine:
         return cached
 
     def _head_info(self, adapter: str | None) -> dict:
-        st = _state(self.model)
-        base = st["base_config"]
         if adapter is None:
+            base = self.model.config
             return {"labels": base.labels, "regression": base.is_regression, "classifier": self.base_classifier}
-        cfg = base.replace(**st["head_config"].get(adapter, {}))
+        cfg = self.model.config_for(adapter)
         return {"labels": cfg.labels, "regression": cfg.is_regression,
                 "classifier": adapter in self.model.adapter_heads}
 

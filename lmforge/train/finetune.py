@@ -23,10 +23,10 @@ from lmforge.data.batches import collate, collate_packed, encode_examples, token
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
-from lmforge.models import from_pretrained, save_pretrained
+from lmforge.models import from_pretrained
 from lmforge.train.data import TaskData, load_task_data
-from lmforge.adapters.methods import (ADAPTER, MethodConfig, apply_method, describe_parameters,
-                                      parameter_counts)
+from lmforge.adapters.methods import MethodConfig, apply_method, describe_parameters, parameter_counts
+from lmforge.models import routing
 from lmforge.train.metrics import compute_metrics
 from lmforge.train.objectives import sequence_classification_loss
 from lmforge.train.plot import plot_metrics
@@ -156,14 +156,14 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         classifier_dropout=cfg.classifier_dropout,
     )
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
-    apply_method(model, cfg.adapt)
+    spec = apply_method(model, cfg.adapt)   # the method family (adapters/methods.py): one dispatch
     trainable, total = parameter_counts(model)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
     _write_json(run_file, asdict(cfg))
     method = cfg.adapt.method
 
-    if method == "features":  # the probe is what trains, not the model's head
+    if not spec.trains_model:  # features: the probe is what trains, not the model's head
         from lmforge.train.features import fit_features
         metrics, trainable = fit_features(model, tokenizer, data, cfg, max_len, out / "best")
         print(f"features: trainable params: {trainable:,} (the linear probe) / {total:,} frozen", flush=True)
@@ -175,15 +175,9 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         pad = tokenizer.pad_token_id
 
         def on_best(m, metrics):
-            # Only what the method changed is saved: megabytes, not the model (full/freeze: the model).
-            if method == "lora":  # in PEFT's format, the adapter with its head
-                from lmforge.adapters.peft_format import save_adapter
-                save_adapter(m, ADAPTER, out / "best", base_model=cfg.model, tokenizer=tokenizer)
-            elif cfg.adapt.saves_whole_model:
-                save_pretrained(m, out / "best", tokenizer=tokenizer)
-            else:
-                from lmforge.adapters.delta import save_delta
-                save_delta(m, out / "best", cfg.adapt, base_model=cfg.model, tokenizer=tokenizer)
+            # Only what the method changed is saved: megabytes, not the model (full/freeze: the model;
+            # LoRA: the adapter with its head in PEFT's format).
+            spec.save(m, out / "best", cfg.adapt, cfg.model, tokenizer)
             _write_json(out / "best" / "metrics.json", metrics)
 
         batch_plan = None
@@ -198,7 +192,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
             evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
             main_metric=data.main_metric, on_best=on_best,
         )
-        result = trainer.train(resume=resume)
+        with routing.using(spec.adapter):  # every forward pass of the run (and its evaluations) routes to it
+            result = trainer.train(resume=resume)
         plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {method}")
     best = json.loads((out / "best" / "metrics.json").read_text()) if (out / "best" / "metrics.json").is_file() \
         else result["last_eval"]
