@@ -2,12 +2,17 @@
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Kernel choices measured by the tests go to a fresh cache, not the user's (subprocesses inherit it);
+# LMFORGE_KERNELS from the caller's shell would silently change what the tests exercise.
+os.environ.setdefault("LMFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="lmforge-test-cache-"))
+os.environ.pop("LMFORGE_KERNELS", None)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,33 +1,77 @@
-"""The CPU fast paths match what they replace: prepacked Linear vs F.linear (outputs and every
-gradient), the dropout mask's statistics, and the manual attention with dropout vs SDPA."""
+"""Every kernel agrees with the plain PyTorch fallback: GEMMs (fp32 and bf16, outputs and gradients),
+post-ops, stacked Q/K/V with and without LoRA terms, and whole models of every architecture, head and
+adaptation method; the calibration cache is keyed, versioned and rebuilt when stale or corrupt;
+LMFORGE_KERNELS forces a kernel; --device and --precision resolve as documented. Also the dropout
+mask's statistics and the manual attention with dropout vs SDPA. No test here measures speed."""
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge import kernels
+from lmforge.errors import ConfigError
+from lmforge.kernels import calibrate, gemm, machine, onednn
+from lmforge.kernels.calibrate import CHOICES
 from lmforge.models.layers import Dropout, attend, keep_mask
 from lmforge.models.linear import Linear
 
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+BF16_TOL = dict(atol=3e-2, rtol=3e-2)   # bf16 has 8 bits of mantissa: ~0.4% per rounding
 
+
+@pytest.fixture
+def force(monkeypatch):
+    """force("plain"), force("onednn"), force("linear=onednn,stacked=plain"): LMFORGE_KERNELS for one test."""
+    def set_(spec):
+        monkeypatch.setenv("LMFORGE_KERNELS", spec)
+        CHOICES.reset()
+    yield set_
+    monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
+    CHOICES.reset()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
+    CHOICES.reset()
+    yield tmp_path / "kernels.json"
+    CHOICES.reset()
+
+
+def grads_of(y, tensors, seed=0):
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    return torch.autograd.grad(y, tensors, g)
+
+
+@needs_onednn
 @pytest.mark.parametrize("shape", [(5, 7, 32), (1, 32), (40, 32)])
 @pytest.mark.parametrize("trainable", [True, False])
-def test_prepacked_linear_matches_f_linear_and_its_gradients(shape, trainable):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_matches_f_linear_and_its_gradients(shape, trainable, dtype, force):
+    force("onednn")
     torch.manual_seed(0)
     lin = Linear(32, 48)
     lin.weight.requires_grad_(trainable)
     x = torch.randn(*shape, requires_grad=True)
-    y = lin(x)
-    want = F.linear(x, lin.weight, lin.bias)
-    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, lin.bias] + ([lin.weight] if trainable else []), g)
-    ref = torch.autograd.grad(want, [x, lin.bias] + ([lin.weight] if trainable else []), g)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    params = [x, lin.bias] + ([lin.weight] if trainable else [])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = lin(x)
+        want = F.linear(x, lin.weight, lin.bias)       # plain PyTorch: autocast's own bf16 GEMM
+    assert y.dtype == want.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(y, want, **tol)
+    for a, b in zip(grads_of(y, params), grads_of(want, params)):
+        assert a.dtype == b.dtype                      # master weights keep fp32 gradients
+        torch.testing.assert_close(a, b, **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else BF16_TOL))
 
 
+@needs_onednn
 @torch.no_grad()
-def test_prepacked_weight_follows_in_place_updates():
+def test_packed_weight_follows_in_place_updates(force):
+    force("onednn")
     lin = Linear(16, 8).eval()
     x = torch.randn(3, 16)
     before = lin(x)
@@ -36,6 +80,272 @@ def test_prepacked_weight_follows_in_place_updates():
     assert not torch.allclose(lin(x), before)
 
 
+@needs_onednn
+@torch.no_grad()
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+def test_post_ops_equal_their_formulas(act, force):
+    from lmforge.models.layers import activation
+
+    force("onednn")
+    torch.manual_seed(0)
+    lin, x, r = Linear(24, 40), torch.randn(6, 24), torch.randn(6, 40)
+    torch.testing.assert_close(kernels.linear_act(x, lin, act, activation(act)),
+                               activation(act)(F.linear(x, lin.weight, lin.bias)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.linear_add(x, lin, r), r + F.linear(x, lin.weight, lin.bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_qkv_equals_three_projections(dtype, force, monkeypatch):
+    force("onednn")
+    torch.manual_seed(0)
+    layers = tuple(Linear(16, 16) for _ in range(3))
+    for m in layers:
+        m.requires_grad_(False)
+    x = torch.randn(9, 16, requires_grad=True)
+    calls = []
+    real = gemm.stacked_onednn
+    monkeypatch.setattr(gemm, "stacked_onednn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = kernels.stacked_linear(x, layers)
+        want = torch.cat([F.linear(x, m.weight, m.bias) for m in layers], -1)
+    assert calls, "the stacked GEMM did not run"
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(y, want, **tol)
+    torch.testing.assert_close(grads_of(y, [x])[0], grads_of(want, [x])[0], **tol)
+
+
+# -- whole models: every architecture, head and method, every kernel against plain -------------
+ARCH_HEADS = [("bert", "classification"), ("bert", "mlm"), ("bert", "pretraining"), ("roberta", "classification"),
+              ("gpt2", "causal-lm"), ("gpt2", "scalar"), ("bert", "token-classification")]
+METHODS = ["full", "freeze", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer", "prefix-embedding",
+           "prefix-layer"]
+
+
+def _run_model(model, inputs, route, seed=5):
+    from lmforge.models import routing
+
+    torch.manual_seed(seed)   # the same dropout masks on both paths
+    with routing.using(route):
+        out = model(**inputs)
+    loss = out.logits.float().pow(2).mean() + (0 if out.nsp_logits is None else out.nsp_logits.float().pow(2).mean())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return out.logits.detach(), dict(zip([n for n, p in model.named_parameters() if p.requires_grad],
+                                         torch.autograd.grad(loss, trainable)))
+
+
+def _model_case(model_type, head, method, dropout):
+    from lmforge.adapters.methods import MethodConfig, apply_method
+    from lmforge.data.batches import collate_packed, model_inputs
+    from tests.test_packing import items, random_model, tiny
+
+    config = tiny(model_type, head)
+    config.hidden_dropout = config.attention_dropout = dropout
+    model = random_model(config)
+    spec = apply_method(model, MethodConfig(method=method, adapter_size=4, lora_r=4, lora_dropout=dropout,
+                                            prefix_length=3, freeze_layers=1))
+    with torch.no_grad():  # adapters start as the identity; make them do something
+        for n, p in model.named_parameters():
+            if ".lora_B" in n or ".adapters." in n:
+                p.normal_(0, 0.3)
+    model.train()
+    return model, model_inputs(collate_packed(items([7, 3, 12, 5, 9]))), spec.adapter
+
+
+@needs_onednn
+@pytest.mark.parametrize("model_type,head", ARCH_HEADS)
+@pytest.mark.parametrize("kernel", ["onednn", "linear=onednn,stacked=plain"])
+def test_every_architecture_and_head_agrees_with_plain(model_type, head, kernel, force):
+    model, inputs, route = _model_case(model_type, head, "full", 0.1)
+    force("plain")
+    want = _run_model(model, inputs, route)
+    force(kernel)
+    got = _run_model(model, inputs, route)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], atol=1e-4, rtol=1e-4, msg=n)
+    with torch.no_grad():   # inference: post-ops and the stacked Q/K/V
+        model.eval()
+        force("plain")
+        want = model(**inputs).logits
+        force(kernel)
+        torch.testing.assert_close(model(**inputs).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+def test_every_method_agrees_with_plain(method, model_type, force):
+    head = "causal-lm" if model_type == "gpt2" else "classification"
+    model, inputs, route = _model_case(model_type, head, method, 0.1)
+    force("plain")
+    want = _run_model(model, inputs, route)
+    force("onednn")
+    got = _run_model(model, inputs, route)
+    assert want[1], "nothing trainable"
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+@needs_onednn
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_model_agrees_with_plain_bf16(method, force):
+    # bf16 compute (autocast) through oneDNN's packed bf16 GEMMs against autocast's own F.linear
+    model, inputs, route = _model_case("bert", "classification", method, 0.0)
+    results = []
+    for k in ("plain", "onednn"):
+        force(k)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_run_model(model, inputs, route))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+    for n in ga:
+        assert ga[n].dtype == torch.float32    # fp32 master weights get fp32 gradients
+        rel = (ga[n] - gb[n]).norm() / gb[n].norm().clamp_min(1e-12)
+        assert rel < 0.05, (n, float(rel))
+
+
+@needs_onednn
+def test_lora_training_runs_qkv_as_one_gemm(force, monkeypatch):
+    # the LoRA path actually takes the one-GEMM route (a fallback to three GEMMs would also agree)
+    model, inputs, route = _model_case("bert", "classification", "lora", 0.1)
+    force("onednn")
+    calls = []
+    real = gemm.stacked_onednn
+    monkeypatch.setattr(gemm, "stacked_onednn", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    _run_model(model, inputs, route)
+    assert len(calls) == model.config.num_layers and all(n > 0 for n in calls), calls  # with LoRA terms
+
+
+# -- choosing, caching, forcing ------------------------------------------------------------------
+def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.setenv("LMFORGE_KERNELS", "plain")
+    assert calibrate.forced() == {"linear": "plain", "stacked": "plain"}
+    monkeypatch.setenv("LMFORGE_KERNELS", "linear=onednn, stacked=plain")
+    assert calibrate.forced() == {"linear": "onednn", "stacked": "plain"}
+    monkeypatch.setenv("LMFORGE_KERNELS", "auto")
+    assert calibrate.forced() == {}
+    for bad in ("fast", "linear=mkl", "conv=plain"):
+        monkeypatch.setenv("LMFORGE_KERNELS", bad)
+        with pytest.raises(ConfigError, match="LMFORGE_KERNELS"):
+            calibrate.forced()
+
+
+def test_forcing_plain_never_calls_onednn(force, monkeypatch):
+    force("plain")
+    monkeypatch.setattr(onednn, "gemm", lambda *a, **k: pytest.fail("oneDNN ran while plain was forced"))
+    lin = Linear(64, 64)
+    lin(torch.randn(300, 64)).sum().backward()
+
+
+@needs_onednn
+def test_choices_are_measured_once_then_cached_per_machine(cache, monkeypatch):
+    measured = []
+
+    def fake_measure(op, dtype, train, shape, prefix):
+        measured.append(prefix)
+        return {f"{prefix}|{b}": {"kernel": "onednn", "why": "test"} for b in calibrate.SIZES}
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    lin = Linear(24, 40)
+    with torch.no_grad():
+        lin(torch.randn(3, 24))
+        lin(torch.randn(700, 24))          # another size bucket of the same shape: measured already
+    assert measured == ["linear|float32|infer|24x40"]
+    data = json.loads(cache.read_text())
+    assert data["format"] == calibrate.FORMAT and data["machine_key"] == machine.machine_key()
+    assert data["choices"]["linear|float32|infer|24x40|s"]["kernel"] == "onednn"
+    CHOICES.reset()                         # a new process reads the file instead of measuring
+    with torch.no_grad():
+        lin(torch.randn(3, 24))
+    assert len(measured) == 1
+    # stale or corrupt files are ignored and rebuilt
+    for spoil in (lambda d: d.update(machine_key="another-cpu"), lambda d: d.update(format=0),
+                  lambda d: d["choices"]["linear|float32|infer|24x40|s"].update(kernel="mkl-from-the-future"),
+                  None):
+        d = json.loads(cache.read_text())
+        if spoil is None:
+            cache.write_text("{not json")
+        else:
+            spoil(d)
+            cache.write_text(json.dumps(d))
+        CHOICES.reset()
+        with torch.no_grad():
+            lin(torch.randn(3, 24))
+        assert len(measured) == 2, spoil
+        assert json.loads(cache.read_text())["machine_key"] == machine.machine_key()
+        measured.pop()
+
+
+def test_machine_key_changes_with_threads_and_isa_caps(monkeypatch):
+    key = machine.machine_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert machine.machine_key() != key
+    assert not ({"avx512f", "amx_bf16", "avx512_bf16"} & machine.cpu_flags())
+    assert not machine.has_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert machine.machine_key() != key
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_onednn
+def test_real_calibration_picks_a_known_kernel_with_reasons(cache):
+    out = calibrate.measure("linear", torch.float32, False, (32, 48), "p")
+    assert set(out) == {"p|s", "p|m", "p|l"}
+    assert all(v["kernel"] in calibrate.KERNELS and "plain" in v["why"] for v in out.values())
+
+
+# -- device and precision ------------------------------------------------------------------------
+def test_precision_and_device_resolve_as_documented(monkeypatch):
+    from lmforge.kernels import precision as P
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(machine, "has_bf16", lambda: True)
+    monkeypatch.setattr(machine, "has_amx", lambda: True)
+    assert P.resolve_precision("auto", cpu).name == "bf16" and "AMX" in P.resolve_precision("auto", cpu).why
+    assert P.resolve_precision("fp32", cpu).name == "fp32"
+    monkeypatch.setattr(machine, "has_bf16", lambda: False)
+    assert P.resolve_precision("auto", cpu).name == "fp32"
+    emulated = P.resolve_precision("bf16", cpu)
+    assert emulated.name == "bf16" and "emulated" in emulated.why
+    with pytest.raises(ConfigError, match="--precision"):
+        P.resolve_precision("fp16", cpu)
+    assert P.resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    with P.resolve_precision("bf16", cpu).autocast(cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with P.resolve_precision("fp32", cpu).autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    assert P.resolve_device("cpu") == cpu
+    with pytest.raises(ConfigError, match="--device"):
+        P.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert P.resolve_device("auto") == cpu
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            P.resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs wherever a GPU is present")
+def test_cuda_model_runs_packed_with_torchs_kernels():
+    from lmforge.data.batches import collate_packed, model_inputs
+    from tests.test_packing import items, random_model, tiny
+
+    model = random_model(tiny())
+    inputs = model_inputs(collate_packed(items([7, 3, 12])))
+    want = model(**inputs).logits
+    cuda = torch.device("cuda")
+    model.to(cuda)
+    got = model(**{k: v.to(cuda) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    assert calibrate.choose("linear", cuda, torch.float32, False, (32, 32), 10) == "plain"
+
+
+# -- dropout masks and attention -----------------------------------------------------------------
 def test_keep_mask_and_dropout_statistics():
     torch.manual_seed(0)
     x = torch.ones(1000, 1000)
@@ -65,84 +375,3 @@ def test_manual_attention_path_equals_sdpa(kind):
     # p below 1/65536 rounds to "keep everything": the manual path with no element dropped
     got = attend(q, k, v, mask, 1e-9, is_causal=kind == "causal")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("model_type, act", [("bert", "gelu"), ("gpt2", "gelu_new"), ("bert", "relu")])
-@pytest.mark.parametrize("packed", [True, False])
-def test_fused_inference_path_equals_the_training_path(model_type, act, packed):
-    # inference fuses Q/K/V into one GEMM and GELU / the residual add into the FFN GEMMs; with autograd
-    # on, the model runs the separate ops: both give the same outputs
-    from lmforge.data.batches import collate, collate_packed, model_inputs
-    from tests.test_packing import items, random_model, tiny
-
-    head = "causal-lm" if model_type == "gpt2" else "classification"
-    model = random_model(tiny(model_type, head, hidden_act=act)).eval()
-    batch = (collate_packed if packed else lambda xs: collate(xs, 0))(items([7, 3, 12, 5]))
-    inputs = model_inputs(batch)
-    reference = model(**inputs)
-    with torch.inference_mode():
-        fused = model(**inputs)
-    for name in ("hidden_states", "logits"):
-        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
-    assert ("concat" in model.transformer.layers[0].attention.query._packs) == packed
-
-
-@pytest.mark.parametrize("setup", ["lora-qv", "lora-qkv-two-adapters", "prefix-layer", "gpt2-lora"])
-def test_training_qkv_as_one_gemm_equals_three_projections(setup, monkeypatch):
-    # training with frozen Q/K/V (LoRA, prefix tuning) runs them as one GEMM plus the adapters'
-    # low-rank terms (models/linear.py: lowrank_concat_linear): same loss and gradients as three
-    import lmforge.models.layers as layers
-    from lmforge.adapters.lora import LoraConfig
-    from lmforge.adapters.manager import add_adapter
-    from lmforge.adapters.methods import MethodConfig, apply_method
-    from lmforge.data.batches import collate_packed, model_inputs
-    from lmforge.models.routing import Routing
-    from tests.test_packing import items, random_model, tiny
-
-    model_type = "gpt2" if setup.startswith("gpt2") else "bert"
-    config = tiny(model_type, "causal-lm" if model_type == "gpt2" else "classification")
-    config.hidden_dropout = config.attention_dropout = 0.1
-    model = random_model(config)
-    route = None   # the adapters every forward pass runs with
-    if setup == "prefix-layer":
-        apply_method(model, MethodConfig(method="prefix-layer", prefix_length=3))
-    else:
-        targets = ("query", "key", "value") if "qkv" in setup else ("query", "value")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = ["a", "b"] if "two" in setup else ["a"]
-        for n in names:
-            add_adapter(model, n, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=targets), head=False)
-        route = Routing.stack(*names)
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
-                with torch.no_grad():
-                    p.normal_(0, 0.3)
-    model.train()
-    inputs = model_inputs(collate_packed(items([7, 3, 12, 5, 9])))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable
-
-    def run():
-        torch.manual_seed(5)   # the same dropout masks, drawn in the same order, on both paths
-        out = model(**inputs, adapters=route)
-        loss = out.logits.float().pow(2).mean()
-        return loss, torch.autograd.grad(loss, trainable)
-
-    applied = []   # per call: did the one-GEMM path run (not None, which falls back to three)?
-    real = layers.lowrank_concat_linear
-
-    def spy(*a):
-        out = real(*a)
-        applied.append(out is not None)
-        return out
-
-    monkeypatch.setattr(layers, "lowrank_concat_linear", spy)
-    fused_loss, fused_grads = run()
-    assert applied and all(applied), applied
-    monkeypatch.setattr(layers, "lowrank_concat_linear", lambda *a: None)
-    loss, grads = run()
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
-    for a, b in zip(fused_grads, grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

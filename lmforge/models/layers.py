@@ -12,7 +12,9 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.linear import Linear, concat_linear, fused_linear, lowrank_concat_linear
+from lmforge import kernels
+from lmforge.kernels import attend, keep_mask
+from lmforge.models.linear import Linear
 from lmforge.models.packing import Packed
 
 
@@ -24,19 +26,6 @@ def activation(name: str):
     if name == "relu":
         return F.relu
     raise ValueError(name)
-
-
-def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """A boolean mask shaped like `like`, True with probability 1 - p. On CPUs it is cut from 64-bit
-    random words, four 16-bit lanes each (a full-range random_ fills all 64 bits; the default range
-    gives 63): several times faster than bernoulli or uniform sampling per element. p is rounded to a
-    multiple of 1/65536. Elsewhere it is torch's own uniform sampling."""
-    if like.device.type != "cpu":
-        return torch.rand_like(like) >= p
-    n = like.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
-    keep = words.view(torch.int16) >= -32768 + round(p * 65536)       # uniform over int16, contiguous
-    return keep[:n].view(like.shape)
 
 
 class Dropout(nn.Module):
@@ -56,24 +45,6 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def attend(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v over [B, H, T, Dh]. With dropout, the probabilities are
-    dropped with keep_mask (SDPA's CPU path would fall back to the same math with slower sampling);
-    without, SDPA picks its fused kernel. mask: boolean keep-mask or additive, broadcastable."""
-    if dropout_p == 0 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)              # [B, H, T, S]
-    if is_causal:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
-            else scores + mask
-    probs = scores.softmax(-1)
-    probs = probs * keep_mask(probs, dropout_p).to(probs.dtype).mul_(1.0 / (1.0 - dropout_p))
-    return probs @ v
 
 
 class Attention(nn.Module):
@@ -96,17 +67,12 @@ class Attention(nn.Module):
         self.fused_qkv: tuple | None = None
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """[.., 3D] = Q, K, V projections of x, as one GEMM where possible."""
+        """[.., 3D] = cat(Q(x), K(x), V(x)), as one GEMM where the kernels can."""
         if self.fused_qkv is not None:
             fused, sources = self.fused_qkv
             if all(a is b for a, b in zip(sources, (self.query, self.key, self.value))):
                 return fused(x)
-        qkv = concat_linear(x, (self.query, self.key, self.value))
-        if qkv is None:  # training with the projections frozen (LoRA, prefix tuning)
-            qkv = lowrank_concat_linear(x, (self.query, self.key, self.value))
-        if qkv is None:  # training them, a mixed-adapter batch, another device
-            qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
-        return qkv
+        return kernels.stacked_linear(x, (self.query, self.key, self.value))
 
     def _prefix(self, B: int):
         """Trainable prefix keys and values [B, H, P, Dh], or None."""
@@ -155,10 +121,7 @@ class Attention(nn.Module):
         return self._project(y, residual)
 
     def _project(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        if residual is None:
-            return self.output(y)
-        out = fused_linear(y, self.output, add=residual)
-        return out if out is not None else residual + self.output(y)
+        return self.output(y) if residual is None else kernels.linear_add(y, self.output, residual)
 
     def _forward_packed(self, x: torch.Tensor, packed: Packed, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, D]: projections on the real tokens only; attention per length bucket, each padded
@@ -217,14 +180,12 @@ class Block(nn.Module):
         return self.attention(h, mask, cache, layer_idx, packed, residual=residual)
 
     def ffn_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + dropout(ffn(x)); at inference two GEMMs whose activation and residual add are
-        oneDNN post-ops (no separate passes over the [N, 4D] and [N, D] outputs)."""
-        if not (self.training and self.dropout.p > 0):
-            h = fused_linear(x, self.intermediate, act=self.act_name)
-            if h is not None:
-                y = fused_linear(h, self.output, add=residual)
-                return y if y is not None else residual + self.output(h)
-        return residual + self.dropout(self.ffn(x))
+        """residual + dropout(ffn(x)); at inference the activation and the residual add can be
+        post-ops of the GEMMs before them (kernels.linear_act / linear_add)."""
+        if self.training and self.dropout.p > 0:
+            return residual + self.dropout(self.ffn(x))
+        h = kernels.linear_act(x, self.intermediate, self.act_name, self.act)
+        return kernels.linear_add(h, self.output, residual)
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
                 packed: Packed | None = None):

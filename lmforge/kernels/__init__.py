@@ -1,0 +1,23 @@
+"""Fast kernels behind one small interface, with plain PyTorch as the always-correct fallback.
+
+models/ describes the architecture and calls only these functions for the operations that have a
+faster form than their formula:
+
+  linear(x, W, b)                 x W^T + b
+  linear_act(x, layer, name, f)   f(layer(x))        (activation as a GEMM post-op at inference)
+  linear_add(x, layer, r)         r + layer(x)       (residual add as a GEMM post-op at inference)
+  stacked_linear(x, layers)       cat([l(x) for l in layers], -1)   (Q, K, V as one GEMM)
+  attend(q, k, v, mask, p)        softmax(q k^T / sqrt(d) + mask) v, with dropout p
+  keep_mask(like, p)              a dropout keep-mask
+
+Which implementation runs is chosen per machine by measurement (calibrate.py) and can be forced
+with LMFORGE_KERNELS; private torch ops live only in onednn.py, guarded. precision.py resolves
+--device and --precision; machine.py says what this machine is.
+"""
+
+from lmforge.kernels.attention import attend, keep_mask
+from lmforge.kernels.gemm import LowRankWrapper, compute_dtype, linear, linear_act, linear_add, stacked_linear
+from lmforge.kernels.precision import Precision, resolve_device, resolve_precision
+
+__all__ = ["attend", "keep_mask", "linear", "linear_act", "linear_add", "stacked_linear", "compute_dtype",
+           "LowRankWrapper", "Precision", "resolve_device", "resolve_precision"]

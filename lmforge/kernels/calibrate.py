@@ -1,0 +1,216 @@
+"""Which kernel runs each op, chosen by measuring the candidates on this machine, and remembered.
+
+The first time an op meets a weight shape (per device, compute dtype, and inference or training),
+every candidate kernel is timed on that shape at three token counts (16, 128 and 1,024 rows: batch-1
+latency, a short batch, a full batch) and the fastest is kept for each size bucket. A fast path must
+beat plain PyTorch by MARGIN to be chosen, so noise never picks a slower kernel. Timing one shape
+takes tens of milliseconds (bounded by BUDGET_S); a model has a handful of shapes.
+
+Choices are cached in `<cache dir>/kernels.json` (LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge,
+else ~/.cache/lmforge) under a key of the CPU model, ISA flags, thread count and torch version
+(kernels/machine.py). A file that does not parse, has another format version or another machine key,
+or names an unknown kernel is ignored and rebuilt, never trusted. LMFORGE_KERNELS forces a choice:
+`plain` (everything plain PyTorch), `onednn`, or per op, e.g. `linear=onednn,stacked=plain`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.kernels import machine, onednn
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1                  # bump when the file's meaning changes: older files are rebuilt
+KERNELS = ("plain", "onednn")
+OPS = ("linear", "stacked")
+SIZES = {"s": 16, "m": 128, "l": 1024}   # bucket -> rows timed
+MARGIN = 0.97               # a fast path must take at most 97% of plain's time
+BUDGET_S = 1.0              # per (op, shape): stop timing and keep plain past this
+
+
+def bucket(rows: int) -> str:
+    return "s" if rows < 64 else "m" if rows < 512 else "l"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("LMFORGE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lmforge")
+    return Path(root) / "kernels.json"
+
+
+def forced() -> dict[str, str]:
+    """LMFORGE_KERNELS as {op: kernel}; {} when unset or auto. A bad value is an error, not a guess."""
+    from lmforge.errors import ConfigError
+
+    spec = os.environ.get("LMFORGE_KERNELS", "").strip()
+    if spec in ("", "auto"):
+        return {}
+    out = {}
+    for part in spec.split(","):
+        op, _, kernel = part.strip().rpartition("=")
+        if kernel not in KERNELS or (op and op not in OPS):
+            raise ConfigError(f"LMFORGE_KERNELS={spec!r}: expected auto, one of {', '.join(KERNELS)}, or "
+                              f"op=kernel with op in {', '.join(OPS)}; got {part.strip()!r}")
+        for o in ([op] if op else OPS):
+            out[o] = kernel
+    return out
+
+
+class Choices:
+    """The process-wide table of choices, backed by the cache file."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._table: dict[str, dict] | None = None
+        self._forced: dict[str, str] | None = None
+
+    def reset(self) -> None:
+        """Forget the table and LMFORGE_KERNELS (tests; a changed environment)."""
+        with self._lock:
+            self._table, self._forced = None, None
+
+    def _load(self) -> dict[str, dict]:
+        path = cache_path()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if (not isinstance(data, dict) or data.get("format") != FORMAT
+                    or data.get("machine_key") != machine.machine_key()):
+                raise ValueError("another format or machine")
+            table = data["choices"]
+            if not isinstance(table, dict) or not all(
+                    isinstance(v, dict) and v.get("kernel") in KERNELS for v in table.values()):
+                raise ValueError("an unknown kernel")
+            return table
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.info("kernel cache %s ignored (%s): measuring again", path, e)
+            return {}
+
+    def _save(self) -> None:
+        path = cache_path()
+        data = {"format": FORMAT, "machine_key": machine.machine_key(), "machine": machine.info(),
+                "choices": self._table}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)   # readers see the old file or the new one, never half of one
+        except OSError as e:        # a read-only home: the choices still hold for this process
+            log.info("kernel cache %s not written (%s)", path, e)
+
+    def table(self) -> dict[str, dict]:
+        with self._lock:
+            if self._table is None:
+                self._table = self._load()
+            return self._table
+
+    def choose(self, op: str, device: torch.device, dtype: torch.dtype, train: bool,
+               shape: tuple[int, ...], rows: int) -> str:
+        """The kernel for op on a weight of `shape` ([in, out...]) with `rows` input rows."""
+        if device.type != "cpu" or not onednn.available():
+            return "plain"                       # GPUs: torch's own kernels are the fast path
+        with self._lock:
+            if self._forced is None:
+                self._forced = forced()
+            if op in self._forced:
+                return self._forced[op]
+            prefix = f"{op}|{str(dtype).removeprefix('torch.')}|{'train' if train else 'infer'}|" \
+                     f"{'x'.join(map(str, shape))}"
+            table = self.table()
+            key = f"{prefix}|{bucket(rows)}"
+            if key not in table:
+                table.update(measure(op, dtype, train, shape, prefix))
+                self._save()
+            return table[key]["kernel"]
+
+
+CHOICES = Choices()
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, train: bool, shape: tuple[int, ...],
+           rows: int) -> str:
+    return CHOICES.choose(op, device, dtype, train, shape, rows)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def _time(fn, deadline: float) -> float:
+    """Median seconds per call over a few calls after a warm-up (fewer when past the deadline)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], rows: int) -> dict:
+    """{kernel: a thunk running op once} on random tensors of the real shapes. Weights are fp32
+    masters and inputs fp32 (bf16 compute runs under autocast), as in a model."""
+    from lmforge.kernels import gemm as K
+
+    g = torch.Generator().manual_seed(0)
+    k_in, outs = shape[0], shape[1:]
+    weights = [torch.randn(o, k_in, generator=g) * 0.02 for o in outs]
+    biases = [torch.zeros(o) for o in outs]
+    if train and op == "linear":          # training a weight: its gradient is computed too
+        for t in weights + biases:
+            t.requires_grad_(True)
+    x = torch.randn(rows, k_in, generator=g, requires_grad=train)
+    gy = torch.randn(rows, sum(outs), generator=g)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+    def run(kernel):
+        def thunk():
+            with torch.set_grad_enabled(train), autocast:
+                if op == "linear":
+                    y = K.linear(x, weights[0], biases[0], kernel=kernel)
+                else:
+                    y = K.stacked_plain(x, weights, biases) if kernel == "plain" else \
+                        K.stacked_onednn(x, tuple(weights), tuple(biases), ())
+            if train:
+                y.backward(gy.to(y.dtype))
+                x.grad = None
+                for t in weights + biases:
+                    t.grad = None
+        return thunk
+
+    return {k: run(k) for k in KERNELS}
+
+
+def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], prefix: str) -> dict:
+    """{prefix|bucket: {"kernel", "why"}} for every size bucket of one (op, shape)."""
+    out, start = {}, time.perf_counter()
+    for b, rows in SIZES.items():
+        if time.perf_counter() - start > BUDGET_S:
+            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": "calibration budget spent"}
+            continue
+        try:
+            with torch.no_grad() if not train else torch.enable_grad():
+                cands = _candidates(op, dtype, train, shape, rows)
+                deadline = time.perf_counter() + BUDGET_S / len(SIZES)
+                times = {k: _time(fn, deadline) for k, fn in cands.items()}
+        except RuntimeError as e:   # a kernel this build cannot run on this shape: plain it is
+            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": f"onednn failed: {str(e).splitlines()[0][:80]}"}
+            continue
+        best = min(times, key=times.get)
+        kernel = best if times[best] <= MARGIN * times["plain"] else "plain"
+        why = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()) + f" at {rows} rows"
+        out[f"{prefix}|{b}"] = {"kernel": kernel, "why": why}
+    return out
