@@ -98,3 +98,35 @@ def test_save_and_reload_roundtrip(tmp_path, minilm_dir):
 def test_missing_tokenizer_files_are_named(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path)):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_concurrent_calls_with_different_settings_do_not_leak(minilm_dir):
+    """Two threads tokenizing at once with different max_length (and padding) each get exactly what a
+    call alone gives: a call never changes settings another thread's call sees."""
+    import threading
+
+    tok = Tokenizer.from_dir(minilm_dir)
+    texts = [" ".join(f"word{i} number {j}" for j in range(40 + i)) for i in range(24)]  # 120+ tokens
+    settings = [dict(max_length=8), dict(max_length=64, padding="max_length"), dict(padding="none"),
+                dict(max_length=24, padding="none")]
+    want = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in tok(texts, **s).items()} for s in settings]
+    assert len({len(w["input_ids"][0]) for w in want}) == len(settings)   # four different shapes
+    barrier = threading.Barrier(len(settings))
+    mismatches: list = []
+
+    def work(i):
+        barrier.wait()
+        for _ in range(150):
+            got = tok(texts, **settings[i])
+            got = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in got.items()}
+            if got != want[i]:
+                mismatches.append((i, [len(x) for x in got["input_ids"][:2]]))
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(settings))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not mismatches, mismatches
+    assert tok(texts, padding="none") == tok(texts, padding="none") and tok(texts)["input_ids"].shape[1] > 100

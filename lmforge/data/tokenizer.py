@@ -4,8 +4,10 @@ pairs with token-type ids, longest-first truncation, and padded batches with att
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -62,10 +64,41 @@ def _vocab_is_uncased(vocab: Path) -> bool:
 
 
 class Tokenizer:
+    """Thread-safe: a call never changes settings another call sees. The Rust tokenizer carries its
+    truncation and padding as state, so each setting (max_length, padding, side) gets its own copy,
+    configured once when first asked for and never changed after; `_tok` itself stays unconfigured."""
+
+    _MAX_CONFIGURED = 16   # settings kept (a server uses one or two; an LRU bound for the rest)
+
     def __init__(self, tok: _HFTokenizer, kind: str, model_type: str, lowercase: bool | None = None):
-        tok.no_truncation()  # a tokenizer.json may carry its own settings: we set them per call
+        tok.no_truncation()  # a tokenizer.json may carry its own settings: each call picks its own
         tok.no_padding()
         self._tok, self.kind, self.model_type, self.lowercase = tok, kind, model_type, lowercase
+        self._configured: collections.OrderedDict = collections.OrderedDict()
+        self._configured_lock = threading.Lock()
+
+    def _for(self, max_length: int | None, padding: str, padding_side: str) -> _HFTokenizer:
+        """The Rust tokenizer set up for these settings (a private copy; the plain one when none)."""
+        if padding == "none" and not max_length:
+            return self._tok
+        key = (max_length or None, padding, padding_side)
+        with self._configured_lock:
+            tok = self._configured.get(key)
+            if tok is not None:
+                self._configured.move_to_end(key)
+                return tok
+        tok = _HFTokenizer.from_str(self._tok.to_str())   # configured before any other thread sees it
+        if max_length:
+            tok.enable_truncation(max_length, strategy="longest_first")
+        if padding != "none":
+            tok.enable_padding(direction=padding_side, pad_id=self.pad_token_id,
+                               pad_token=tok.id_to_token(self.pad_token_id) or "",
+                               length=max_length if padding == "max_length" else None)
+        with self._configured_lock:
+            tok = self._configured.setdefault(key, tok)
+            while len(self._configured) > self._MAX_CONFIGURED:
+                self._configured.popitem(last=False)
+        return tok
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -151,23 +184,13 @@ class Tokenizer:
             texts = [texts]
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
-        tok = self._tok
-        if max_length:
-            tok.enable_truncation(max_length, strategy="longest_first")
-        else:
-            tok.no_truncation()
-        if padding == "none":
-            tok.no_padding()
-        elif padding in ("longest", "max_length"):
-            tok.enable_padding(direction=padding_side, pad_id=self.pad_token_id,
-                               pad_token=tok.id_to_token(self.pad_token_id) or "",
-                               length=max_length if padding == "max_length" else None)
-        else:
+        if padding not in ("longest", "max_length", "none"):
             raise ValueError(f"padding {padding!r} is not one of longest, max_length, none")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side {padding_side!r} is not one of left, right")
+        tok = self._for(max_length, padding, padding_side)
         inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
         encodings = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
-        tok.no_padding()
-        tok.no_truncation()
         if padding == "none":
             return {"input_ids": [e.ids for e in encodings], "token_type_ids": [e.type_ids for e in encodings]}
         return {
