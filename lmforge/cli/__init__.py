@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, evaluate, export, finetune, glue, predict, serve
+from lmforge.cli import embed, env, evaluate, export, finetune, glue, predict, serve
 
-COMMANDS = {"embed": embed, "finetune": finetune, "evaluate": evaluate, "predict": predict,
+COMMANDS = {"embed": embed, "env": env, "finetune": finetune, "evaluate": evaluate, "predict": predict,
             "glue": glue, "export": export, "serve": serve}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -79,6 +78,12 @@ class Choices:
         """Forget the table and LMFORGE_KERNELS (tests; a changed environment)."""
         with self._lock:
             self._table, self._forced = None, None
+
+    def forget(self) -> None:
+        """Drop every cached choice (this process and the file): the next use measures again."""
+        with self._lock:
+            self._table, self._forced = {}, None
+            self._save()
 
     def _load(self) -> dict[str, dict]:
         path = cache_path()
@@ -146,18 +151,21 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, train: bool, shape
 
 
 # -- measuring ---------------------------------------------------------------------------------
-def _time(fn, deadline: float) -> float:
-    """Median seconds per call over a few calls after a warm-up (fewer when past the deadline)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(7):
-        t = time.perf_counter()
+def _time(thunks: dict, deadline: float) -> dict[str, float]:
+    """Seconds per call of each thunk: the fastest of up to 7 rounds after a warm-up, the candidates
+    interleaved within each round, so a slow spell of a busy machine hits them alike (the minimum is
+    the estimate least moved by other work on the machine)."""
+    for fn in thunks.values():
         fn()
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() > deadline and len(times) >= 3:
+    best = {k: float("inf") for k in thunks}
+    for i in range(7):
+        for k, fn in thunks.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+        if time.perf_counter() > deadline and i >= 2:
             break
-    return statistics.median(times)
+    return best
 
 
 def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], rows: int) -> dict:
@@ -205,7 +213,7 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
             with torch.no_grad() if not train else torch.enable_grad():
                 cands = _candidates(op, dtype, train, shape, rows)
                 deadline = time.perf_counter() + BUDGET_S / len(SIZES)
-                times = {k: _time(fn, deadline) for k, fn in cands.items()}
+                times = _time(cands, deadline)
         except RuntimeError as e:   # a kernel this build cannot run on this shape: plain it is
             out[f"{prefix}|{b}"] = {"kernel": "plain", "why": f"onednn failed: {str(e).splitlines()[0][:80]}"}
             continue

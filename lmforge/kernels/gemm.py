@@ -125,7 +125,8 @@ def stacked_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tens
     low-rank terms are added to their slices, or prefix tuning) and the measurement says so."""
     bases = tuple(getattr(m, "base", m) for m in layers)
     plain_bases = all(isinstance(b, nn.Linear) and b.bias is not None for b in bases)
-    frozen = plain_bases and not any(p.requires_grad for b in bases for p in b.parameters())
+    frozen = plain_bases and (not torch.is_grad_enabled() or not any(
+        p.requires_grad for b in bases for p in b.parameters()))
     wrapped = [m for m, b in zip(layers, bases) if m is not b]
     if not frozen or any(not hasattr(m, "low_rank_updates") for m in wrapped) or \
             (wrapped and (x.dim() != 2 or not torch.is_grad_enabled())):
