@@ -92,21 +92,30 @@ class Model(nn.Module):
             return self.config
         return self.config.replace(**self.adapter_head_configs[adapter])
 
-    def _uniform_head(self, names: tuple[str, ...]) -> nn.Module | None:
-        own = [n for n in names if n in self.adapter_heads]
-        return self.adapter_heads[own[0]] if len(own) == 1 else self.head
+    def head_kind(self, adapter: str | None) -> str | None:
+        """The kind of head that answers for `adapter`: the base head's, unless the adapter brought a
+        head of another kind (head_config {"head": ...}; e.g. a classifier on a causal LM)."""
+        return self.config_for(adapter).head
 
-    def _head_groups(self, r: "_routing.Routing") -> list[tuple[nn.Module, list[int] | None]]:
-        """[(head, rows)]: one entry with rows None when one head serves every row."""
+    def _head_groups(self, r: "_routing.Routing") -> tuple[str | None, list[tuple[nn.Module, list[int] | None]]]:
+        """(kind, [(head, rows)]): one entry with rows None when one head serves every row."""
         if not r.mixed:
-            return [(self._uniform_head(r.uniform), None)]
+            own = [n for n in r.uniform if n in self.adapter_heads]
+            name = own[0] if len(own) == 1 else None
+            return self.head_kind(name), [(self.head_for(name), None)]
         groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        kinds = set()
         for i, n in enumerate(r.per_row):
             head = self.head_for(n)
+            if id(head) not in groups:
+                kinds.add(self.head_kind(n))
             groups.setdefault(id(head), (head, []))[1].append(i)
+        if len(kinds) > 1:
+            raise ConfigError(f"a batch mixing heads of different kinds ({', '.join(map(str, sorted(kinds, key=str)))}) "
+                              "cannot run as one; run each kind's rows as its own batch")
         if len(groups) == 1:
-            return [(next(iter(groups.values()))[0], None)]
-        return list(groups.values())
+            return kinds.pop(), [(next(iter(groups.values()))[0], None)]
+        return kinds.pop(), list(groups.values())
 
     @property
     def device(self) -> torch.device:
@@ -154,10 +163,9 @@ class Model(nn.Module):
         return out
 
     def _heads(self, out: ModelOutput, h, r, attention_mask, packed, positions) -> None:
-        kind = self.config.head
-        if kind is None:
+        kind, groups = self._head_groups(r)
+        if kind is None or groups[0][0] is None:
             return
-        groups = self._head_groups(r)
         if len(groups) == 1:
             head = groups[0][0]
             embedding = self.transformer.embeddings.word_embeddings.weight
@@ -177,8 +185,8 @@ class Model(nn.Module):
             return
         # rows with different heads: each group of rows through its own head
         device = h.device
-        if kind == "classification":
-            feats = self.head.features(h, out.pooled, attention_mask, packed)       # [B, D], computed once
+        if kind == "classification":   # the features a classifier reads need no parameters of its own
+            feats = groups[0][0].features(h, out.pooled, attention_mask, packed)    # [B, D], computed once
             parts = [(rows, head.classify(feats.index_select(0, torch.tensor(rows, device=device))))
                      for head, rows in groups]
             widths = {p.shape[-1] for _, p in parts}
@@ -216,7 +224,7 @@ class Model(nn.Module):
             if packed is None and not (lm and positions is not None):
                 result = result.view(*h.shape[:2], *result.shape[1:])
             if kind == "scalar":
-                out.values, out.logits = result, self.head.reward(result, attention_mask, packed)
+                out.values, out.logits = result, groups[0][0].reward(result, attention_mask, packed)
             else:
                 out.logits = result
             if kind == "pretraining":

@@ -1,10 +1,14 @@
-"""Dynamic batching: requests wait in one bounded queue of sequences; a single worker thread takes
-up to max_batch_size sequences of the same kind (across requests and adapters), waiting at most
-max_wait for a batch to fill, runs one forward pass for them and answers every request.
+"""Dynamic batching: requests wait in a bounded queue of sequences; a worker thread takes up to
+max_batch_size sequences of the same kind (across requests and adapters), waiting at most max_wait
+for a batch to fill, runs one forward pass for them and answers every request.
 
-The queue is bounded in sequences (a request that does not fit is refused at once, never queued),
-a failing batch is retried request by request so that an error answers only the requests that
-caused it, and nothing a request sends can stop the worker thread.
+Kinds that run one request per pass (generation) have a lane of their own: their own queue and
+worker thread, so a long generation never holds up the classification and embedding batches
+behind it, and they run at the same time (the engine takes no lock another pass needs).
+
+The queue is bounded in sequences over all lanes (a request that does not fit is refused at once,
+never queued), a failing batch is retried request by request so that an error answers only the
+requests that caused it, and nothing a request sends can stop a worker thread.
 """
 
 from __future__ import annotations
@@ -72,6 +76,15 @@ class Work:
 Runner = Callable[[str, list], list]
 
 
+class _Lane:
+    """One queue and the worker thread that empties it."""
+
+    def __init__(self, name: str, single: bool):
+        self.name, self.single = name, single
+        self.queue: collections.deque[tuple[Work, int]] = collections.deque()
+        self.thread: threading.Thread | None = None
+
+
 class Batcher:
     def __init__(self, runner: Runner, max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, metrics: Metrics | None = None,
@@ -81,22 +94,31 @@ class Batcher:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.metrics = metrics or Metrics()
-        self.single_kinds = single_kinds         # kinds that run one request per pass
-        self._queue: collections.deque[tuple[Work, int]] = collections.deque()
-        self._cond = threading.Condition()
+        self.single_kinds = single_kinds         # kinds that run one request per pass, each in its own lane
+        self._batched = _Lane("batcher", single=False)
+        self._lanes = {kind: _Lane(kind, single=True) for kind in single_kinds}
+        self._cond = threading.Condition()       # guards every lane's queue
         self._stopping = False
-        self._busy = False
         self._batch_seconds = 0.05               # running mean, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="lmforge-batcher", daemon=True)
+        for lane in self._all_lanes():
+            lane.thread = threading.Thread(target=self._loop, args=(lane,), name=f"lmforge-{lane.name}",
+                                           daemon=True)
+
+    def _all_lanes(self) -> list[_Lane]:
+        return [self._batched, *self._lanes.values()]
+
+    def _lane(self, kind: str) -> _Lane:
+        return self._lanes.get(kind, self._batched)
 
     # -- the request side -------------------------------------------------------------------------
     def start(self) -> "Batcher":
-        self._thread.start()
+        for lane in self._all_lanes():
+            lane.thread.start()
         return self
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return sum(len(lane.queue) for lane in self._all_lanes())
 
     def retry_after(self) -> int:
         batches = self.depth / self.max_batch_size + 1
@@ -111,43 +133,45 @@ class Batcher:
             if self.depth + len(work.items) > self.max_queue:
                 self.metrics.inc("lmforge_queue_rejections_total")
                 raise QueueFull(self.depth, self.max_queue, self.retry_after())
-            self._queue.extend((work, i) for i in range(len(work.items)))
+            self._lane(kind).queue.extend((work, i) for i in range(len(work.items)))
             self.metrics.set("lmforge_queue_depth", self.depth)
-            self._cond.notify()
+            self._cond.notify_all()   # workers of different lanes wait on the same condition
         if not work.items:
             work.future.set_result([])
         return work.future
 
     def stop(self, timeout: float | None = None) -> None:
-        """Answer everything already queued, then end the worker thread."""
+        """Answer everything already queued, then end the worker threads."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for lane in self._all_lanes():
+            if lane.thread.is_alive():
+                lane.thread.join(timeout)
 
     # -- the worker side --------------------------------------------------------------------------
-    def _take(self) -> list[tuple[Work, int]] | None:
+    def _take(self, lane: _Lane) -> list[tuple[Work, int]] | None:
+        queue = lane.queue
         with self._cond:
-            while not self._queue:
+            while not queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
             # wait for the batch to fill, at most max_wait after the oldest sequence arrived
-            while not self._stopping and len(self._queue) < self.max_batch_size:
-                left = self._queue[0][0].enqueued + self.max_wait - time.monotonic()
+            while not lane.single and not self._stopping and len(queue) < self.max_batch_size:
+                left = queue[0][0].enqueued + self.max_wait - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            kind = self._queue[0][0].kind
-            limit = 1 if kind in self.single_kinds else self.max_batch_size
+            kind = queue[0][0].kind
+            limit = 1 if lane.single else self.max_batch_size
             batch, rest = [], collections.deque()
-            while self._queue and len(batch) < limit:
-                work, i = self._queue.popleft()
+            while queue and len(batch) < limit:
+                work, i = queue.popleft()
                 if work.future.done():              # cancelled (client gone) or already failed
                     continue
                 (batch if work.kind == kind else rest).append((work, i))
-            self._queue.extendleft(reversed(rest))
+            queue.extendleft(reversed(rest))
             self.metrics.set("lmforge_queue_depth", self.depth)
             return batch
 
@@ -158,10 +182,10 @@ class Batcher:
         for (work, i), r in zip(batch, results):
             work.put(i, r)
 
-    def _loop(self) -> None:
+    def _loop(self, lane: _Lane) -> None:
         while True:
             try:
-                batch = self._take()
+                batch = self._take(lane)
             except BaseException:  # never let the worker die
                 log.exception("batcher: taking a batch failed")
                 continue
@@ -198,5 +222,6 @@ class Batcher:
                     w.fail(e if isinstance(e, Exception) else RuntimeError(repr(e)))
             finally:
                 elapsed = time.perf_counter() - start
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+                if not lane.single:   # Retry-After estimates the batched lane's pace
+                    self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
                 self.metrics.observe("lmforge_batch_duration_seconds", elapsed, kind=kind)
