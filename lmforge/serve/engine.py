@@ -1,9 +1,16 @@
 """The model side of the server: one base model with its tokenizer and LoRA adapters; encodes
-requests (on the caller's thread) and runs batches (on the batcher's thread). One lock guards the
-model, so adapters load and unload between forward passes, never during one."""
+requests (on the callers' threads) and runs forward passes (on the batcher's threads).
+
+No lock is held around computation that another forward pass needs: which adapters a pass uses is
+an argument of that pass (models/routing.py, per thread), and the tokenizer keeps no per-call state,
+so a generation and classification batches run at the same time on different threads. Changing the
+adapter table (hot load, unload, quantization) takes an exclusive turn of a read-write lock: it waits
+until the passes in flight finish (so an adapter is never removed under a batch that uses it) and new
+passes wait for it (writers first). Passes themselves only ever take the shared side."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 from lmforge.adapters.manager import adapters, classify_mixed, delete_adapter, mixed_batch
 from lmforge.data.batches import Encoded, collate_packed, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import ConfigError
 from lmforge.models import from_pretrained
 from lmforge.models.checkpoint import load_config
 from lmforge.models.generate import generate
@@ -50,6 +58,48 @@ class GenJob:
     seed: int | None
 
 
+class ReadWriteLock:
+    """Any number of readers (forward passes) or one writer (a change of the adapter table). A waiting
+    writer goes next: readers that arrive after it wait, so writers are not starved by a busy queue."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class Engine:
     def __init__(self, model: str, max_input_tokens: int | None = None, device: str = "cpu"):
         directory = resolve(model)
@@ -67,14 +117,28 @@ class Engine:
         self.pooling, _ = _sentence_transformers_settings(directory)
         limit = self.model.config.max_position_embeddings
         self.max_input_tokens = min(max_input_tokens or limit, limit)
-        self.lock = threading.RLock()          # the model: forward passes vs adapter changes
-        self._tok_lock = threading.Lock()      # the tokenizer keeps truncation state between calls
+        self.lock = ReadWriteLock()            # forward passes (shared) vs adapter-table changes (exclusive)
         self.quantized = None
         self._info: dict = {}                  # head_info per adapter, cleared when adapters change
 
     # -- adapters ---------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
         return list(adapters(self.model))
+
+    def changing_adapters(self):
+        """The exclusive side of the lock, for changes of the adapter table made from outside
+        (load_adapter and unload_adapter take it themselves)."""
+        return self._changing()
+
+    @contextlib.contextmanager
+    def _changing(self):
+        with self.lock.exclusive():
+            self._info.clear()
+            try:
+                yield
+            finally:
+                self.model.eval()  # new heads and LoRA dropout modules are created in training mode
+                self._info.clear()
 
     def head_info(self, adapter: str | None) -> dict:
         """Labels and kind of the head that answers for `adapter` (None: the base model)."""
@@ -89,24 +153,22 @@ class Engine:
             return {"labels": base.labels, "regression": base.is_regression, "classifier": self.base_classifier}
         cfg = self.model.config_for(adapter)
         return {"labels": cfg.labels, "regression": cfg.is_regression,
-                "classifier": adapter in self.model.adapter_heads}
+                "classifier": adapter in self.model.adapter_heads and cfg.head == "classification"}
 
     def load_adapter(self, name: str, directory: Path) -> None:
         from lmforge.adapters.peft_format import load_adapter
-        with self.lock:
-            self._info.clear()
-            try:
-                load_adapter(self.model, directory, name)
-                self.model.eval()  # the new head and LoRA dropout modules are created in training mode
-            finally:
-                self._info.clear()
+        from lmforge.adapters.methods import method_of_dir
+        method = method_of_dir(directory)
+        if not method.mixable:   # only methods whose adapters share a batch can be served side by side
+            raise ConfigError(f"{directory}: a {method.names[0]} run cannot be served as an adapter (only LoRA "
+                              "adapters run side by side in one batch)")
+        with self._changing():
+            load_adapter(self.model, directory, name)
 
     def unload_adapter(self, name: str) -> None:
-        with self.lock:
-            try:
-                delete_adapter(self.model, name)
-            finally:
-                self._info.clear()
+        # waits for the batches in flight (some may use it); batches queued after it answer 404
+        with self._changing():
+            delete_adapter(self.model, name)
 
     def prepare_quantized(self) -> None:
         """int8 dynamic quantization of the frozen base. Every target Linear is wrapped for LoRA
@@ -114,7 +176,7 @@ class Engine:
         from lmforge.adapters.lora import LoraConfig
         from lmforge.adapters.manager import LAYER_TARGETS, add_adapter
         from lmforge.infer.quantize import quantize_model
-        with self.lock:
+        with self._changing():
             if self.model_type != "gpt2":  # PEFT-format adapters exist for encoders only
                 add_adapter(self.model, "__wrap__", LoraConfig(r=1, target_modules=LAYER_TARGETS), head=False)
                 delete_adapter(self.model, "__wrap__")
@@ -131,14 +193,13 @@ class Engine:
             raise InputError(422, f"{field}[{pairs[0]}]: sentence pairs need an encoder (bert or roberta); "
                              f"this server runs a {self.model_type} model", f"{field}.{pairs[0]}")
         out: list[Encoded | None] = [None] * len(inputs)
-        with self._tok_lock:
-            for idx, texts, seconds in ((singles, [inputs[i] for i in singles], None),
-                                        (pairs, [inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs])):
-                if not idx:
-                    continue
-                enc = self.tokenizer(texts, pairs=seconds, max_length=limit if truncate else None, padding="none")
-                for i, ids, types in zip(idx, enc["input_ids"], enc["token_type_ids"]):
-                    out[i] = Encoded(ids, types)
+        for idx, texts, seconds in ((singles, [inputs[i] for i in singles], None),
+                                    (pairs, [inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs])):
+            if not idx:
+                continue  # the tokenizer is thread-safe: no lock (data/tokenizer.py)
+            enc = self.tokenizer(texts, pairs=seconds, max_length=limit if truncate else None, padding="none")
+            for i, ids, types in zip(idx, enc["input_ids"], enc["token_type_ids"]):
+                out[i] = Encoded(ids, types)
         for i, e in enumerate(out):
             if len(e.input_ids) > limit:
                 raise InputError(413, f"{field}[{i}] has {len(e.input_ids)} tokens, more than the limit of {limit} "
@@ -149,8 +210,7 @@ class Engine:
         return out
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
-        with self._tok_lock:
-            ids = self.tokenizer([prompt], padding="none")["input_ids"][0]
+        ids = self.tokenizer([prompt], padding="none")["input_ids"][0]
         if not ids:
             raise InputError(422, "prompt: no tokens (an empty prompt)", "prompt")
         if len(ids) > self.max_input_tokens:
@@ -164,7 +224,9 @@ class Engine:
 
     # -- forward passes (the batcher's thread) ----------------------------------------------------
     def run(self, kind: str, items: list) -> list:
-        with self.lock, torch.inference_mode():
+        """One forward pass (or a generation) for `items`; any number of threads may call this at
+        once. The shared side of the lock keeps the adapter table fixed for the pass."""
+        with self.lock.shared(), torch.inference_mode():
             if kind == "classify":
                 return self._classify(items)
             if kind == "embed":
@@ -223,7 +285,7 @@ class Engine:
             return out
         run = [items[i] for i in keep]
         b, packed = self._batch(run)
-        with mixed_batch(self.model, [s.adapter for s in run], packed):
+        with mixed_batch(self.model, [s.adapter for s in run], packed):   # the trunk only: no head
             hidden = self.model.transformer(b["input_ids"], None, b["token_type_ids"], packed=packed)
         from lmforge.infer.embed import pool_packed
         vec = pool_packed(hidden, packed, self.pooling)
