@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from lmforge.adapters.lora import LoraConfig
-from lmforge.adapters.manager import add_adapter, adapters, delete_adapter, lora_layers
+from lmforge.adapters.manager import _state, add_adapter, adapters, delete_adapter, lora_layers
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import hf
 from lmforge.utils.atomic import atomic_dir
+from lmforge.utils.confine import JSON_MAX_BYTES, Confined, Missing, MiB
 
 PREFIX = "base_model.model."
 TASK_TYPES = {"classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "causal-lm": "CAUSAL_LM",
@@ -48,7 +50,7 @@ def _hf_names(config) -> tuple[dict[str, str], str]:
 
 def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name` (and its head) under PEFT's key names."""
-    config = model.config
+    config = _state(model)["base_config"]
     renames, prefix = _hf_names(config)
     out = {}
     for path, layer in lora_layers(model).items():
@@ -67,7 +69,7 @@ def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
 def save_adapter(model, name: str, directory: str | Path, base_model: str = "", tokenizer=None) -> Path:
     """Write adapter `name` (and its head) atomically; a tokenizer (anything with .save(dir)) too."""
     cfg = adapters(model)[name]
-    base_config = model.config
+    base_config = _state(model)["base_config"]
     tensors = adapter_state(model, name)
     head_modules = sorted({k[len(PREFIX):].split(".")[0] for k in tensors if ".lora_" not in k})
     peft_config = {
@@ -78,7 +80,7 @@ def save_adapter(model, name: str, directory: str | Path, base_model: str = "", 
         "inference_mode": True, "init_lora_weights": True, "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "revision": None,
     }
-    head = {"head": base_config.head, **model.adapter_head_configs.get(name, {})}
+    head = {"head": base_config.head, **_state(model)["head_config"].get(name, {})}
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
@@ -107,14 +109,18 @@ def _target_regex(config, targets) -> str:
     return rf"(.*\.)?({'|'.join(alts)})"
 
 
-def read_adapter_config(directory: Path) -> dict:
+def read_adapter_config(directory: Path, confined: Confined | None = None) -> dict:
+    """adapter_config.json of `directory`, read under `confined` (default: the directory itself is
+    the root, so the file may not be a symlink out of it; at most 1 MiB; a regular file)."""
+    directory = Path(directory)
     path = directory / "adapter_config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (expected a PEFT/lmforge adapter directory)")
+    confined = confined or _confine(directory)
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        cfg = confined.read_json(path, JSON_MAX_BYTES)
+    except Missing:
+        raise ConfigError(f"{path}: not found (expected a PEFT/lmforge adapter directory)") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
     for key, value in cfg.items():
         if key not in KNOWN_KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} in the adapter config")
@@ -127,18 +133,35 @@ def read_adapter_config(directory: Path) -> dict:
     return cfg
 
 
-def load_adapter(model, directory: str | Path, name: str) -> None:
-    """Add adapter `name` from a PEFT-format directory onto a model of the same base."""
+def _confine(directory: Path) -> Confined:
+    try:
+        return Confined(directory)
+    except Missing:
+        raise ConfigError(f"{directory}: not found (expected a PEFT/lmforge adapter directory)") from None
+
+
+def weights_limit(model) -> int:
+    """The largest adapter_model.safetensors read for `model`: twice its parameters' bytes (a LoRA
+    adapter with its head is a small fraction of them) plus 16 MiB."""
+    return 2 * sum(p.numel() * p.element_size() for p in model.parameters()) + 16 * MiB
+
+
+def load_adapter(model, directory: str | Path, name: str, confined: Confined | None = None) -> None:
+    """Add adapter `name` from a PEFT-format directory onto a model of the same base. Its files are
+    read under `confined` (default: the directory itself is the root): adapter_config.json,
+    adapter_model.safetensors and lmforge_head.json only, regular files, sizes bounded
+    (lmforge/utils/confine.py); a path leading out of the root raises confine.Escape."""
     directory = Path(directory)
-    cfg = read_adapter_config(directory)
+    confined = confined or _confine(directory)
+    cfg = read_adapter_config(directory, confined)
     weights_file = directory / "adapter_model.safetensors"
     try:
-        tensors = load_file(str(weights_file))
-    except FileNotFoundError:
+        tensors = load_bytes(confined.read_bytes(weights_file, {weights_file.name}, weights_limit(model)))
+    except Missing:
         raise CheckpointError(f"{weights_file}: not found") from None
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights_file}: corrupt or truncated ({str(e).splitlines()[0]})") from None
-    base_config = model.config
+    base_config = _state(model)["base_config"]
     renames, prefix = _hf_names(base_config)
     inverse = {v: k for k, v in renames.items()}
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -166,7 +189,9 @@ def load_adapter(model, directory: str | Path, name: str) -> None:
                         dropout=float(cfg.get("lora_dropout") or 0.0),
                         target_modules=tuple(targets), bias=cfg.get("bias") or "none")
     head_file = directory / "lmforge_head.json"
-    head_config = json.loads(head_file.read_text()) if head_file.is_file() else {}
+    head_config = confined.read_json(head_file, JSON_MAX_BYTES) if confined.is_file(head_file) else {}
+    if not isinstance(head_config, dict):
+        raise ConfigError(f"{head_file}: expected a JSON object")
     head_config.pop("head", None)
     if "id2label" in head_config and head_config["id2label"]:
         head_config["id2label"] = {int(k): v for k, v in head_config["id2label"].items()}
@@ -175,7 +200,7 @@ def load_adapter(model, directory: str | Path, name: str) -> None:
     new_head = None
     if head:
         import copy
-        base_head = model.head
+        base_head = _state(model)["base_head"]
         if base_head is None:
             raise CheckpointError(f"{weights_file}: the adapter has a head but the model has none")
         probe = base_head.__class__(base_config.replace(**head_config)) if head_config else copy.deepcopy(base_head)

@@ -13,13 +13,10 @@ from lmforge.errors import ConfigError
 
 
 def model_dir(run: str) -> Path:
-    """A run directory's best model, or the directory itself when it is a model."""
-    p = Path(run)
-    for d in (p / "best", p):
-        if any((d / f).is_file() for f in ("config.json", "adapter_config.json", "delta.json")):
-            return d
-    raise ConfigError(f"{p}: not a run directory (no best/config.json or best/adapter_config.json) "
-                      "nor a model or adapter directory")
+    """A run directory's best model, or the directory itself when it is a model; every file in it
+    that a loader may read must stay inside the run directory (utils/confine.py)."""
+    from lmforge.utils.confine import run_model_dir
+    return run_model_dir(run)
 
 
 def add_parser(p) -> None:

@@ -48,7 +48,7 @@ class ServeSettings:
 ERRORS = {code: {"model": S.ErrorResponse, "description": text} for code, text in {
     400: "the model or adapter cannot do this (e.g. generation on an encoder)",
     401: "missing or wrong API key (when the server has one)",
-    403: "adapter path outside --adapter-root, or a path-like adapter name",
+    403: "adapter path or one of its files leading outside --adapter-root (symlinks resolved), or a path-like adapter name",
     404: "unknown adapter (the message lists the loaded ones)",
     413: "an input is longer than --max-input-tokens, or a request has more inputs than --max-queue",
     422: "malformed JSON or a field of the wrong type (the message names it)",
@@ -266,8 +266,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
               dependencies=[Depends(auth)], summary="Hot-load an adapter from below --adapter-root")
     async def load_adapter(req: S.LoadAdapterRequest):
         check_name(req.name)
-        directory = registry.resolve_allowed(req.path)
-        return await run_in_threadpool(registry.add, req.name, directory, req.path)
+        directory = registry.resolve_allowed(req.path)   # 403 outside --adapter-root
+        # every file is read inside the root too (403 out of it; 400 not a regular file, too large)
+        return await run_in_threadpool(registry.add, req.name, directory, req.path, registry.confined)
 
     @app.delete("/v1/adapters/{name}", status_code=204, **v1, summary="Unload an adapter")
     async def unload_adapter(name: str):

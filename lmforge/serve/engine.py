@@ -155,7 +155,7 @@ class Engine:
         return {"labels": cfg.labels, "regression": cfg.is_regression,
                 "classifier": adapter in self.model.adapter_heads and cfg.head == "classification"}
 
-    def load_adapter(self, name: str, directory: Path) -> None:
+    def load_adapter(self, name: str, directory: Path, confined=None) -> None:
         from lmforge.adapters.peft_format import load_adapter
         from lmforge.adapters.methods import method_of_dir
         method = method_of_dir(directory)
@@ -163,7 +163,7 @@ class Engine:
             raise ConfigError(f"{directory}: a {method.names[0]} run cannot be served as an adapter (only LoRA "
                               "adapters run side by side in one batch)")
         with self._changing():
-            load_adapter(self.model, directory, name)
+            load_adapter(self.model, directory, name, confined)
 
     def unload_adapter(self, name: str) -> None:
         # waits for the batches in flight (some may use it); batches queued after it answer 404

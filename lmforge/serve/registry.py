@@ -1,5 +1,8 @@
-"""Which adapters the server holds, where they came from, and whether a directory may be loaded:
-hot loading reads only below --adapter-root (symlinks resolved), and adapter names are plain
+"""Which adapters the server holds, where they came from, and whether a directory may be loaded.
+Everything read for an adapter (its directory, best/, adapter_config.json, adapter_model.safetensors,
+lmforge_head.json, nothing else) must resolve inside a root, symlinks resolved, and is opened
+without following a symlink swapped in meanwhile (lmforge/utils/confine.py): for hot loads the root
+is --adapter-root, for --adapter NAME=DIR at startup DIR itself. Adapter names are plain
 identifiers, so that neither a name nor a path can reach outside it."""
 
 from __future__ import annotations
@@ -11,18 +14,31 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.engine import Engine, InputError
+from lmforge.utils.confine import Confined, ConfinementError, Missing
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
-def adapter_dir(path: Path) -> Path:
-    """A fine-tuning run directory's best/ adapter, or the adapter directory itself."""
-    for d in (path / "best", path):
-        try:
-            if (d / "adapter_config.json").is_file():
-                return d
-        except OSError as e:  # a name too long, a permission denied, ...
-            raise InputError(400, f"{path}: cannot be read ({e.strerror})", "path") from None
+def _refused(e: ConfinementError) -> InputError:
+    """403 for a path leading outside the root, 400 for a wrong file type, size or a missing file."""
+    return InputError(e.status, str(e), "path")
+
+
+def adapter_dir(path: Path, confined: Confined | None = None) -> Path:
+    """A fine-tuning run directory's best/ adapter, or the adapter directory itself, resolved inside
+    `confined` (default: `path` is its own root)."""
+    try:
+        confined = confined or Confined(path)
+        d = confined.resolve_dir(path)
+        for cand in (d / "best", d):
+            if confined.is_file(cand / "adapter_config.json"):
+                return confined.resolve_dir(cand)
+    except Missing:
+        pass
+    except ConfinementError as e:
+        raise _refused(e) from None
+    except OSError as e:  # a name too long, a permission denied, ...
+        raise InputError(400, f"{path}: cannot be read ({e.strerror})", "path") from None
     raise InputError(400, f"{path}: no adapter_config.json (expected a LoRA run directory or its best/ "
                      "adapter directory)", "path")
 
@@ -40,7 +56,8 @@ def check_name(name: str) -> str:
 class Registry:
     def __init__(self, engine: Engine, adapter_root: str | os.PathLike | None = None):
         self.engine = engine
-        self.root = Path(adapter_root).resolve() if adapter_root else None
+        self.confined = Confined(adapter_root) if adapter_root else None
+        self.root = self.confined.root if self.confined else None
         self.sources: dict[str, str] = {}
         self._lock = threading.Lock()   # one load/unload at a time; name checks stay consistent
 
@@ -64,30 +81,29 @@ class Registry:
         return out
 
     def resolve_allowed(self, path: str) -> Path:
-        """`path` (relative to --adapter-root, or absolute) if it stays inside the root; else 403."""
-        if self.root is None:
+        """`path` (relative to --adapter-root, or absolute) if it leads inside the root, symlinks
+        resolved; else 403."""
+        if self.confined is None:
             raise InputError(403, "hot loading is off: start the server with --adapter-root DIR to allow "
                              "loading adapters from below DIR", "path")
-        if "\0" in path:
-            raise InputError(403, "path contains a NUL byte", "path")
         try:
-            p = (self.root / path).resolve()
-        except (OSError, RuntimeError, ValueError) as e:
-            raise InputError(403, f"path {path!r} cannot be resolved ({e})", "path") from None
-        if p != self.root and self.root not in p.parents:
-            raise InputError(403, f"path {path!r} is outside the adapter root {self.root}", "path")
-        return p
+            return self.confined.resolve(path)
+        except ConfinementError as e:
+            raise _refused(e) from None
 
-    def add(self, name: str, directory: Path, source: str | None = None) -> dict:
-        """Load (startup adapters: any directory; hot loads: resolve_allowed first)."""
+    def add(self, name: str, directory: Path, source: str | None = None, confined: Confined | None = None) -> dict:
+        """Load from `directory`, every file read inside `confined` (hot loads: the --adapter-root;
+        default, for startup adapters: the directory itself)."""
         check_name(name)
         with self._lock:
             if name in self.names():
                 raise InputError(409, f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first",
                                  "name")
-            d = adapter_dir(directory)
+            d = adapter_dir(directory, confined)
             try:
-                self.engine.load_adapter(name, d)
+                self.engine.load_adapter(name, d, confined or Confined(directory))
+            except ConfinementError as e:
+                raise _refused(e) from None
             except (LmforgeError, OSError) as e:
                 raise InputError(400, f"cannot load adapter {name!r}: {e}", "path") from None
             self.sources[name] = source or str(d)
