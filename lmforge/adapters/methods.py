@@ -234,8 +234,9 @@ def method_of_dir(directory: Path) -> Method:
     if (directory / "adapter_config.json").is_file():
         return REGISTRY["lora"]
     if (directory / "delta.json").is_file():
-        try:
-            meta = json.loads((directory / "delta.json").read_text())
+        from lmforge.utils.confine import Confined
+        try:  # inside the directory, a regular file, bounded (a symlink out of it or a FIFO is refused)
+            meta = Confined(directory).read_json(directory / "delta.json")
             return get_method(meta["method"]["method"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{directory / 'delta.json'}: cannot be read ({e})") from None
