@@ -3,8 +3,9 @@ max_batch_size sequences of the same kind (across requests and adapters), waitin
 for a batch to fill, runs one forward pass for them and answers every request.
 
 Kinds that run one request per pass (generation) have a lane of their own: their own queue and
-worker thread, so a long generation never holds up the classification and embedding batches
-behind it, and they run at the same time (the engine takes no lock another pass needs).
+worker thread (at a lower CPU priority), so a long generation never holds up the classification and
+embedding batches behind it, and they run at the same time (the engine takes no lock another pass
+needs).
 
 The queue is bounded in sequences over all lanes (a request that does not fit is refused at once,
 never queued), a failing batch is retried request by request so that an error answers only the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,13 +90,14 @@ class _Lane:
 class Batcher:
     def __init__(self, runner: Runner, max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, metrics: Metrics | None = None,
-                 single_kinds: tuple[str, ...] = ("generate",)):
+                 single_kinds: tuple[str, ...] = ("generate",), single_nice: int = 10):
         self.runner = runner
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.metrics = metrics or Metrics()
         self.single_kinds = single_kinds         # kinds that run one request per pass, each in its own lane
+        self.single_nice = single_nice           # their threads' CPU niceness: short batches win a busy core
         self._batched = _Lane("batcher", single=False)
         self._lanes = {kind: _Lane(kind, single=True) for kind in single_kinds}
         self._cond = threading.Condition()       # guards every lane's queue
@@ -183,6 +186,14 @@ class Batcher:
             work.put(i, r)
 
     def _loop(self, lane: _Lane) -> None:
+        if lane.single and self.single_nice:
+            # A generation keeps a core busy for seconds; on a machine with few cores the short
+            # classification batches should not have to share theirs with it on equal terms. Linux
+            # keeps niceness per thread; elsewhere this is a no-op.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.single_nice)
+            except (AttributeError, OSError):
+                pass
         while True:
             try:
                 batch = self._take(lane)
