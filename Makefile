@@ -39,7 +39,7 @@ $(VENV)/.bench: $(VENV)/.test
 	touch $@
 
 bench: $(VENV)/.bench
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

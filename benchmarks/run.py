@@ -1,14 +1,19 @@
-"""`make bench`: every benchmark, in the quick form unless --full is given."""
+"""`make bench`: every benchmark, in the quick form unless --full is given (`make bench BENCH_ARGS=--full`).
+
+The full form is long: benchmarks.speed alone measures three ISA settings (about 30-40 minutes on an
+idle machine), and benchmarks.glue trains every method on every task.
+"""
 
 import sys
 
-from benchmarks import glue, int8, serve, speed
+from benchmarks import embed_bf16, glue, int8, serve, speed
 
 
 def main() -> int:
     full = "--full" in sys.argv[1:]
     quick = [] if full else ["--quick"]
-    return speed.main(quick) or serve.main(quick) or glue.main(quick) or int8.main(quick)
+    return (speed.main(quick) or serve.main(quick) or glue.main(quick) or int8.main(quick)
+            or embed_bf16.main([]))
 
 
 if __name__ == "__main__":
