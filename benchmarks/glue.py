@@ -15,7 +15,7 @@ import argparse
 import subprocess
 import sys
 
-from benchmarks.report import ROOT, write_section
+from benchmarks.report import ROOT, cached_kernels, trainer_precision, write_section
 
 # One recipe per method for every task (the LoRA paper tunes per task; this is the cheap, honest
 # default): 3 epochs, except SST-2 (67k rows) which gets 1 (TASK_EPOCHS).
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         table = subprocess.run([sys.executable, "-m", "lmforge", "glue", "--merge", *done],
                                check=True, capture_output=True, text=True).stdout
         write_section(args.name + (" (quick)" if args.quick else ""), command.strip(),
-                      f"{table}\nRecipes (one per method for every task; `--task-epochs` sets SST-2's):\n{recipe}\n")
+                      f"{table}\nRecipes (one per method for every task; `--task-epochs` sets SST-2's):\n{recipe}\n",
+                      precision=trainer_precision("auto"), kernels=cached_kernels())
         print(table, flush=True)
     return 0
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import ROOT, write_section
+from benchmarks.report import ROOT, cached_kernels, write_section
 
 VARIANTS = {"fp32": None, "int8": (), "int8-keep": ("output",)}  # int8-keep: the FFN output in fp32
 
@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     body += (f"\nSentence embeddings (all-MiniLM-L6-v2 itself, `lmforge embed --quantize int8`): STS-B dev Spearman of "
              f"cosine similarities {sts['fp32']:.2f} in fp32, {sts['int8']:.2f} in int8 "
              f"({sts['int8'] - sts['fp32']:+.2f}).\n")
-    write_section("int8 accuracy cost" + (" (quick)" if args.quick else ""), command, body)
+    write_section("int8 accuracy cost" + (" (quick)" if args.quick else ""), command, body,
+                  precision="fp32 (inference, no autocast) against int8 dynamic quantization of the base",
+                  kernels=cached_kernels())
     print(body)
     return 0
 

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.report import ROOT, write_section
+from benchmarks.report import ROOT, cached_kernels, trainer_precision, write_section
 
 RECIPE = ["--method", "lora", "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-3", "--epochs", "1",
           "--batch-size", "32", "--warmup-ratio", "0.06"]
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         "only in dropout masks, which are drawn per token). " + _noise(acc) +
         " The int8 cost is `python -m benchmarks.int8`.\n")
     command = "python -m benchmarks.quality" + (" --quick" if args.quick else "")
-    write_section("Quality of the fast paths" + (" (quick)" if args.quick else ""), command, body)
+    write_section("Quality of the fast paths" + (" (quick)" if args.quick else ""), command, body,
+                  precision=trainer_precision("auto"), kernels=cached_kernels())
     print(body)
     return 0
 
