@@ -115,19 +115,25 @@ class OpenSpy:
 FIFOS: list[Path] = []   # every FIFO the tests make; a reader blocked on one is released on a timeout
 
 
-def timed(fn, timeout=30):
-    """fn() in a thread; fails (instead of hanging) if it blocks, e.g. on opening a FIFO."""
+def timed(fn, timeout=20):
+    """fn(), failing (instead of hanging) if it opens a FIFO: a native open can block while holding
+    the GIL, so the watchdog that releases it is another process (it opens every FIFO for writing
+    and closes it: a blocked reader's open returns and its read sees EOF)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\ntime.sleep(float(sys.argv[1]))\nfor _ in range(50):\n"
+            "    for f in sys.argv[2:]:\n        try: os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))\n"
+            "        except OSError: pass\n    time.sleep(0.1)\n")
+    dog = subprocess.Popen([sys.executable, "-c", code, str(timeout), *map(str, FIFOS)])
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("r", fn()), daemon=True)
     t.start()
-    t.join(timeout)
-    if t.is_alive():
-        for f in FIFOS:  # a writer that closes at once: the blocked open returns, the read sees EOF
-            try:
-                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-        t.join(30)
+    t.join(timeout + 60)
+    fired = dog.poll() is not None
+    dog.kill()
+    dog.wait()
+    if fired or t.is_alive():
         pytest.fail("the request hung: a FIFO was opened")
     return box["r"]
 
