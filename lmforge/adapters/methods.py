@@ -203,6 +203,7 @@ class Lora(Method):
         from lmforge.adapters.peft_format import load_adapter, read_adapter_config
         from lmforge.models import from_pretrained
 
+        directory = Path(directory).resolve()   # files are read confined to it (peft_format)
         base = read_adapter_config(directory).get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"{directory / 'adapter_config.json'}: no base_model_name_or_path to load the "
