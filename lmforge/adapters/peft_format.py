@@ -16,7 +16,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from lmforge.adapters.lora import LoraConfig
-from lmforge.adapters.manager import _state, add_adapter, adapters, delete_adapter, lora_layers
+from lmforge.adapters.manager import add_adapter, adapters, delete_adapter, lora_layers
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import hf
 from lmforge.utils.atomic import atomic_dir
@@ -50,7 +50,7 @@ def _hf_names(config) -> tuple[dict[str, str], str]:
 
 def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name` (and its head) under PEFT's key names."""
-    config = _state(model)["base_config"]
+    config = model.config
     renames, prefix = _hf_names(config)
     out = {}
     for path, layer in lora_layers(model).items():
@@ -69,7 +69,7 @@ def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
 def save_adapter(model, name: str, directory: str | Path, base_model: str = "", tokenizer=None) -> Path:
     """Write adapter `name` (and its head) atomically; a tokenizer (anything with .save(dir)) too."""
     cfg = adapters(model)[name]
-    base_config = _state(model)["base_config"]
+    base_config = model.config
     tensors = adapter_state(model, name)
     head_modules = sorted({k[len(PREFIX):].split(".")[0] for k in tensors if ".lora_" not in k})
     peft_config = {
@@ -80,7 +80,7 @@ def save_adapter(model, name: str, directory: str | Path, base_model: str = "", 
         "inference_mode": True, "init_lora_weights": True, "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "revision": None,
     }
-    head = {"head": base_config.head, **_state(model)["head_config"].get(name, {})}
+    head = {"head": base_config.head, **model.adapter_head_configs.get(name, {})}
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
@@ -161,7 +161,7 @@ def load_adapter(model, directory: str | Path, name: str, confined: Confined | N
         raise CheckpointError(f"{weights_file}: not found") from None
     except (SafetensorError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights_file}: corrupt or truncated ({str(e).splitlines()[0]})") from None
-    base_config = _state(model)["base_config"]
+    base_config = model.config
     renames, prefix = _hf_names(base_config)
     inverse = {v: k for k, v in renames.items()}
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -200,7 +200,7 @@ def load_adapter(model, directory: str | Path, name: str, confined: Confined | N
     new_head = None
     if head:
         import copy
-        base_head = _state(model)["base_head"]
+        base_head = model.head
         if base_head is None:
             raise CheckpointError(f"{weights_file}: the adapter has a head but the model has none")
         probe = base_head.__class__(base_config.replace(**head_config)) if head_config else copy.deepcopy(base_head)
