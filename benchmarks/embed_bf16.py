@@ -1,7 +1,7 @@
 """The bf16 quality cost for sentence embeddings: all-MiniLM-L6-v2 on the STS-B dev sentences, fp32
 against bf16 compute.
 
-  python -m benchmarks.embed_bf16       # 3,000 sentences (both columns of STS-B dev), under a minute
+  python -m benchmarks.embed_bf16       # 3,000 sentences (both columns of STS-B dev), about a minute
 
 Every sentence is embedded twice with `lmforge.infer.embed.Embedder("minilm")`: in fp32, then with
 bf16 compute (`Embedder(..., precision="bf16")` where Embedder takes it, else its forward run under
@@ -21,8 +21,8 @@ import json
 import sys
 import time
 
-from benchmarks.report import ROOT, write_section
-from benchmarks.speed import data_root
+from benchmarks.report import ROOT, kernel_summary, write_section
+from benchmarks.speed import WORKER_FACTS, data_root, record_kernels
 
 TARGET_MIN = 0.999
 
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    record_kernels()   # which kernel ran each op, as benchmarks.speed's workers record it
     s1, s2, scores = stsb_dev()
     texts = s1 + s2
     n = len(s1)
@@ -100,24 +101,14 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|\n"
         f"| all-MiniLM-L6-v2 | {stats['spearman_fp32']:.2f} | {stats['spearman_bf16']:.2f} | "
         f"{stats['spearman_bf16'] - stats['spearman_fp32']:+.2f} |\n\n"
-        f"Wall time to embed the {len(texts)} sentences (this shared machine, one run each, after a warm-up): "
-        f"fp32 {t32:.1f} s, bf16 {t16:.1f} s.\n")
+        "Quality only: the speed of bf16 is `python -m benchmarks.speed`'s (this run's wall times, one pass each, "
+        "are in runs/bench/embed_bf16.json).\n")
     print(body)
     if not args.no_write:
         write_section("Embeddings in bf16", "python -m benchmarks.embed_bf16", body,
                       precision=f"fp32 against bf16 ({how})", info=None,
-                      kernels=_kernels())
+                      kernels=kernel_summary(WORKER_FACTS.get("kernels_used", {})) + " (both runs)")
     return 0
-
-
-def _kernels() -> str:
-    from benchmarks.report import kernel_summary
-    try:
-        from lmforge.kernels.calibrate import CHOICES
-        table = CHOICES.table()
-        return kernel_summary({k: v for k, v in table.items() if "|infer|" in k}) + " (inference choices cached for this machine)"
-    except Exception as e:
-        return f"not recorded ({type(e).__name__})"
 
 
 if __name__ == "__main__":
