@@ -691,7 +691,9 @@ def render_summary(settings: dict) -> str:
             if isa != "native" and spec[2].endswith("/onnxruntime"):
                 mark = "ORT uncapped"
             res = settings[isa]["results"]
+            skipped = spec[1].split("/")[0] in settings[isa].get("skipped", ())
             cells.append(f"{ratio:.2f}x {mark}".strip() if ratio is not None else
+                         "not run: `auto` is fp32 here" if skipped else
                          "not measured" if spec[1] in res or spec[2] in res else "-")
         if all(c == "-" for c in cells):
             continue
@@ -750,6 +752,12 @@ def main(argv=None) -> int:
     if args.only:
         return 0
     command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(settings, isas, args.quick, command, body)
+    return 0
+
+
+def write_report(settings: dict, isas: list[str], quick: bool, command: str, body: str) -> None:
+    """The BENCHMARKS.md section: machine line from the native workers, precision and kernels lines."""
     first = settings[isas[0]]["probe"]
     info = first.get("machine") if isas[0] == "native" else None
     native = settings.get("native", {}).get("results", {})
@@ -760,9 +768,8 @@ def main(argv=None) -> int:
                  "where `auto` resolves to bf16")
     kernels = ((f"natively: {kernel_summary(merged_kernels(native))}" if native else "")
                + "; per ISA setting below (calibrated by lmforge.kernels in each setting)").lstrip("; ")
-    write_section("Speed" + (" (quick)" if args.quick else ""), command.strip(), body,
+    write_section("Speed" + (" (quick)" if quick else ""), command.strip(), body,
                   precision=precision, kernels=kernels, info=info)
-    return 0
 
 
 if __name__ == "__main__":
