@@ -52,11 +52,24 @@ def test_cli_prints_one_json_array_per_text(capsys, tmp_path, sst2):
     assert len(vecs) == 2 and all(len(v) == 384 for v in vecs)
     f = tmp_path / "texts.txt"
     f.write_text("\n".join(sst2[:5]) + "\n")
-    assert main(["embed", "--input", str(f)]) == 0
+    assert main(["embed", "--input", str(f), "--precision", "fp32"]) == 0
     from_file = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     want = Embedder("minilm").embed(sst2[:5])
     assert len(from_file) == 5
     torch.testing.assert_close(torch.tensor(from_file), want, atol=1e-6, rtol=0)
+
+
+def test_cli_bf16_embeddings_stay_close_to_fp32(capsys, sst2):
+    # bf16 compute (autocast, fp32 weights): what --precision auto runs on AMX / AVX512_BF16 CPUs
+    texts = sst2[:64]
+    assert main(["embed", "--precision", "bf16", "--decimals", "8", *texts]) == 0
+    out = capsys.readouterr()
+    assert "precision bf16" in out.err                # the resolved precision is said
+    got = torch.tensor([json.loads(x) for x in out.out.splitlines()])
+    want = Embedder("minilm").embed(texts)
+    cos = (got * want).sum(1)
+    assert not torch.equal(got, want)            # it really computed in bf16
+    assert float(cos.min()) >= 0.999, float(cos.min())
 
 
 def test_cli_quantize_int8_stays_close_to_fp32(capsys, sst2):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import non_negative_int, positive_int, seq_len
 from lmforge.errors import DataError
 
@@ -20,8 +21,8 @@ def add_parser(p) -> None:
     p.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--decimals", type=non_negative_int, default=6, help="digits after the point in the output")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
+    add_runtime_args(p)
 
 
 def run(args) -> int:
@@ -41,10 +42,13 @@ def run(args) -> int:
         texts = args.texts
     if not texts:
         raise DataError("nothing to embed: pass texts as arguments or --input FILE")
+    device, precision = resolve_runtime(args, quiet=True)
     embedder = Embedder(args.model, max_length=args.max_length, pooling=args.pooling,
-                        normalize=not args.no_normalize, batch_size=args.batch_size, device=args.device,
+                        normalize=not args.no_normalize, batch_size=args.batch_size, device=device,
                         quantize=args.quantize)
-    vectors = embedder.embed(texts, progress=len(texts) > 256 and sys.stderr.isatty())
+    print(f"device {device}, precision {precision}", file=sys.stderr, flush=True)
+    with precision.autocast(device):
+        vectors = embedder.embed(texts, progress=len(texts) > 256 and sys.stderr.isatty()).float()
     out = sys.stdout
     for line in iter_json_lines(vectors, args.decimals):
         out.write(line + "\n")

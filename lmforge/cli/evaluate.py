@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import positive_int, seq_len
 from lmforge.errors import ConfigError
 
@@ -27,6 +28,7 @@ def add_parser(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--max-seq-len", type=seq_len, default=128)
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
+    add_runtime_args(p)
     add_data_args(p)
 
 
@@ -36,12 +38,14 @@ def run(args) -> int:
     from lmforge.train.metrics import compute_metrics
 
     directory = model_dir(args.run)
-    clf = Classifier(directory, max_length=args.max_seq_len, quantize=args.quantize)
+    device, precision = resolve_runtime(args, quiet=True)
+    clf = Classifier(directory, max_length=args.max_seq_len, quantize=args.quantize, device=device)
     data = load_eval_split(args, args.split, labels=None if clf.regression else clf.labels)
     if data.regression != clf.regression:
         raise ConfigError(f"{directory}: a {'regression' if clf.regression else 'classification'} model "
                           f"cannot be evaluated on {data.name}")
-    logits = clf.logits(data.dev)
+    with precision.autocast(device):
+        logits = clf.logits(data.dev)
     preds = logits[:, 0] if clf.regression else logits.argmax(-1)
     metrics = compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev])
     print(json.dumps({"task": data.name, "split": args.split, "examples": len(data.dev), **metrics}))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from lmforge.cli.validate import field_type, ranged, writable_dir
 from lmforge.train.finetune import LABEL_TYPES, METHOD_RULES, FinetuneConfig
-from lmforge.train.trainer import PRECISIONS, SCHEDULES, TrainConfig
+from lmforge.kernels.precision import DEVICES, PRECISIONS
+from lmforge.train.trainer import SCHEDULES, TrainConfig
 
 
 # Option types from the config fields' rules (lmforge/utils/checks.py): one rule, two entry points.
@@ -84,7 +85,10 @@ def add_train_args(p) -> None:
     p.add_argument("--save-every", type=T("save_every"), help="optimizer steps between checkpoints (default: at evaluations)")
     p.add_argument("--log-every", type=T("log_every"), default=d.log_every)
     p.add_argument("--seed", type=T("seed"), default=d.seed)
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 compute (fp32 master weights) where the hardware has it (AMX, AVX512_BF16, "
+                        "CUDA), else fp32; `lmforge env` says which")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--classifier-dropout", type=F("classifier_dropout"))
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) an optimizer step whose loss or gradient norm is NaN/Inf "
@@ -100,7 +104,7 @@ def config_from_args(args):
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-        precision=args.precision, progress_bar=not args.no_progress,
+        precision=args.precision, device=args.device, progress_bar=not args.no_progress,
         skip_nonfinite=args.skip_nonfinite)
     return FinetuneConfig(
         model=args.model, task=args.task, data_dir=args.data_dir, train_file=args.train_file,

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import seq_len, writable_file
 from lmforge.errors import DataError
 from lmforge.utils.atomic import atomic_file
@@ -26,6 +27,7 @@ def add_parser(p) -> None:
     p.add_argument("--text-pair-col", dest="pair_col")
     p.add_argument("--max-seq-len", type=seq_len, default=128)
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
+    add_runtime_args(p)
 
 
 def read_inputs(path: str, text_col: str, pair_col: str | None):
@@ -48,8 +50,10 @@ def run(args) -> int:
     examples = read_inputs(args.input, args.text_col, args.pair_col)
     if not examples:
         raise DataError(f"{args.input}: empty input")
-    clf = Classifier(model_dir(args.run), max_length=args.max_seq_len, quantize=args.quantize)
-    lines = [json.dumps(r) + "\n" for r in clf.predict(examples)]
+    device, precision = resolve_runtime(args, quiet=True)
+    clf = Classifier(model_dir(args.run), max_length=args.max_seq_len, quantize=args.quantize, device=device)
+    with precision.autocast(device):
+        lines = [json.dumps(r) + "\n" for r in clf.predict(examples)]
     if args.output:
         with atomic_file(args.output, "w") as f:
             f.writelines(lines)

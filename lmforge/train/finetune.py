@@ -23,6 +23,7 @@ from lmforge.data.batches import collate, collate_packed, encode_examples, token
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
+from lmforge.kernels import resolve_device, resolve_precision
 from lmforge.models import from_pretrained
 from lmforge.train.data import TaskData, load_task_data
 from lmforge.adapters.methods import MethodConfig, apply_method, describe_parameters, parameter_counts
@@ -71,6 +72,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         d = {"packed": False, **d}  # runs saved before packed execution ran padded
+        d.pop("resolved", None)      # what auto meant on the machine that ran it: a record, not a setting
         d["train"] = TrainConfig(**d["train"])
         d["adapt"] = MethodConfig(**d["adapt"])
         return cls(**d)
@@ -148,19 +150,23 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     if not data.train:
         raise ConfigError(f"{data.name}: the training set is empty")
     tokenizer = load_tokenizer(cfg.model)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
     set_seed(cfg.train.seed)  # the new head's initialisation is part of the run
     model = from_pretrained(
         cfg.model, head="classification", num_labels=1 if data.regression else len(data.labels),
         id2label=None if data.regression else dict(enumerate(data.labels)),
         problem_type="regression" if data.regression else "single_label_classification",
-        classifier_dropout=cfg.classifier_dropout,
+        classifier_dropout=cfg.classifier_dropout, device=device,
     )
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
     spec = apply_method(model, cfg.adapt)   # the method family (adapters/methods.py): one dispatch
     trainable, total = parameter_counts(model)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    _write_json(run_file, asdict(cfg))
+    resolved = {"device": str(device), "precision": precision.name, "precision_why": precision.why}
+    _write_json(run_file, {**asdict(cfg), "resolved": resolved})
+    print(f"device {device}, precision {precision}", flush=True)
     method = cfg.adapt.method
 
     if not spec.trains_model:  # features: the probe is what trains, not the model's head
@@ -200,7 +206,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     summary = {"task": data.name, "model": cfg.model, "method": method, "seed": cfg.train.seed,
                "trainable_params": trainable, "total_params": total, "main_metric": data.main_metric,
                "best": best, "best_step": result.get("best_step"), "steps": result["steps"],
-               "skipped_steps": result.get("skipped_steps", 0),
+               "skipped_steps": result.get("skipped_steps", 0), **resolved,
                "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "train_examples": len(data.train), "dev_examples": len(data.dev),
                # an interrupted run counts its time up to the checkpoint it resumed from
                "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError, NonFiniteError
+from lmforge.kernels.precision import DEVICES, PRECISIONS, resolve_precision
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.sparse_rows import RowSparseGrads
 from lmforge.train.state import Progress, load_state, save_state, set_seed
@@ -47,7 +48,8 @@ class TrainConfig:
     save_every: int | None = field(default=None, metadata=rule(AT_LEAST_1))
     log_every: int = field(default=20, metadata=rule(AT_LEAST_1))
     seed: int = field(default=42, metadata=rule(SEED))
-    precision: str = "auto"            # auto = bf16 autocast where the device supports it, else fp32
+    precision: str = "auto"            # auto = bf16 where the hardware has it (AMX, AVX512_BF16, CUDA), else fp32
+    device: str = "auto"               # auto = cuda when available, else cpu
     progress_bar: bool = True
     sparse_embedding_grads: bool = True  # big trainable embedding tables: row-sparse grads (sparse_rows.py)
     # A NaN/Inf loss or gradient norm skips that optimizer step (see Trainer.train) instead of
@@ -58,7 +60,7 @@ class TrainConfig:
         """ConfigError naming the option when a setting is out of range or the run directory cannot
         be written; nothing is created."""
         check_fields(self)
-        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not self.out_dir:
@@ -67,17 +69,13 @@ class TrainConfig:
 
 
 SCHEDULES = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA devices that support it; fp32 everywhere else (this CPU has no bf16)."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The compute precision of every forward and backward: bf16 autocast (fp32 master weights and
+    optimizer state) where `precision` resolves to bf16 on this device, fp32 otherwise
+    (kernels/precision.py says what auto means)."""
+    return resolve_precision(precision, device).autocast(device)
 
 
 def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -184,7 +182,8 @@ class Trainer:
     def _evaluate(self, progress: Progress, log: MetricsLog) -> dict:
         self.model.eval()
         with torch.no_grad():
-            metrics = self.evaluate(self.model)
+            with autocast_context(next(self.model.parameters()).device, self.config.precision):
+                metrics = self.evaluate(self.model)
         self.model.train()
         log.write({"step": progress.step, "epoch": progress.epoch, "eval": metrics})
         key = self.main_metric or next(iter(metrics))
