@@ -5,7 +5,6 @@ same time on several threads, each with its own adapters, get what each gets alo
 The model is a small random GPT-2 with a byte-level BPE trained here, and LoRA adapters that bring
 classification heads (a classifier on a causal LM)."""
 
-import json
 import statistics
 import threading
 import time
@@ -15,7 +14,6 @@ import torch
 
 from lmforge.adapters.lora import LoraConfig
 from lmforge.adapters.manager import add_adapter, lora_layers
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.models import Model, ModelConfig, save_pretrained
 from lmforge.models.heads import build_head
 from lmforge.serve.batcher import Batcher
@@ -28,16 +26,10 @@ LABELS = {"pos": ["negative", "positive"], "topic": ["cats", "dogs", "other"]}
 
 @pytest.fixture(scope="module")
 def decoder_dir(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
+    from tests.test_serve import tiny_bpe
 
     d = tmp_path_factory.mktemp("decoder")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["once upon a time there was a cat", "the dog sat on the mat", "hello world"] * 20,
-                            vocab_size=300, special_tokens=["<|endoftext|>"])
-    (d / "tok").mkdir()
-    bpe.save_model(str(d / "tok"))
-    (d / "tok" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    tok = Tokenizer.from_dir(d / "tok")
+    tok = tiny_bpe(d / "tok")
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, hidden_size=128, num_layers=4, num_heads=4,
                       intermediate_size=512, max_position_embeddings=512, type_vocab_size=0,

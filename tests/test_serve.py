@@ -75,19 +75,24 @@ def encoder_files(tmp_path_factory, minilm_dir):
     return d, dirs
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    """A random 2-layer GPT-2 with a small byte-level BPE trained here."""
+def tiny_bpe(directory):
+    """A byte-level BPE of 300 tokens trained here on three sentences, saved in GPT-2's file layout."""
     from tokenizers import ByteLevelBPETokenizer
 
-    d = tmp_path_factory.mktemp("gpt2")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(["once upon a time there was a cat", "the dog sat on the mat", "hello world"] * 20,
                             vocab_size=300, special_tokens=["<|endoftext|>"])
-    (d / "tok").mkdir()
-    bpe.save_model(str(d / "tok"))
-    (d / "tok" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    tok = Tokenizer.from_dir(d / "tok")
+    directory.mkdir(parents=True)
+    bpe.save_model(str(directory))
+    (directory / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return Tokenizer.from_dir(directory)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 with a small byte-level BPE trained here."""
+    d = tmp_path_factory.mktemp("gpt2")
+    tok = tiny_bpe(d / "tok")
     eos = tok.eos_token_id
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
