@@ -294,6 +294,16 @@ def test_machine_key_changes_with_threads_and_isa_caps(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_unmeasured_choices_are_not_cached(cache, monkeypatch):
+    # a shape whose timing budget ran out runs plain in this process but is measured again next time
+    monkeypatch.setattr(calibrate, "BUDGET_S", -1.0)
+    lin = Linear(24, 40)
+    with torch.no_grad():
+        lin(torch.randn(3, 24))
+    assert CHOICES.table()["linear|float32|infer|24x40|s"]["kernel"] == "plain"
+    assert not any("24x40" in k for k in json.loads(cache.read_text())["choices"])
+
+
 @needs_onednn
 def test_real_calibration_picks_a_known_kernel_with_reasons(cache):
     out = calibrate.measure("linear", torch.float32, False, (32, 48), "p")

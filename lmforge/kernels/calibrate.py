@@ -106,7 +106,7 @@ class Choices:
     def _save(self) -> None:
         path = cache_path()
         data = {"format": FORMAT, "machine_key": machine.machine_key(), "machine": machine.info(),
-                "choices": self._table}
+                "choices": {k: v for k, v in self._table.items() if not v.get("provisional")}}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels.", suffix=".tmp")
@@ -207,7 +207,9 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
     out, start = {}, time.perf_counter()
     for b, rows in SIZES.items():
         if time.perf_counter() - start > BUDGET_S:
-            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": "calibration budget spent"}
+            # not measured: plain for this process only, never written to the cache (a busy spell
+            # must not fix a choice for good)
+            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": "calibration budget spent", "provisional": True}
             continue
         try:
             with torch.no_grad() if not train else torch.enable_grad():
