@@ -68,23 +68,31 @@ def test_a_quantized_model_is_not_saved_as_a_checkpoint(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before   # the good one is untouched
 
 
-class _Spy(torch.nn.Module):
-    """Wraps a module and counts its calls."""
+def _calls(module) -> list:
+    """A list that grows by one each time module runs (a forward hook)."""
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
 
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, 0
 
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
+@pytest.fixture
+def built(monkeypatch):
+    """Every stacked int8 Q/K/V the kernels build, as the tuple of modules it was built from."""
+    from lmforge.kernels import int8
+    out, real = [], int8.Int8Linear.stacked
+    monkeypatch.setattr(int8.Int8Linear, "stacked", classmethod(lambda cls, parts: out.append(parts) or real(parts)))
+    return out
 
 
 @torch.no_grad()
-def test_int8_qkv_is_one_projection_with_the_same_results():
-    """The fused int8 Q/K/V runs only on the packed path (padded attention calls query/key/value
-    one by one), so the model runs packed here, a spy checks the fused GEMM really ran, and it is
-    compared with the three int8 projections apart: its output slice by slice, and the logits."""
+def test_int8_qkv_is_one_projection_with_the_same_results(built, monkeypatch):
+    """Where Q, K and V are all int8, kernels.stacked_linear runs them as one int8 GEMM that the
+    kernel layer builds and caches itself. It runs only on the packed path (padded attention calls
+    query/key/value one by one), so the model runs packed here; a hook on the cached module checks
+    the fused GEMM really ran, and it is compared with the three int8 projections apart (forced by
+    LMFORGE_KERNELS=stacked=plain): its output slice by slice, and the logits."""
+    from lmforge.kernels import int8
+    from lmforge.kernels.calibrate import CHOICES
     from lmforge.models.packing import pack_padded
 
     torch.manual_seed(0)
@@ -95,43 +103,76 @@ def test_int8_qkv_is_one_projection_with_the_same_results():
     quantize_int8(model)
     attentions = [layer.attention for layer in model.transformer.layers]
     assert attentions[0].query.weight().qscheme() == torch.per_channel_affine
-    assert all(a.fused_qkv is not None for a in attentions)
+    assert not hasattr(attentions[0], "fused_qkv")        # no slot in the model: the kernels decide
     ids = torch.randint(3, 60, (3, 10))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     mask[2, 4:] = 0
     flat, packed = pack_padded(ids, mask)
-    spies = []
+    calls = []
     for a in attentions:
-        fused, sources = a.fused_qkv
-        spies.append(_Spy(fused))
-        a.fused_qkv = (spies[-1], sources)
+        qkv = (a.query, a.key, a.value)
+        fused = int8.fused(qkv)
+        assert int8.fused(qkv) is fused                   # built once, then cached
+        calls.append(_calls(fused))
         # the fused module alone: [Q | K | V] equal to the three int8 projections, in that order
         x = torch.randn(17, CONFIG.hidden_size)
         want = torch.cat([a.query(x), a.key(x), a.value(x)], dim=-1)
         torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-6)
+        calls[-1].clear()
+    assert len(built) == len(attentions)
     fused_logits = model(flat, packed=packed).logits
-    assert [s.calls for s in spies] == [1] * len(attentions)   # the fused GEMM ran, once per layer
-    saved = [a.fused_qkv for a in attentions]
-    for a in attentions:
-        a.fused_qkv = None                       # three separate int8 projections
-    apart = model(flat, packed=packed).logits
-    assert [s.calls for s in spies] == [1] * len(attentions)   # ... and now it did not
+    assert [len(c) for c in calls] == [1] * len(attentions)   # the fused GEMM ran, once per layer
+    assert len(built) == len(attentions)                      # ... from the cache
+    monkeypatch.setenv("LMFORGE_KERNELS", "stacked=plain")    # three separate int8 projections
+    CHOICES.reset()
+    try:
+        apart = model(flat, packed=packed).logits
+    finally:
+        monkeypatch.delenv("LMFORGE_KERNELS")
+        CHOICES.reset()
+    assert [len(c) for c in calls] == [1] * len(attentions)   # ... and now it did not
     torch.testing.assert_close(apart, fused_logits, rtol=0, atol=1e-6)
     # the padded path (never fused) agrees too, within int8 rounding of a different batch shape
     torch.testing.assert_close(model(ids, mask).logits, fused_logits, rtol=0.05, atol=0.05)
-    for a, f in zip(attentions, saved):
-        a.fused_qkv = f
-    # with a LoRA adapter on the query, the projections stay separate (the adapter must see its own input)
+
+
+@torch.no_grad()
+def test_int8_qkv_cache_follows_the_modules(built):
+    """A replaced projection gets a new fused module with its weights; a LoRA-wrapped query keeps the
+    projections separate (the adapter must see its own input); a dropped model frees its entries."""
+    import gc
+
+    from lmforge.kernels import int8
+    from lmforge.models.packing import pack_padded
+
+    torch.manual_seed(0)
+    model = quantize_int8(Model(CONFIG).eval())
+    a = model.transformer.layers[0].attention
+    old = int8.fused((a.query, a.key, a.value))
+    a.key = int8.Int8Linear(nn.Linear(CONFIG.hidden_size, CONFIG.hidden_size))
+    new = int8.fused((a.query, a.key, a.value))
+    assert new is not old
+    x = torch.randn(5, CONFIG.hidden_size)
+    torch.testing.assert_close(new(x), torch.cat([a.query(x), a.key(x), a.value(x)], -1), rtol=0, atol=1e-6)
+    import weakref
+    query, stacked = weakref.ref(a.query), weakref.ref(new)
+    built.clear()
+    del model, a, old, new
+    gc.collect()
+    assert query() is None and stacked() is None             # weakly keyed: nothing kept alive
     lora = Model(CONFIG).eval()
     add_adapter(lora, "a", LoraConfig(r=4, alpha=8))
     quantize_int8(lora)
-    assert all(layer.attention.fused_qkv is None for layer in lora.transformer.layers)
+    ids = torch.randint(3, 60, (2, 6))
+    flat, packed = pack_padded(ids, torch.ones_like(ids))
+    lora(flat, packed=packed, adapters="a")
+    assert built == []                                       # no fused Q/K/V around a LoRA query
 
 
 @torch.no_grad()
 def test_int8_linear_scales_weights_per_row_and_inputs_in_8_bits():
-    from lmforge.infer.quantize import _REDUCE_RANGE, Int8Linear, prepack_engine
+    from lmforge.kernels.int8 import REDUCE_RANGE as _REDUCE_RANGE, Int8Linear, prepack_engine
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
     lin.weight[:32] *= 50                       # rows of very different ranges

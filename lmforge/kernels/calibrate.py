@@ -116,6 +116,13 @@ class Choices:
         except OSError as e:        # a read-only home: the choices still hold for this process
             log.info("kernel cache %s not written (%s)", path, e)
 
+    def forced(self, op: str) -> str | None:
+        """The kernel LMFORGE_KERNELS forces for op, or None."""
+        with self._lock:
+            if self._forced is None:
+                self._forced = forced()
+            return self._forced.get(op)
+
     def table(self) -> dict[str, dict]:
         with self._lock:
             if self._table is None:
@@ -128,10 +135,9 @@ class Choices:
         if device.type != "cpu" or not onednn.available():
             return "plain"                       # GPUs: torch's own kernels are the fast path
         with self._lock:
-            if self._forced is None:
-                self._forced = forced()
-            if op in self._forced:
-                return self._forced[op]
+            kernel = self.forced(op)
+            if kernel is not None:
+                return kernel
             prefix = f"{op}|{str(dtype).removeprefix('torch.')}|{'train' if train else 'infer'}|" \
                      f"{'x'.join(map(str, shape))}"
             table = self.table()

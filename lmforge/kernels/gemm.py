@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import onednn
-from lmforge.kernels.calibrate import choose
+from lmforge.kernels import int8, onednn
+from lmforge.kernels.calibrate import CHOICES, choose
 
 
 class LowRankWrapper(Protocol):
@@ -122,7 +122,12 @@ def stacked_onednn(x: torch.Tensor, weights: tuple, biases: tuple, terms: tuple,
 def stacked_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor:
     """cat([layer(x) for layer in layers], -1): Q, K and V reading the same input. As one GEMM over
     the stacked weights where they are frozen (always at inference; in training with LoRA, whose
-    low-rank terms are added to their slices, or prefix tuning) and the measurement says so."""
+    low-rank terms are added to their slices, or prefix tuning) and the measurement says so. Three
+    int8 layers (infer/quantize.py) run as one int8 GEMM unless LMFORGE_KERNELS forces stacked=plain."""
+    if int8.is_int8(layers):
+        if CHOICES.forced("stacked") == "plain":
+            return torch.cat([m(x) for m in layers], dim=-1)
+        return int8.stacked_linear(x, layers)
     bases = tuple(getattr(m, "base", m) for m in layers)
     plain_bases = all(isinstance(b, nn.Linear) and b.bias is not None for b in bases)
     frozen = plain_bases and (not torch.is_grad_enabled() or not any(

@@ -62,16 +62,9 @@ class Attention(nn.Module):
         # Prefix-layer tuning plugs in here: a module returning (keys, values) [P, D] that every
         # query may attend to (adapters/prefix.py). None: plain attention.
         self.kv_prefix: nn.Module | None = None
-        # (module computing [.., 3D], (query, key, value) it was built from): a one-GEMM Q/K/V for
-        # inference (infer/quantize.py builds an int8 one). Used only while those three are in place.
-        self.fused_qkv: tuple | None = None
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """[.., 3D] = cat(Q(x), K(x), V(x)), as one GEMM where the kernels can."""
-        if self.fused_qkv is not None:
-            fused, sources = self.fused_qkv
-            if all(a is b for a, b in zip(sources, (self.query, self.key, self.value))):
-                return fused(x)
         return kernels.stacked_linear(x, (self.query, self.key, self.value))
 
     def _prefix(self, B: int):
