@@ -49,7 +49,9 @@ def sentences() -> list[str]:
     return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 20)) for i in range(800)]
 
 
-def make_adapters(out: Path) -> list[Path]:
+def make_adapters(out: Path, n: int = N_ADAPTERS, prefix: str = "a") -> list[Path]:
+    """n LoRA adapters of minilm (r=8 on query and value, a 2-label head each, random B weights) saved
+    in PEFT's format as out/<prefix><k>; also used by benchmarks.soak."""
     import torch
 
     from lmforge.adapters.lora import LoraConfig
@@ -61,8 +63,8 @@ def make_adapters(out: Path) -> list[Path]:
     model = from_pretrained("minilm", head="classification", id2label={0: "negative", 1: "positive"}).eval()
     tok = load_tokenizer("minilm")
     dirs = []
-    for k in range(N_ADAPTERS):
-        name = f"a{k}"
+    for k in range(n):
+        name = f"{prefix}{k}"
         add_adapter(model, name, LoraConfig(r=8, alpha=16), head_config={"id2label": {0: "negative", 1: "positive"}})
         g = torch.Generator().manual_seed(k)
         with torch.no_grad():
