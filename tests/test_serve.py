@@ -114,8 +114,11 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
+        # fp32 unless a test asks: answers are compared with the fp32 offline ones at 1e-5 (the
+        # default, auto, is bf16 on CPUs with AMX or AVX512_BF16; tests/test_serve_precision.py)
+        args = [*map(str, args)]
         cmd = [sys.executable, "-m", "lmforge", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--threads", "1", *map(str, args)]
+               "--threads", "1", *([] if "--precision" in args else ["--precision", "fp32"]), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 120
@@ -218,6 +221,7 @@ def test_cli_refuses_bad_settings_before_serving(encoder_files, capsys, monkeypa
 def test_health_page_openapi_and_adapter_list(enc):
     h = enc.client.get("/healthz").json()
     assert h["status"] == "ok" and h["model_type"] == "bert" and h["adapters"] == 3
+    assert (h["device"], h["precision"], h["precision_why"]) == ("cpu", "fp32", "asked for")
     page = enc.client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/classify" in page.text
     spec = enc.client.get("/openapi.json").json()

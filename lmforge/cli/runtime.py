@@ -17,12 +17,9 @@ def add_runtime_args(p) -> None:
 def resolve_runtime(args, quiet: bool = False):
     """(device, Precision) from the parsed options. An int8 base (--quantize int8) computes its
     GEMMs in int8; `auto` then keeps the rest in fp32."""
-    from lmforge.kernels import Precision, resolve_device, resolve_precision
+    from lmforge.kernels.precision import resolve
 
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    if getattr(args, "quantize", None) and args.precision == "auto":
-        precision = Precision("fp32", "auto: the base model is int8")
+    device, precision = resolve(args.device, args.precision, int8=bool(getattr(args, "quantize", None)))
     if not quiet:
         print(f"device {device}, precision {precision}", file=sys.stderr, flush=True)
     return device, precision

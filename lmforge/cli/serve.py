@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import non_negative_float, port, positive_int
 from lmforge.errors import ConfigError
 
@@ -49,6 +50,7 @@ def add_parser(p) -> None:
     p.add_argument("--adapter-root", metavar="DIR", type=_existing_dir,
                    help="allow hot-loading adapters (POST /v1/adapters) from below DIR only")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the base model")
+    add_runtime_args(p)
     p.add_argument("--threads", type=positive_int, help="torch threads for the forward passes (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -66,10 +68,12 @@ def run(args) -> int:
             raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     if args.threads:
         torch.set_num_threads(args.threads)
+    resolve_runtime(args)   # said at the start (and refused here if unavailable); the app resolves it again
     settings = ServeSettings(model=args.model, adapters=args.adapter,
                              max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
-                             api_key=api_key, adapter_root=args.adapter_root, quantize=args.quantize)
+                             api_key=api_key, adapter_root=args.adapter_root, quantize=args.quantize,
+                             device=args.device, precision=args.precision)
     app = create_app(settings)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, answer what is open, then the app's shutdown
     # drains the batcher.

@@ -65,3 +65,12 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "bf16" and not native:
         return Precision("bf16", f"asked for; {hw}, so bf16 is emulated and slower than fp32")
     return Precision(name, "asked for")
+
+
+def resolve(device: str = "auto", precision: str = "auto", int8: bool = False) -> tuple[torch.device, Precision]:
+    """(device, Precision) for a run. An int8 base (--quantize int8) computes its GEMMs in int8;
+    `auto` then keeps the rest in fp32 (bf16 autocast around int8 GEMMs would only add casts)."""
+    dev = resolve_device(device)
+    if int8 and precision == "auto":
+        return dev, Precision("fp32", "auto: the base model is int8")
+    return dev, resolve_precision(precision, dev)

@@ -42,7 +42,10 @@ class ServeSettings:
     api_key: str | None = None
     adapter_root: str | None = None
     quantize: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"           # auto | cpu | cuda (kernels.precision.resolve_device)
+    # auto | fp32 | bf16; fp32 by default here as in the library's Classifier and Embedder
+    # (`lmforge serve` passes its --precision, auto by default)
+    precision: str = "fp32"
 
 
 ERRORS = {code: {"model": S.ErrorResponse, "description": text} for code, text in {
@@ -87,7 +90,10 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 
 def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
-    engine = engine or Engine(settings.model, settings.max_input_tokens, settings.device)
+    if engine is None:  # an engine given is used as it was built (its own device and precision)
+        from lmforge.kernels.precision import resolve
+        device, precision = resolve(settings.device, settings.precision, int8=settings.quantize == "int8")
+        engine = Engine(settings.model, settings.max_input_tokens, str(device), precision)
     metrics = Metrics()
     registry = Registry(engine, settings.adapter_root)
     registry.engine_metrics_hook = lambda: metrics.set("lmforge_adapters_loaded", len(registry.names()))
@@ -279,7 +285,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     async def healthz():
         return {"status": "draining" if state["draining"] else "ok", "model": engine.name,
                 "model_type": engine.model_type, "adapters": len(registry.names()),
-                "queue_depth": batcher.depth, "quantized": engine.quantized}
+                "queue_depth": batcher.depth, "quantized": engine.quantized,
+                "device": str(engine.model.device), "precision": engine.precision.name,
+                "precision_why": engine.precision.why}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")
     async def prometheus():

@@ -23,6 +23,7 @@ from lmforge.adapters.manager import adapters, classify_mixed, delete_adapter, m
 from lmforge.data.batches import Encoded, collate_packed, model_inputs
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
+from lmforge.kernels.precision import Precision
 from lmforge.models import from_pretrained
 from lmforge.models.checkpoint import load_config
 from lmforge.models.generate import generate
@@ -100,8 +101,15 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+FP32 = Precision("fp32", "asked for")
+
+
 class Engine:
-    def __init__(self, model: str, max_input_tokens: int | None = None, device: str = "cpu"):
+    """`precision`: the compute every forward pass runs in (bf16: autocast, with the weights fp32).
+    Autocast is per thread, so each pass enters it on the thread that runs it (Engine.run)."""
+
+    def __init__(self, model: str, max_input_tokens: int | None = None, device: str = "cpu",
+                 precision: Precision = FP32):
         directory = resolve(model)
         saved = load_config(directory, "auto")
         self.name = str(model)
@@ -119,6 +127,7 @@ class Engine:
         self.max_input_tokens = min(max_input_tokens or limit, limit)
         self.lock = ReadWriteLock()            # forward passes (shared) vs adapter-table changes (exclusive)
         self.quantized = None
+        self.precision = precision
         self._info: dict = {}                  # head_info per adapter, cleared when adapters change
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -225,8 +234,9 @@ class Engine:
     # -- forward passes (the batcher's thread) ----------------------------------------------------
     def run(self, kind: str, items: list) -> list:
         """One forward pass (or a generation) for `items`; any number of threads may call this at
-        once. The shared side of the lock keeps the adapter table fixed for the pass."""
-        with self.lock.shared(), torch.inference_mode():
+        once. The shared side of the lock keeps the adapter table fixed for the pass; the precision's
+        autocast is entered here because autocast state belongs to the calling (worker) thread."""
+        with self.lock.shared(), torch.inference_mode(), self.precision.autocast(self.model.device):
             if kind == "classify":
                 return self._classify(items)
             if kind == "embed":

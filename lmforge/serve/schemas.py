@@ -106,6 +106,10 @@ class Health(BaseModel):
     adapters: int
     queue_depth: int
     quantized: Optional[str] = None
+    device: str
+    precision: Literal["fp32", "bf16"] = Field(description="what forward passes compute in (bf16: autocast, "
+                                                            "fp32 weights)")
+    precision_why: str
 
 
 class ErrorDetail(BaseModel):
