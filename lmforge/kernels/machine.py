@@ -19,14 +19,43 @@ import torch
 FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                      "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16")
 
-# oneDNN's ISA caps (benchmarks hide instructions with them); each maps to the flags it hides.
-_ISA_CAPS = {
-    "AVX2": {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
-             "avx512_fp16"},
-    "AVX512_CORE": {"avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16"},
-    "AVX512_CORE_VNNI": {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16"},
-    "AVX512_CORE_BF16": {"amx_tile", "amx_bf16", "amx_int8", "avx512_fp16"},
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA; benchmarks hide instructions with them). oneDNN defines each
+# cap as a set of feature bits (dnnl_cpu_isa_t), and they do not nest as names suggest: AVX512_CORE
+# (0x27) lacks AVX2_VNNI's bit (0x8), which comes back only with AVX10_1_512 / AVX512_CORE_FP16 (0x1ef).
+# So the table is of oneDNN's bits, each with the /proc/cpuinfo flags it stands for.
+_BIT_FLAGS = {
+    "avx2": {"avx2", "fma"},
+    "avx2_vnni": {"avx_vnni"},
+    "avx512_core": {"avx512f", "avx512bw"},
+    "avx512_core_vnni": {"avx512_vnni"},
+    "avx512_core_bf16": {"avx512_bf16"},
+    "fp16": {"avx512_fp16"},
+    "amx": {"amx_tile", "amx_int8", "amx_bf16"},
 }
+_AVX512_CORE = ("avx2", "avx512_core")
+_AVX10_1_512 = (*_AVX512_CORE, "avx512_core_vnni", "avx512_core_bf16", "avx2_vnni", "fp16")
+_CAP_BITS = {
+    "SSE41": (), "AVX": (),
+    "AVX2": ("avx2",),
+    "AVX2_VNNI": ("avx2", "avx2_vnni"),
+    "AVX2_VNNI_2": ("avx2", "avx2_vnni"),                      # + int8/bf16/fp16 converts (no flag here)
+    "AVX512_CORE": _AVX512_CORE,
+    "AVX512_CORE_VNNI": (*_AVX512_CORE, "avx512_core_vnni"),
+    "AVX512_CORE_BF16": (*_AVX512_CORE, "avx512_core_vnni", "avx512_core_bf16"),
+    "AVX10_1_512": _AVX10_1_512, "AVX512_CORE_FP16": _AVX10_1_512,
+    "AVX10_1_512_AMX": (*_AVX10_1_512, "amx"), "AVX512_CORE_AMX": (*_AVX10_1_512, "amx"),
+    "AVX10_1_512_AMX_FP16": (*_AVX10_1_512, "amx"), "AVX512_CORE_AMX_FP16": (*_AVX10_1_512, "amx"),
+    "AVX10_2_512": _AVX10_1_512,                               # oneDNN 3.7+
+    "AVX10_2_512_AMX_2": (*_AVX10_1_512, "amx"),
+}
+# flags each cap hides; DEFAULT, unset or a value oneDNN does not know hide nothing
+_ISA_CAPS = {cap: set(FLAGS_THAT_MATTER) - {f for b in bits for f in _BIT_FLAGS[b]} for cap, bits in _CAP_BITS.items()}
+
+
+def isa_cap() -> str | None:
+    """The oneDNN ISA cap in force (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), upper case."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip() else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,8 +83,7 @@ def cpu_flags() -> frozenset[str]:
     """The ISA flags that matter, less those hidden from the math libraries by ONEDNN_MAX_CPU_ISA
     (so a run that caps oneDNN at AVX2 reports, and chooses, as an AVX2 machine would)."""
     flags = {f for f in _cpuinfo()[1] if f in FLAGS_THAT_MATTER}
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return frozenset(flags - _ISA_CAPS.get(cap, set()))
+    return frozenset(flags - _ISA_CAPS.get(isa_cap() or "", set()))
 
 
 def has_bf16() -> bool:
@@ -78,7 +106,7 @@ def info() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "onednn": torch.backends.mkldnn.is_available(),
-        "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
+        "isa_cap": isa_cap(),
         "cuda": torch.cuda.get_device_name(0) if cuda else None,
         "cuda_bf16": bool(cuda and torch.cuda.is_bf16_supported()),
     }
