@@ -199,3 +199,23 @@ def test_int8_model_copies_and_pickles_with_the_same_results():
     want = model(ids, mask).logits
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(clone(ids, mask).logits, want)   # the same kernel, not a repack for fbgemm
+
+
+@pytest.mark.parametrize("flags, cap, reduce", [
+    ({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}, None, False),          # VNNI: 8-bit inputs
+    ({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}, "AVX512_CORE", True),  # hidden from oneDNN
+    ({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"}, "AVX2", True),
+    ({"avx2", "fma", "avx_vnni"}, None, False),                                   # AVX-VNNI laptops
+    ({"avx2", "fma"}, None, True),
+])
+def test_int8_inputs_keep_7_bits_where_onednn_has_no_vnni(monkeypatch, flags, cap, reduce):
+    """Without VNNI the u8 x s8 products are summed in saturating int16, so inputs keep 7 bits; the
+    check follows the ISA cap oneDNN runs under, not only the CPU."""
+    from lmforge.kernels import int8, machine
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset(flags)))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert int8._reduce_range() is reduce

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lmforge.kernels import machine
+
 _ops = getattr(torch.ops, "quantized", None)
 
 
@@ -42,9 +44,19 @@ def available() -> bool:
     return None not in (_PREPACK, _UNPACK, _DYNAMIC) and bool(torch.backends.quantized.supported_engines)
 
 
-# Without VNNI, x86 int8 GEMMs multiply u8 x s8 pairs into saturating int16 sums: inputs then keep
-# 7 bits (torch's reduce_range). With VNNI the sums are int32, and all 8 bits halve the rounding error.
-REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
+def _reduce_range() -> bool:
+    """Without VNNI, x86 int8 GEMMs multiply u8 x s8 pairs into saturating int16 sums: inputs then
+    keep 7 bits (torch's reduce_range). With VNNI the sums are int32, and all 8 bits halve the
+    rounding error. VNNI as oneDNN sees it: a run capped by ONEDNN_MAX_CPU_ISA (AVX2, AVX512_CORE)
+    has none even on a CPU that does (machine.cpu_flags applies the cap)."""
+    flags = machine.cpu_flags()
+    if flags:
+        return not ({"avx512_vnni", "avx_vnni"} & flags)
+    # no /proc/cpuinfo flags (not Linux): torch's own check
+    return not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
+
+
+REDUCE_RANGE = _reduce_range()
 
 
 @contextmanager
