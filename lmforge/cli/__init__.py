@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, env, evaluate, export, finetune, glue, predict, serve
+from lmforge.cli import embed, env, evaluate, export, finetune, glue, predict, serve, tokenizer
 
 COMMANDS = {"embed": embed, "env": env, "finetune": finetune, "evaluate": evaluate, "predict": predict,
-            "glue": glue, "export": export, "serve": serve}
+            "glue": glue, "export": export, "serve": serve, "tokenizer": tokenizer}
 
 
 def build_parser() -> argparse.ArgumentParser:
