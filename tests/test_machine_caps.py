@@ -72,3 +72,16 @@ def test_older_variable_name_and_the_cache_key(every_flag, monkeypatch):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         keys.add(machine.machine_key())
     assert len(keys) == 5
+
+
+def test_precision_auto_follows_the_cap_and_says_so(every_flag, monkeypatch):
+    import torch
+
+    from lmforge.kernels.precision import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).name == "bf16"
+    for cap, name in [("AVX512_CORE_BF16", "bf16"), ("AVX512_CORE_VNNI", "fp32"), ("AVX2", "fp32")]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        p = resolve_precision("auto", cpu)
+        assert p.name == name and f"under ONEDNN_MAX_CPU_ISA={cap}" in p.why, p

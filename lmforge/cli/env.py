@@ -82,7 +82,7 @@ def run(args) -> int:
           + (f"  [capped by ONEDNN_MAX_CPU_ISA={info['isa_cap']}]" if info['isa_cap'] else ""))
     print(f"torch      {info['torch']} (oneDNN {'yes' if info['onednn'] else 'no'})")
     print(f"device     {device}" + (f" ({info['cuda']})" if info["cuda"] else ""))
-    print(f"precision  auto = {auto.name}: {auto.why}")
+    print(f"precision  auto = {auto.name} ({auto.why.removeprefix('auto: ')})")
     print(f"kernels    {'forced by LMFORGE_KERNELS: ' + json.dumps(forced()) if forced() else 'measured'}; "
           f"cache {cache_path()}")
     print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket):")

@@ -60,6 +60,8 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         native = machine.has_bf16()
         hw = "this CPU has " + ("AMX" if machine.has_amx() else "AVX512_BF16") if native else \
             "this CPU has no bf16 instructions (AMX / AVX512_BF16)"
+        if machine.isa_cap():   # the flags are those the cap leaves to oneDNN
+            hw += f" under ONEDNN_MAX_CPU_ISA={machine.isa_cap()}"
     if name == "auto":
         return Precision("bf16" if native else "fp32", f"auto: {hw}")
     if name == "bf16" and not native:
