@@ -103,6 +103,9 @@ def from_pretrained(
     hf_state, source = read_weights(directory)
     state, unexpected, sources = hf.from_hf_state_dict(hf_state, config)
     expected = model.state_dict()
+    for key in [k for k in state if k not in expected]:  # e.g. another head's tensors
+        unexpected.append(sources[key])
+        del state[key]
     for key, want in expected.items():  # in model order: the first layer's weight is named first
         if key in state and tuple(state[key].shape) != tuple(want.shape):
             raise CheckpointError(

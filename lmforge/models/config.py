@@ -1,4 +1,12 @@
-"""One dataclass configures every model: the trunk (BERT, RoBERTa, GPT-2) and its head."""
+"""One dataclass configures every model: the trunk (BERT, RoBERTa, GPT-2, and variants of them such
+as Cramming's BERT) and its head.
+
+The recipe choices that tell architectures apart are fields, not classes: where the LayerNorms sit
+(pre_norm, embedding_norm, final_norm), linear biases, a plain or gated FFN, learned or sinusoidal
+positions, tied or untied output embeddings. Left at None, the first three follow model_type (what
+BERT, RoBERTa and GPT-2 checkpoints have), and are stored resolved. models/presets.py names whole
+recipes (--arch x --size).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,15 @@ HEADS = (
     "scalar",                # a scalar per token, pooled to one per sequence: reward and value models
 )
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+FFNS = (
+    "mlp",   # out(act(in(x))): BERT, GPT-2
+    "glu",   # out(act(gate(x)) * up(x)), gate and up as one [2I, D] matrix: GLU variants (Shazeer 2020)
+)
+POSITIONS = (
+    "learned",            # a trained table [max_positions, D]
+    "sinusoidal",         # the fixed sin/cos table of Vaswani et al. (2017)
+    "scaled-sinusoidal",  # the same times one trained scalar, starting at 1/sqrt(D) (Hua et al. 2022)
+)
 
 
 @dataclass
@@ -41,6 +58,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     tie_word_embeddings: bool = True
+    # Architecture recipe (None: as model_type's checkpoints have it, resolved in __post_init__)
+    pre_norm: bool | None = None          # LayerNorm before each sublayer (GPT-2) or after the residual add (BERT)
+    embedding_norm: bool | None = None    # a LayerNorm on the embeddings (default: post-norm models)
+    final_norm: bool | None = None        # a LayerNorm after the last block (default: pre-norm models)
+    linear_bias: bool = True              # biases in the attention and FFN projections
+    ffn: str = "mlp"                      # one of FFNS
+    position_embedding: str = "learned"   # one of POSITIONS
     # Head
     head: str | None = None
     num_labels: int = 2
@@ -60,6 +84,19 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
+        if self.pre_norm is None:
+            self.pre_norm = self.model_type == "gpt2"
+        if self.embedding_norm is None:
+            self.embedding_norm = not self.pre_norm
+        if self.final_norm is None:
+            self.final_norm = self.pre_norm
+        for name in ("pre_norm", "embedding_norm", "final_norm", "linear_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.ffn not in FFNS:
+            raise ConfigError(f"ffn {self.ffn!r} is not one of {list(FFNS)}")
+        if self.position_embedding not in POSITIONS:
+            raise ConfigError(f"position_embedding {self.position_embedding!r} is not one of {list(POSITIONS)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not one of {list(ACTIVATIONS)}")
         if self.head in ("nsp", "pretraining") and self.model_type != "bert":
@@ -73,11 +110,6 @@ class ModelConfig:
     # Architecture facts follow from model_type; they are not stored twice.
     @property
     def causal(self) -> bool:
-        return self.model_type == "gpt2"
-
-    @property
-    def pre_norm(self) -> bool:
-        """GPT-2 normalises before each sublayer (and at the end); BERT after each residual add."""
         return self.model_type == "gpt2"
 
     @property

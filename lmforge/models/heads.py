@@ -30,21 +30,26 @@ def last_token(hidden: torch.Tensor, attention_mask, packed: Packed | None = Non
 
 
 class MaskedLMHead(nn.Module):
-    """BERT cls.predictions / RoBERTa lm_head: dense -> act -> LayerNorm -> tied decoder + bias.
-    With nsp=True it also holds BERT's next-sentence classifier (BertForPreTraining)."""
+    """BERT cls.predictions / RoBERTa lm_head: dense -> act -> LayerNorm -> decoder + bias, the
+    decoder being the input embedding matrix (tied) or a matrix of its own. With nsp=True it also
+    holds BERT's next-sentence classifier (BertForPreTraining)."""
 
     def __init__(self, config: ModelConfig, nsp: bool = False):
         super().__init__()
         d = config.hidden_size
-        self.transform = nn.Linear(d, d)
+        self.transform = nn.Linear(d, d, bias=config.linear_bias)
         self.act = activation(config.hidden_act)
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.decoder = None if config.tie_word_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.seq_relationship = nn.Linear(d, 2) if nsp else None
 
-    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
-        # Callers pass only the positions they score (e.g. the masked ones) to save the vocab matmul.
-        return F.linear(self.norm(self.act(self.transform(hidden))), decoder_weight, self.bias)
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """hidden [M, D] (or [B, T, D]) -> logits [M, V]. Callers pass only the positions they score
+        (Model.forward's `positions`, e.g. the masked ones): the vocabulary matmul is most of the
+        head's cost, and MLM scores about 15% of the tokens."""
+        weight = embedding_weight if self.decoder is None else self.decoder.weight
+        return F.linear(self.norm(self.act(self.transform(hidden))), weight, self.bias)
 
 
 class NextSentenceHead(nn.Module):

@@ -3,6 +3,12 @@
 Our module names follow BERT's, so the map is a table of module renames. GPT-2 needs two more
 facts: its Conv1D layers store weights as [in, out] (transposed), and its c_attn fuses query, key
 and value into one [D, 3D] matrix, which we split on load and fuse on save.
+
+A configuration whose recipe `transformers` has no class for (pre-LayerNorm BERT without biases,
+a gated FFN, sinusoidal positions: Cramming's BERT) is a *variant*: it is saved with model_type
+"lmforge", the whole ModelConfig under "lmforge_config" and our own tensor names, so transformers
+refuses it with a clear "unrecognized model" instead of loading something else, and lmforge reads
+it back exactly. `variant_features(config)` says what transformers lacks.
 """
 
 from __future__ import annotations
@@ -49,12 +55,13 @@ _GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _QKV = ("query", "key", "value")
 _HEADS = {
     ("bert", "mlm"): {"head.transform": "cls.predictions.transform.dense",
-                      "head.norm": "cls.predictions.transform.LayerNorm", "head.bias": "cls.predictions.bias"},
+                      "head.norm": "cls.predictions.transform.LayerNorm", "head.bias": "cls.predictions.bias",
+                      "head.decoder": "cls.predictions.decoder"},  # untied embeddings only
     ("bert", "nsp"): {"head.seq_relationship": "cls.seq_relationship"},
     ("bert", "classification"): {"head.out_proj": "classifier"},
     ("bert", "token-classification"): {"head.out_proj": "classifier"},
     ("roberta", "mlm"): {"head.transform": "lm_head.dense", "head.norm": "lm_head.layer_norm",
-                         "head.bias": "lm_head.bias"},
+                         "head.bias": "lm_head.bias", "head.decoder": "lm_head.decoder"},
     ("roberta", "classification"): {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"},
     ("roberta", "token-classification"): {"head.out_proj": "classifier"},
     ("gpt2", "causal-lm"): {"head.decoder": "lm_head"},
@@ -70,6 +77,31 @@ _HEADS[("gpt2", "scalar")] = _HEADS[("gpt2", "classification")]
 _IGNORED_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias")  # dot: not c_attn.bias
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
          "lm_head.decoder.weight", "lm_head.decoder.bias")
+
+
+VARIANT = "lmforge"   # model_type of a saved variant
+
+
+def variant_features(config: ModelConfig) -> list[str]:
+    """The recipe choices of `config` that transformers' classes for its model_type do not have
+    ([]: it saves and loads as a plain BERT, RoBERTa or GPT-2 checkpoint)."""
+    decoder = config.model_type == "gpt2"   # GPT-2: pre-norm with a final LayerNorm; BERT: post-norm
+    out = []
+    if config.pre_norm != decoder:
+        out.append("pre-LayerNorm blocks" if config.pre_norm else "post-LayerNorm blocks")
+    if config.embedding_norm == decoder:
+        out.append("a LayerNorm on the embeddings" if config.embedding_norm else "no embedding LayerNorm")
+    if config.final_norm != decoder:
+        out.append("a final LayerNorm" if config.final_norm else "no final LayerNorm")
+    if not config.linear_bias:
+        out.append("no linear biases")
+    if config.ffn != "mlp":
+        out.append(f"a gated ({config.ffn}) feed-forward network")
+    if config.position_embedding != "learned":
+        out.append(f"{config.position_embedding} positions")
+    if not decoder and not config.type_vocab_size:
+        out.append("no token-type embeddings")
+    return out
 
 
 def module_renames(config: ModelConfig) -> dict[str, str]:
@@ -103,7 +135,10 @@ def _rename(key: str, renames: dict[str, str]) -> str | None:
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> tensors under Hugging Face names, for `transformers` to load."""
+    """Our state dict -> tensors under Hugging Face names, for `transformers` to load (a variant:
+    our own names, unchanged)."""
+    if variant_features(config):
+        return {k: v.contiguous() for k, v in state.items()}
     renames = module_renames(config)
     prefix = BASE_PREFIX[config.model_type] if config.head is not None else ""
     out: dict[str, torch.Tensor] = {}
@@ -128,6 +163,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig):
     """Hugging Face tensors -> (our state dict, unexpected HF keys). Shapes are checked by the caller."""
+    if variant_features(config):  # saved under our own names
+        return dict(hf), [], {k: k for k in hf}
     inverse = {v: k for k, v in module_renames(config).items()}
     base = BASE_PREFIX[config.model_type]
     out: dict[str, torch.Tensor] = {}
@@ -170,6 +207,8 @@ def raise_shape(name: str, got: tuple, expected: tuple):
 def config_from_hf(d: dict, source: str = "config.json", head: str | None = "auto") -> ModelConfig:
     """Read a transformers config dict. head="auto" takes it from `architectures`."""
     mt = d.get("model_type")
+    if mt == VARIANT:
+        return _variant_config(d, source, head)
     if mt not in ARCHITECTURES:
         raise ConfigError(
             f"{source}: model_type {mt!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
@@ -225,8 +264,27 @@ def config_from_hf(d: dict, source: str = "config.json", head: str | None = "aut
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _variant_config(d: dict, source: str, head) -> ModelConfig:
+    fields = d.get("lmforge_config")
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{source}: model_type 'lmforge' needs an 'lmforge_config' object")
+    fields = {k: v for k, v in fields.items() if k != "name_or_path"}
+    if head != "auto":
+        fields["head"] = head
+    try:
+        return ModelConfig(**fields)
+    except TypeError as e:  # an unknown or missing field
+        raise ConfigError(f"{source}: lmforge_config: {e}") from None
+
+
 def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     c = config
+    missing = variant_features(c)
+    if missing:
+        fields = {k: v for k, v in c.to_dict().items() if k != "name_or_path"}
+        return {"model_type": VARIANT, "lmforge_config": fields, "dtype": str(dtype).removeprefix("torch."),
+                "lmforge_note": f"a {c.model_type} variant transformers has no class for "
+                                f"({', '.join(missing)}); load it with lmforge"}
     d: dict = {"model_type": c.model_type, "architectures": [ARCHITECTURES[c.model_type][c.head]]}
     if c.model_type == "gpt2":
         d.update(n_embd=c.hidden_size, n_layer=c.num_layers, n_head=c.num_heads,

@@ -55,10 +55,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.causal = config.causal
         self.dropout_p = config.attention_dropout
-        self.query = Linear(d, d)
-        self.key = Linear(d, d)
-        self.value = Linear(d, d)
-        self.output = Linear(d, d)
+        bias = config.linear_bias
+        self.query = Linear(d, d, bias=bias)
+        self.key = Linear(d, d, bias=bias)
+        self.value = Linear(d, d, bias=bias)
+        self.output = Linear(d, d, bias=bias)
         # Prefix-layer tuning plugs in here: a module returning (keys, values) [P, D] that every
         # query may attend to (adapters/prefix.py). None: plain attention.
         self.kv_prefix: nn.Module | None = None
@@ -148,22 +149,32 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2 (pre-norm): x = x + f(LN(x))."""
+    """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2 (pre-norm): x = x + f(LN(x)).
+
+    The FFN is out(act(in(x))), or gated (config.ffn == "glu"): `intermediate` computes the gate
+    and the up projection as one [2I, D] matrix, and out(act(gate) * up)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, eps = config.hidden_size, config.layer_norm_eps
+        d, eps, i, bias = config.hidden_size, config.layer_norm_eps, config.intermediate_size, config.linear_bias
         self.pre_norm = config.pre_norm
+        self.gated = config.ffn == "glu"
         self.attention = Attention(config)
         self.attention_norm = nn.LayerNorm(d, eps=eps)
-        self.intermediate = Linear(d, config.intermediate_size)
-        self.output = Linear(config.intermediate_size, d)
+        self.intermediate = Linear(d, 2 * i if self.gated else i, bias=bias)
+        self.output = Linear(i, d, bias=bias)
         self.ffn_norm = nn.LayerNorm(d, eps=eps)
         self.act_name = config.hidden_act
         self.act = activation(config.hidden_act)
         self.dropout = Dropout(config.hidden_dropout)
 
+    def _glu(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)   # [.., 2I] -> [.., I] twice
+        return self.act(gate) * up
+
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.output(self._glu(self.intermediate(x)))
         return self.output(self.act(self.intermediate(x)))
 
     def attention_residual(self, h, residual, mask, cache, layer_idx, packed) -> torch.Tensor:
@@ -177,6 +188,8 @@ class Block(nn.Module):
         post-ops of the GEMMs before them (kernels.linear_act / linear_add)."""
         if self.training and self.dropout.p > 0:
             return residual + self.dropout(self.ffn(x))
+        if self.gated:  # the activation reads half of the GEMM's output: no post-op
+            return kernels.linear_add(self._glu(self.intermediate(x)), self.output, residual)
         h = kernels.linear_act(x, self.intermediate, self.act_name, self.act)
         return kernels.linear_add(h, self.output, residual)
 

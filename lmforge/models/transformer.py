@@ -1,5 +1,5 @@
-"""The trunk shared by every model: embeddings, a stack of blocks, and (by architecture) a final
-LayerNorm (GPT-2) or a tanh pooler over the first token (BERT)."""
+"""The trunk shared by every model: embeddings, a stack of blocks, and (by configuration) a final
+LayerNorm (GPT-2, pre-norm variants) or a tanh pooler over the first token (BERT)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,46 @@ from lmforge.models.layers import Block, Dropout
 from lmforge.models.packing import Packed
 
 
+def sinusoids(n: int, d: int) -> torch.Tensor:
+    """[n, d]: sin in the even and cos in the odd columns, wavelengths 2pi .. 10000 * 2pi."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]                          # [n, 1]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # [ceil(d/2)]
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return table
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal position vectors; `scaled` multiplies them by one trained scalar that starts
+    at 1/sqrt(D), so they begin small next to the word embeddings."""
+
+    def __init__(self, n: int, d: int, scaled: bool):
+        super().__init__()
+        # recomputed on construction, never saved: nothing in a checkpoint to disagree with
+        self.register_buffer("table", sinusoids(n, d), persistent=False)
+        self.scale = nn.Parameter(torch.tensor(d ** -0.5)) if scaled else None
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.table[position_ids]                                             # [.., D]
+        return x if self.scale is None else x * self.scale
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d = config.hidden_size
         self.word_embeddings = nn.Embedding(config.vocab_size, d)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        if config.position_embedding == "learned":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        else:
+            self.position_embeddings = SinusoidalPositions(
+                config.max_position_embeddings, d, scaled=config.position_embedding == "scaled-sinusoidal")
         self.token_type_embeddings = (
             nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
         )
-        # Post-norm models (BERT) normalise the embeddings; pre-norm ones (GPT-2) do not.
-        self.norm = None if config.pre_norm else nn.LayerNorm(d, eps=config.layer_norm_eps)
+        # BERT normalises the embeddings, GPT-2 does not (Cramming's pre-norm BERT does too)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.embedding_norm else None
         p = config.hidden_dropout if config.embedding_dropout is None else config.embedding_dropout
         self.dropout = Dropout(p)
 
@@ -67,7 +96,7 @@ class Transformer(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         d = config.hidden_size
-        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.pre_norm else None
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.final_norm else None
         self.pooler = nn.Linear(d, d) if config.has_pooler else None
         # Prefix-embedding tuning plugs in here: a module returning P virtual-token vectors [P, D],
         # inserted after the first token (encoders keep [CLS] first) or at the start (decoders), and
