@@ -52,7 +52,7 @@ def test_what_trains_and_start_from_base(method):
     if method == "adapter-pfeiffer":
         assert not any(".attention.output.adapters." in n for n in names)
     if method == "lora":   # it runs routed to its adapter, whose head starts as a copy of the base head
-        assert spec.adapter == "default" and spec.mixable
+        assert spec.adapter == "default" and spec.mixable and spec.servable
     torch.testing.assert_close(model(IDS, adapters=spec.adapter).logits, before, atol=1e-6, rtol=0)  # identity
 
 
@@ -89,14 +89,16 @@ def test_delta_run_roundtrip(tmp_path, method):
     from lmforge.models import from_pretrained
     model = from_pretrained(tmp_path / "base").eval()
     m = MethodConfig(method=method, adapter_size=4)
-    apply_method(model, m)
+    spec = apply_method(model, m)
+    base = model(IDS, adapters=None).logits
     for p in model.parameters():
         if p.requires_grad:
             p.add_(torch.randn_like(p) * 0.1)
-    want = model(IDS).logits
+    want = model(IDS, adapters=spec.adapter).logits   # what the run routes to (bitfit: the model itself)
+    assert (want - base).abs().max() > 1e-4
     save_delta(model, tmp_path / "run", m, base_model=str(tmp_path / "base"))
     size = sum(f.stat().st_size for f in (tmp_path / "run").iterdir())
     assert size < (tmp_path / "base" / "model.safetensors").stat().st_size
     again = load_delta(tmp_path / "run")
     assert again.config.labels == ["neg", "pos"]
-    torch.testing.assert_close(again(IDS).logits, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again(IDS, adapters=spec.adapter).logits, want, atol=1e-6, rtol=0)

@@ -11,8 +11,10 @@ prefix-embedding  prefix_length trainable virtual tokens at the input
 prefix-layer      trainable keys and values of prefix_length virtual tokens in every layer
 In every method but `features`, the task head trains too.
 
-Each family is one `Method` object in REGISTRY (attach, trainable parameters, save, load, export,
-whether it mixes in a batch): callers dispatch through get_method() / method_of_dir() / load_run().
+Each family is one `Method` object in REGISTRY (attach, save, load, export, the adapter its runs
+route to, whether it mixes in a batch, whether the server can hot-load it): callers dispatch through
+get_method() / method_of_dir() / load_run(). What trains is what attach() leaves requires_grad=True:
+the optimizer, save_delta and the parameter counts all read that one mark.
 """
 
 from __future__ import annotations
@@ -63,27 +65,27 @@ class Method:
     dispatches through these methods instead of testing --method names:
 
     attach(model, m)      add what the method adds and mark what trains (requires_grad)
-    trainable(model)      the (name, parameter) pairs that train
     save(model, dir, m, base_model, tokenizer)   what the run keeps in best/
     load(dir, device)     (model, adapter) from such a directory: the model and the adapter name a
                           forward pass must route to (None: the model itself is adapted)
     export(model, adapter) a plain model (no adapter modules), or ConfigError saying why not
     adapter               the adapter name a model adapted by attach() runs with (routing), or None
     trains_model          False when something else trains (features: a probe on frozen features)
-    mixable               whether its adapters serve side by side in one mixed-adapter batch
+    mixable               whether rows routed to its adapters share one forward pass with rows of other
+                          adapters and of the base model (a mixed-adapter batch; else such a routing
+                          is a ConfigError from the forward pass)
+    servable              whether `lmforge serve` hot-loads its runs onto the base it serves (PEFT format)
     mergeable             whether export folds it into the base weights (LoRA)
     """
     names: tuple[str, ...] = ()
     adapter: str | None = None
     trains_model = True
     mixable = False
+    servable = False
     mergeable = False
 
     def attach(self, model, m: MethodConfig) -> None:
         raise NotImplementedError
-
-    def trainable(self, model) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def save(self, model, directory, m: MethodConfig, base_model: str, tokenizer=None) -> Path:
         from lmforge.adapters.delta import save_delta
@@ -150,8 +152,12 @@ class BitFit(Method):
 
 
 class Bottleneck(Method):
-    """adapter-houlsby / adapter-pfeiffer: bottleneck adapters in every layer."""
+    """adapter-houlsby / adapter-pfeiffer: bottleneck adapters named ADAPTER in every layer; runs route
+    to ADAPTER, and rows of different bottleneck (or LoRA) adapters mix in one batch (each row's tokens
+    through its own adapter). Saved as a delta, which the server does not hot-load."""
     names = ("adapter-houlsby", "adapter-pfeiffer")
+    adapter = ADAPTER
+    mixable = True
 
     def attach(self, model, m: MethodConfig) -> None:
         from lmforge.adapters.bottleneck import BottleneckConfig, add_bottleneck
@@ -165,8 +171,11 @@ class Bottleneck(Method):
 
 
 class Prefix(Method):
-    """prefix-embedding / prefix-layer: trainable virtual tokens, or keys and values in every layer."""
+    """prefix-embedding / prefix-layer: trainable virtual tokens, or keys and values in every layer,
+    named ADAPTER; runs route to ADAPTER. Not mixable: a prefix changes the sequence (or the keys) of
+    the rows that use it, so its rows cannot share a forward pass with rows that do not."""
     names = ("prefix-embedding", "prefix-layer")
+    adapter = ADAPTER
 
     def attach(self, model, m: MethodConfig) -> None:
         from lmforge.adapters.prefix import PrefixConfig, add_prefix
@@ -184,6 +193,7 @@ class Lora(Method):
     names = ("lora",)
     adapter = ADAPTER
     mixable = True
+    servable = True
     mergeable = True
 
     def attach(self, model, m: MethodConfig) -> None:

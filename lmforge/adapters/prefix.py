@@ -8,7 +8,12 @@ prefix-layer      trainable keys and values of P virtual tokens in every layer, 
                   Trainable parameters: L x 2 x P x d.
 
 The modules plug into the hook slots the model provides (Transformer.input_prefix,
-Attention.kv_prefix) and keep their prefixes in dicts keyed by adapter name, with one active.
+Attention.kv_prefix) and keep their prefixes in dicts keyed by adapter name. Which prefix a forward
+pass uses is an argument of that pass (models/routing.py), read per call; nothing is switched on the
+modules, so threads may run forward passes with different prefixes at the same time. A prefix
+lengthens the sequence (virtual tokens) or the keys (every layer) of the rows that use it, so rows
+with and without it, or with different prefixes, cannot share one forward pass: a mixed-adapter
+routing that names a prefix is refused (methods.Prefix.mixable is False), as is stacking two.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models import routing
 
 KINDS = ("embedding", "layer")
 
@@ -36,37 +42,52 @@ class PrefixConfig:
             raise ConfigError(f"prefix length must be >= 1, got {self.length}")
 
 
+def _routed(names, kind: str) -> str | None:
+    """The one adapter of `names` (those this module holds) that the current forward pass uses."""
+    r = routing.current()
+    if r.mixed:
+        used = [n for n in r.names if n in names]
+        if used:
+            raise ConfigError(f"prefix {used[0]!r} cannot run in a mixed-adapter batch: a prefix ({kind}) "
+                              "changes the sequence of the rows that use it; run its rows as a batch of their own")
+        return None
+    used = [n for n in r.uniform if n in names]
+    if len(used) > 1:
+        raise ConfigError(f"prefixes {', '.join(map(repr, used))} cannot be stacked in one forward pass")
+    return used[0] if used else None
+
+
 class VirtualTokens(nn.Module):
-    """Named sets of P trainable vectors [P, D]; forward() gives the active set (or None)."""
+    """Named sets of P trainable vectors [P, D]; forward() gives the set of the adapter the current
+    forward pass routes to (or None)."""
 
     def __init__(self):
         super().__init__()
         self.prefixes = nn.ParameterDict()
-        self.active: str | None = None
 
     def add(self, name: str, length: int, dim: int, std: float, like: torch.Tensor) -> None:
         self.prefixes[name] = nn.Parameter(torch.randn(length, dim, dtype=like.dtype).to(like.device) * std)
-        self.active = name
 
     def forward(self):
-        return None if self.active is None else self.prefixes[self.active]
+        name = _routed(self.prefixes, "virtual input tokens")
+        return None if name is None else self.prefixes[name]
 
 
 class KeyValuePrefix(nn.Module):
-    """Named pairs of trainable prefix keys and values [P, D]; forward() gives the active pair."""
+    """Named pairs of trainable prefix keys and values [P, D]; forward() gives the pair of the adapter
+    the current forward pass routes to (or None)."""
 
     def __init__(self):
         super().__init__()
         self.keys = nn.ParameterDict()
         self.values = nn.ParameterDict()
-        self.active: str | None = None
 
     def add(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys[name], self.values[name] = nn.Parameter(keys), nn.Parameter(values)
-        self.active = name
 
     def forward(self):
-        return None if self.active is None else (self.keys[self.active], self.values[self.active])
+        name = _routed(self.keys, "keys and values in every layer")
+        return None if name is None else (self.keys[name], self.values[name])
 
 
 @torch.no_grad()
@@ -92,7 +113,9 @@ def _real_token_activations(model, length: int, generator: torch.Generator):
 
 
 def add_prefix(model, name: str, config: PrefixConfig, seed: int = 0) -> None:
-    """Add prefix `name` and make it the active one."""
+    """Add prefix `name`; forward passes use it when their routing names it (`model(..., adapters=name)`)."""
+    if name in model.adapter_names:
+        raise ConfigError(f"adapter {name!r} already exists (loaded: {', '.join(model.adapter_names)})")
     t = model.transformer
     d, like = model.config.hidden_size, t.embeddings.word_embeddings.weight
     if config.kind == "embedding":
@@ -101,6 +124,7 @@ def add_prefix(model, name: str, config: PrefixConfig, seed: int = 0) -> None:
         if name in t.input_prefix.prefixes:
             raise ConfigError(f"prefix {name!r} already exists")
         t.input_prefix.add(name, config.length, d, config.init_std, like)
+        model.register_adapter(name, config)
         return
     kv = _real_token_activations(model, config.length, torch.Generator().manual_seed(seed))
     for layer, (k, v) in zip(t.layers, kv):
@@ -109,6 +133,7 @@ def add_prefix(model, name: str, config: PrefixConfig, seed: int = 0) -> None:
         if name in layer.attention.kv_prefix.keys:
             raise ConfigError(f"prefix {name!r} already exists")
         layer.attention.kv_prefix.add(name, k.detach().clone(), v.detach().clone())
+    model.register_adapter(name, config)   # last: a routing may name it from now on
 
 
 def prefix_parameters(model) -> list[nn.Parameter]:
