@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, env, evaluate, export, finetune, glue, predict, serve, tokenizer
+from lmforge.cli import embed, env, evaluate, export, finetune, glue, predict, pretrain, serve, tokenizer
 
 COMMANDS = {"embed": embed, "env": env, "finetune": finetune, "evaluate": evaluate, "predict": predict,
-            "glue": glue, "export": export, "serve": serve, "tokenizer": tokenizer}
+            "glue": glue, "export": export, "serve": serve, "tokenizer": tokenizer, "pretrain": pretrain}
 
 
 def build_parser() -> argparse.ArgumentParser:
