@@ -29,7 +29,7 @@ from lmforge.train.data import TaskData, load_task_data
 from lmforge.adapters.methods import MethodConfig, apply_method, describe_parameters, parameter_counts
 from lmforge.models import routing
 from lmforge.train.metrics import compute_metrics
-from lmforge.train.objectives import sequence_classification_loss
+from lmforge.train.objectives import SequenceClassification
 from lmforge.train.plot import plot_metrics
 from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
@@ -194,7 +194,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
             model, cfg.train, train_enc, batch_plan=batch_plan,
             collate=(lambda items: collate_packed(items, data.regression)) if cfg.packed
             else (lambda items: collate(items, pad, data.regression)),
-            loss_fn=sequence_classification_loss,
+            objective=SequenceClassification(regression=data.regression),
             evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
             main_metric=data.main_metric, on_best=on_best,
         )

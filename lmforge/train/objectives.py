@@ -1,16 +1,229 @@
-"""Training objectives: loss_fn(model, batch) -> scalar, for the Trainer."""
+"""Training objectives: each turns (model, batch) into a loss and the tallies it is measured by.
+
+An objective is a small object built with what it needs to know (whether the head is a regressor,
+which token is ignored): it never reads `model.config`, so the model it is given may be wrapped
+(DistributedDataParallel) and it still works. It only calls the model and reads its ModelOutput.
+
+`objective(model, batch)` returns (loss, tallies): the scalar to back-propagate and a dict of
+*sums* over the batch (tokens, correct predictions, summed loss), detached tensors. Sums add up
+across a logging window without any averaging error; `objective.summarize(totals)` turns them into
+the metrics written to metrics.jsonl (accuracy = correct / predicted, perplexity = exp(mean loss)).
+The trainer adds tallies as tensors and converts them once per log line, not once per step.
+
+Batches follow the pre-training contract (data/pretrain.py): right-padded `input_ids`,
+`attention_mask`, `token_type_ids` [B, T]; `labels` [B, T] with -100 where nothing is predicted
+(mlm); `next_sentence_label` [B] (nsp). A causal LM has no labels: it predicts input_ids shifted by
+one. Classification batches are padded or packed (data/batches.py) with `labels` [B].
+"""
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 
 from lmforge.data.batches import model_inputs
+from lmforge.errors import ConfigError
+
+IGNORE = -100   # the label of a position that is not predicted (PyTorch's and Hugging Face's)
+
+Tallies = dict[str, torch.Tensor]
+
+
+class Objective(ABC):
+    """(model, batch) -> (loss, tallies); summarize(summed tallies) -> metrics."""
+
+    name: str = ""
+
+    @abstractmethod
+    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, Tallies]:
+        ...
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        return {}
+
+
+def _ratio(totals: dict, num: str, den: str) -> float:
+    return totals[num] / totals[den] if totals.get(den) else float("nan")
+
+
+@dataclass
+class LossFunction(Objective):
+    """A plain `fn(model, batch) -> loss`: no metrics besides the loss (what the Trainer took before)."""
+
+    fn: Callable[[torch.nn.Module, dict], torch.Tensor]
+    name: str = "loss"
+
+    def __call__(self, model, batch):
+        return self.fn(model, batch), {}
+
+
+@dataclass
+class SequenceClassification(Objective):
+    """Cross-entropy over classes with training accuracy, or mean squared error for a regressor
+    (STS-B). The batch is padded or packed (data.batches.collate / collate_packed)."""
+
+    regression: bool = False
+    name: str = "classification"
+
+    def __call__(self, model, batch):
+        logits = model(**model_inputs(batch)).logits
+        labels = batch["labels"]
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), labels.float()), {}
+        loss = F.cross_entropy(logits, labels)
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        return loss, {"correct": correct, "examples": torch.tensor(labels.shape[0])}
+
+    def summarize(self, totals):
+        return {} if self.regression else {"accuracy": _ratio(totals, "correct", "examples")}
+
+
+def _padded_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def _tokens(batch: dict) -> torch.Tensor:
+    """Real (non-padding) tokens of a padded batch."""
+    mask = batch.get("attention_mask")
+    return torch.tensor(batch["input_ids"].numel()) if mask is None else mask.sum()
+
+
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Rows of the flattened [B*T] tokens that carry a label, [M]."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(-1)
+
+
+def _mlm_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Tallies]:
+    """logits [M, V] at the masked positions, targets [M]: mean cross-entropy and its tallies.
+    A batch with no masked token gives a zero loss (still connected to the graph), not NaN."""
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    m = targets.numel()
+    correct = (logits.detach().argmax(-1) == targets).sum()
+    return total / max(m, 1), {"mlm_loss_sum": total.detach(), "mlm_correct": correct,
+                               "mlm_predicted": torch.tensor(m)}
+
+
+def _nsp_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Tallies]:
+    loss = F.cross_entropy(logits.float(), labels)
+    correct = (logits.detach().argmax(-1) == labels).sum()
+    return loss, {"nsp_loss_sum": loss.detach() * labels.shape[0], "nsp_correct": correct,
+                  "nsp_examples": torch.tensor(labels.shape[0])}
+
+
+def _summarize_mlm(t: dict) -> dict:
+    return {"mlm_loss": _ratio(t, "mlm_loss_sum", "mlm_predicted"),
+            "mlm_accuracy": _ratio(t, "mlm_correct", "mlm_predicted")}
+
+
+def _summarize_nsp(t: dict) -> dict:
+    return {"nsp_loss": _ratio(t, "nsp_loss_sum", "nsp_examples"),
+            "nsp_accuracy": _ratio(t, "nsp_correct", "nsp_examples")}
+
+
+@dataclass
+class MaskedLM(Objective):
+    """BERT's masked-LM loss at the masked positions, with masked-token accuracy. The model is asked
+    for logits at those positions only (`positions=`), so the vocabulary-sized projection runs on
+    about 15% of the tokens instead of all of them."""
+
+    name: str = "mlm"
+
+    def __call__(self, model, batch):
+        positions = masked_positions(batch["labels"])
+        out = model(**_padded_inputs(batch), positions=positions)
+        loss, tallies = _mlm_terms(out.logits, batch["labels"].reshape(-1).index_select(0, positions))
+        return loss, {**tallies, "tokens": _tokens(batch)}
+
+    def summarize(self, totals):
+        return _summarize_mlm(totals)
+
+
+def _nsp_logits(out) -> torch.Tensor:
+    # BertForPreTraining puts them beside the MLM logits; a head of its own (nsp) in logits
+    return out.nsp_logits if out.nsp_logits is not None else out.logits
+
+
+@dataclass
+class NextSentence(Objective):
+    """Next-sentence prediction: is segment B the continuation of A? Cross-entropy and accuracy."""
+
+    name: str = "nsp"
+
+    def __call__(self, model, batch):
+        out = model(**_padded_inputs(batch))
+        loss, tallies = _nsp_terms(_nsp_logits(out), batch["next_sentence_label"])
+        return loss, {**tallies, "tokens": _tokens(batch)}
+
+    def summarize(self, totals):
+        return _summarize_nsp(totals)
+
+
+@dataclass
+class MaskedLMWithNSP(Objective):
+    """BERT's pre-training: the MLM loss plus the NSP loss, from one forward pass."""
+
+    name: str = "mlm,nsp"
+
+    def __call__(self, model, batch):
+        positions = masked_positions(batch["labels"])
+        out = model(**_padded_inputs(batch), positions=positions)
+        mlm, t1 = _mlm_terms(out.logits, batch["labels"].reshape(-1).index_select(0, positions))
+        nsp, t2 = _nsp_terms(_nsp_logits(out), batch["next_sentence_label"])
+        return mlm + nsp, {**t1, **t2, "tokens": _tokens(batch)}
+
+    def summarize(self, totals):
+        return {**_summarize_mlm(totals), **_summarize_nsp(totals)}
+
+
+@dataclass
+class CausalLM(Objective):
+    """Next-token prediction: the logits at position t predict input_ids[t + 1]. Only positions whose
+    next token is real are scored, and only those go through the vocabulary projection."""
+
+    name: str = "clm"
+
+    def __call__(self, model, batch):
+        ids = batch["input_ids"]                                     # [B, T]
+        B, T = ids.shape
+        mask = batch.get("attention_mask")
+        nxt = torch.ones(B, T, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
+        scored = torch.zeros_like(nxt)
+        scored[:, :-1] = nxt[:, 1:]                                  # the next token exists
+        positions = scored.reshape(-1).nonzero().squeeze(-1)         # [M] rows of the flat [B*T]
+        out = model(**_padded_inputs(batch), positions=positions)
+        targets = ids.reshape(-1).index_select(0, positions + 1)     # row b*T+t -> b*T+t+1
+        total = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+        m = targets.numel()
+        return total / max(m, 1), {"clm_loss_sum": total.detach(), "clm_predicted": torch.tensor(m),
+                                   "tokens": _tokens(batch)}
+
+    def summarize(self, totals):
+        loss = _ratio(totals, "clm_loss_sum", "clm_predicted")
+        return {"clm_loss": loss, "perplexity": math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss}
+
+
+PRETRAINING_OBJECTIVES = {"mlm": MaskedLM, "nsp": NextSentence, "mlm,nsp": MaskedLMWithNSP, "clm": CausalLM}
+
+
+def pretraining_objective(spec: str) -> Objective:
+    """The objective named on the command line: mlm, nsp, mlm,nsp (in either order) or clm."""
+    key = ",".join(sorted(s.strip() for s in spec.split(",") if s.strip()))
+    if key not in PRETRAINING_OBJECTIVES:
+        raise ConfigError(f"--objective {spec!r} is not one of {', '.join(PRETRAINING_OBJECTIVES)}")
+    return PRETRAINING_OBJECTIVES[key]()
+
+
+def as_objective(obj) -> Objective:
+    """An Objective as is; a plain loss function wrapped (no metrics)."""
+    return obj if isinstance(obj, Objective) else LossFunction(obj)
 
 
 def sequence_classification_loss(model, batch):
-    """Cross-entropy over classes, or mean squared error when the head is a regressor (STS-B).
-    The batch is padded or packed (data.batches.collate / collate_packed)."""
-    logits = model(**model_inputs(batch)).logits
-    if model.config.is_regression:
-        return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
-    return F.cross_entropy(logits, batch["labels"])
+    """The classification loss alone, reading the regression flag from the model's config (kept for
+    callers with an unwrapped model; the trainer uses SequenceClassification)."""
+    return SequenceClassification(regression=model.config.is_regression)(model, batch)[0]

@@ -1,9 +1,11 @@
 """The training loop shared by fine-tuning, pre-training and RLHF.
 
-The trainer knows nothing of tasks: it gets examples, a collate function that turns a list of them
-into a batch of tensors, and an objective `loss_fn(model, batch) -> scalar loss`. It owns the
-optimizer, the schedule, gradient accumulation and clipping, periodic evaluation with best-model
-keeping, logging, and checkpoints that resume bit for bit.
+The trainer knows nothing of tasks: it gets batches (examples plus a collate function that turns a
+list of them into tensors, or a BatchStream such as the pre-training data) and an objective
+(train/objectives.py: (model, batch) -> loss and tallies; a plain `fn(model, batch) -> loss` works
+too). It owns the optimizer, the schedule, gradient accumulation and clipping, periodic evaluation
+with best-model keeping, logging (the objective's metrics and tokens/s into metrics.jsonl), budgets
+(steps, minutes) and checkpoints that resume bit for bit.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError, NonFiniteError
 from lmforge.kernels.precision import DEVICES, PRECISIONS, resolve_precision
-from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.objectives import Objective, as_objective
+from lmforge.train.optim import build_optimizer, build_scheduler, lr_lambda
 from lmforge.train.sparse_rows import RowSparseGrads
 from lmforge.train.state import Progress, load_state, save_state, set_seed
 from lmforge.utils import strict_json
@@ -35,6 +38,9 @@ class TrainConfig:
     out_dir: str = field(metadata={"option": "--out"})
     epochs: float = field(default=3.0, metadata=rule(POSITIVE))
     max_steps: int | None = field(default=None, metadata=rule(AT_LEAST_1))  # optimizer steps; overrides epochs
+    # a wall-time budget: stop when the run (resumed parts included) has taken this long; without
+    # max_steps the learning-rate schedule runs over the budget's time instead of over steps
+    max_minutes: float | None = field(default=None, metadata=rule(POSITIVE, "--minutes"))
     batch_size: int = field(default=32, metadata=rule(AT_LEAST_1))
     grad_accum: int = field(default=1, metadata=rule(AT_LEAST_1))
     lr: float = field(default=2e-5, metadata=rule(POSITIVE))
@@ -69,6 +75,76 @@ class TrainConfig:
 
 
 SCHEDULES = ("linear", "cosine", "constant")
+_GRID = 100_000  # a time-budget schedule is lr_lambda over this many virtual steps
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    """Batches that arrive as a stream (pre-training shards) instead of examples the trainer indexes.
+
+    `batches(epoch)` yields batch dicts; `state_dict()` is the position after the last batch yielded
+    (JSON-able), and after `load_state_dict(state)` the next `batches(epoch)` continues from there:
+    that is how a checkpoint resumes mid-epoch. Batches must not draw from the global RNGs (masks
+    from the stream's own seeded generators), since the trainer looks one batch ahead."""
+
+    def batches(self, epoch: int) -> Iterator[dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class _Planned:
+    """Examples in index batches (a shuffle per epoch, or the caller's batch plan), collated."""
+
+    def __init__(self, examples: Sequence, collate: Callable, plan: Callable[[int], list[list[int]]]):
+        self.examples, self.collate, self.plan = examples, collate, plan
+
+    def checked_plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches; an empty plan would make the loop spin without ever taking a step."""
+        plan = self.plan(epoch)
+        if not plan or not all(plan):
+            raise ConfigError(f"the batch plan of epoch {epoch} has no batches or an empty batch "
+                              f"({len(self.examples)} training examples)")
+        return plan
+
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[dict, int, bool]]:
+        """(batch, examples in it, last of the epoch) from micro-batch `start` on."""
+        plan = self.checked_plan(epoch)
+        for i in range(start, len(plan)):
+            yield self.collate([self.examples[j] for j in plan[i]]), len(plan[i]), i == len(plan) - 1
+
+    def position(self) -> dict | None:
+        return None  # (epoch, batch) in Progress say it all
+
+    def restore(self, state: dict | None) -> None:
+        pass
+
+
+class _Streamed:
+    """A BatchStream, read one batch ahead so the loop knows which batch ends the epoch."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+        self._position: dict | None = None
+
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[dict, int, bool]]:
+        # `start` is where a resumed run stands; restore() has put the stream there already
+        it = iter(self.stream.batches(epoch))
+        current = next(it, None)
+        while current is not None:
+            position = self.stream.state_dict()  # after `current`, before the look-ahead
+            following = next(it, None)
+            self._position = position
+            yield current, int(current["input_ids"].shape[0]), following is None
+            current = following
+
+    def position(self) -> dict | None:
+        return self._position
+
+    def restore(self, state: dict | None) -> None:
+        if state is not None:
+            self.stream.load_state_dict(state)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -115,9 +191,9 @@ class Trainer:
         self,
         model: torch.nn.Module,
         config: TrainConfig,
-        train_set: Sequence,
-        collate: Callable[[list], dict],
-        loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+        train_set: Sequence | BatchStream,
+        collate: Callable[[list], dict] | None,
+        objective: Objective | Callable[[torch.nn.Module, dict], torch.Tensor],
         evaluate: Callable[[torch.nn.Module], dict] | None = None,
         main_metric: str | None = None,
         greater_is_better: bool = True,
@@ -125,33 +201,42 @@ class Trainer:
         batch_plan: Callable[[int], list[list[int]]] | None = None,
     ):
         config.validate()
-        if len(train_set) == 0:
-            raise ConfigError("the training set is empty: nothing to train on")
+        if isinstance(train_set, BatchStream):
+            if not (config.max_steps or config.max_minutes):
+                raise ConfigError("a streamed training set needs a budget: --max-steps or --minutes")
+            self.source: _Planned | _Streamed = _Streamed(train_set)
+        else:
+            if len(train_set) == 0:
+                raise ConfigError("the training set is empty: nothing to train on")
+            self.source = _Planned(train_set, collate, batch_plan or (
+                lambda epoch: random_batches(len(train_set), config.batch_size, config.seed, epoch)))
         self.model, self.config = model, config
-        self.train_set, self.collate, self.loss_fn = train_set, collate, loss_fn
+        self.objective = as_objective(objective)
         self.evaluate, self.main_metric = evaluate, main_metric
         self.greater_is_better, self.on_best = greater_is_better, on_best
-        self.batch_plan = batch_plan or (
-            lambda epoch: random_batches(len(train_set), config.batch_size, config.seed, epoch)
-        )
         self.out = Path(config.out_dir)
         self.checkpoint_dir = self.out / "checkpoint"
         self.saved_step: int | None = None  # the step of the checkpoint on disk, once there is one
 
     # -- bookkeeping --------------------------------------------------------------------------
-    def _plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches; an empty plan would make the loop spin without ever taking a step."""
-        plan = self.batch_plan(epoch)
-        if not plan or not all(plan):
-            raise ConfigError(f"the batch plan of epoch {epoch} has no batches or an empty batch "
-                              f"({len(self.train_set)} training examples)")
-        return plan
-
-    def total_steps(self) -> int:
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the run; None when only a time budget bounds it."""
         if self.config.max_steps:
             return self.config.max_steps
-        per_epoch = math.ceil(len(self._plan(0)) / self.config.grad_accum)
+        if isinstance(self.source, _Streamed):
+            return None
+        per_epoch = math.ceil(len(self.source.checked_plan(0)) / self.config.grad_accum)
         return max(1, math.ceil(self.config.epochs * per_epoch))
+
+    def _scheduler(self, optimizer, total: int | None, elapsed: Callable[[], float]):
+        cfg = self.config
+        if total is not None:
+            return build_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total), total)
+        # a time budget: the schedule's position is the fraction of the budget spent
+        f = lr_lambda(cfg.schedule, round(cfg.warmup_ratio * _GRID), _GRID)
+        budget = cfg.max_minutes * 60.0
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda _: f(min(_GRID, int(_GRID * elapsed() / budget))))
 
     def _is_better(self, value: float, best: float | None) -> bool:
         if not math.isfinite(value):  # a NaN metric is never the best model
@@ -204,18 +289,30 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
-        cfg, model = self.config, self.model
+        cfg, model, objective = self.config, self.model, self.objective
         self.out.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.out)  # what a killed run's atomic writes left behind
         set_seed(cfg.seed)
         total = self.total_steps()
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        scheduler = build_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total), total)
         progress = Progress()
+        resumed_elapsed, segment_start = 0.0, time.perf_counter()
+
+        def elapsed() -> float:  # wall time of the run, resumed parts included
+            return resumed_elapsed + time.perf_counter() - segment_start
+
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        scheduler = self._scheduler(optimizer, total, elapsed)
         if resume and self.checkpoint_dir.is_dir():
             progress = load_state(self.checkpoint_dir, model, optimizer, scheduler)
+            self.source.restore(progress.extra.get("data"))
             self.saved_step = progress.step
         resumed_elapsed, segment_start = progress.elapsed_s, time.perf_counter()
+        budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes else None
+
+        def finished() -> bool:
+            return (total is not None and progress.step >= total) or (
+                budget_s is not None and elapsed() >= budget_s)
+
         log = MetricsLog(self.out / "metrics.jsonl", progress.step if resume else None)
         sparse_rows = RowSparseGrads(model) if cfg.sparse_embedding_grads else None
         with atomic_file(self.out / "train_config.json", "w") as f:
@@ -226,35 +323,35 @@ class Trainer:
         bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
                    disable=not cfg.progress_bar, dynamic_ncols=True)
         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
+        window: dict[str, torch.Tensor] = {}  # the objective's tallies, summed over the log window
         last_eval: dict = {}
         evaluated_at = -1
         try:
-            while progress.step < total:
-                plan = self._plan(progress.epoch)
-                if progress.batch >= len(plan):  # nothing left of this epoch: never loop on it
-                    progress.epoch, progress.batch = progress.epoch + 1, 0
-                    continue
+            while not finished():
                 micro = 0        # micro-batches accumulated into the pending step
                 step_ok = True   # every one of them had a finite loss
-                while progress.batch < len(plan) and progress.step < total:
-                    indices = plan[progress.batch]
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v
-                             for k, v in self.collate([self.train_set[i] for i in indices]).items()}
+                ended_epoch = False
+                for cpu_batch, n_samples, last in self.source.epoch(progress.epoch, progress.batch):
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
                     with autocast_context(device, cfg.precision):
-                        loss = self.loss_fn(model, batch)
+                        loss, tallies = objective(model, batch)
                     value = loss.detach().item()
                     if math.isfinite(value):
                         (loss / cfg.grad_accum).backward()
                         window_loss += value
                         window_n += 1
+                        for k, v in tallies.items():
+                            window[k] = window[k] + v if k in window else v
                     else:  # no backward: its NaN gradients would poison the whole step
                         self._nonfinite(progress.step + 1, f"loss is {value}")
                         step_ok = False
+                    if "tokens" in tallies:
+                        progress.extra["tokens"] = progress.extra.get("tokens", 0) + int(tallies["tokens"])
                     progress.batch += 1
-                    progress.samples += len(indices)
-                    window_samples += len(indices)
+                    progress.samples += n_samples
+                    window_samples += n_samples
                     micro += 1
-                    if micro < cfg.grad_accum and progress.batch < len(plan):
+                    if micro < cfg.grad_accum and not last:
                         continue
                     micro = 0
                     if step_ok:
@@ -278,42 +375,65 @@ class Trainer:
                     step_ok = True
                     progress.step += 1
                     bar.update(1)
-                    if progress.step % cfg.log_every == 0 or progress.step == total:
-                        elapsed = time.perf_counter() - t0
+                    done = finished()
+                    if progress.step % cfg.log_every == 0 or done:
+                        seconds = max(time.perf_counter() - t0, 1e-9)
                         record = {"step": progress.step, "epoch": progress.epoch}
                         if window_n:  # a window of skipped steps only has no loss to report
                             record["loss"] = window_loss / window_n
-                        record.update(lr=lr, samples_per_s=window_samples / max(elapsed, 1e-9))
+                        totals = {k: float(v) for k, v in window.items()}
+                        record.update(objective.summarize(totals) if totals else {})
+                        record.update(lr=lr, samples_per_s=window_samples / seconds)
+                        if "tokens" in totals:
+                            record.update(tokens_per_s=totals["tokens"] / seconds, tokens=progress.extra["tokens"])
                         if cfg.skip_nonfinite:
                             record["skipped_steps"] = progress.skipped_steps
                         log.write(record)
-                        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
-                                        sps=f"{record['samples_per_s']:.0f}")
+                        bar.set_postfix(_postfix(record))
                         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
-                    end_of_epoch = progress.batch == len(plan)
+                        window = {}
+                    ended_epoch = last
                     do_eval = self.evaluate is not None and (
                         (cfg.eval_every and progress.step % cfg.eval_every == 0)
-                        or (not cfg.eval_every and end_of_epoch) or progress.step == total
+                        or (not cfg.eval_every and last) or done
                     )
-                    if end_of_epoch:
+                    if last:
                         progress.epoch, progress.batch = progress.epoch + 1, 0
                     paused = time.perf_counter()  # evaluation and saving do not count as training time
                     if do_eval:
                         last_eval, evaluated_at = self._evaluate(progress, log), progress.step
                     save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
-                        not cfg.save_every and evaluated_at == progress.step) or progress.step == total
+                        not cfg.save_every and evaluated_at == progress.step) or done
                     if save_now:
                         self._check_weights(progress.step, self.checkpoint_dir)
-                        progress.elapsed_s = resumed_elapsed + time.perf_counter() - segment_start
+                        progress.elapsed_s = elapsed()
+                        position = self.source.position()
+                        if position is not None:
+                            progress.extra["data"] = position
                         save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
                         self.saved_step = progress.step
                     t0 += time.perf_counter() - paused
-                    if end_of_epoch:
+                    if last or done:
                         break
+                if not ended_epoch and not finished():  # nothing (left) in this epoch: never loop on it
+                    progress.epoch, progress.batch = progress.epoch + 1, 0
         finally:
             bar.close()
             if sparse_rows is not None:
                 sparse_rows.close()
         return {"steps": progress.step, "samples": progress.samples, "best_metric": progress.best_metric,
                 "best_step": progress.best_step, "last_eval": last_eval,
-                "skipped_steps": progress.skipped_steps, "resumed_elapsed_s": resumed_elapsed}
+                "skipped_steps": progress.skipped_steps, "resumed_elapsed_s": resumed_elapsed,
+                "tokens": progress.extra.get("tokens"), "elapsed_s": elapsed()}
+
+
+def _postfix(record: dict) -> dict:
+    """What the progress bar shows: loss, the objective's accuracies/perplexity, lr, throughput."""
+    shown = {k: f"{v:.4f}" for k, v in record.items()
+             if k in ("loss", "mlm_accuracy", "nsp_accuracy", "perplexity", "accuracy") and v is not None}
+    shown["lr"] = f"{record['lr']:.2e}"
+    if "tokens_per_s" in record:
+        shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
+    else:
+        shown["sps"] = f"{record['samples_per_s']:.0f}"
+    return shown

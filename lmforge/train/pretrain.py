@@ -1,0 +1,271 @@
+"""Pre-train a model from a corpus: BERT's MLM (+ NSP), RoBERTa's recipe, GPT's causal LM, Cramming.
+
+The architecture is a preset (`--arch` x `--size`, models/presets.py), a JSON file of ModelConfig
+fields (`--config`), or an existing checkpoint to continue (`--init minilm`). Batches come from
+data/pretrain.py (token shards, packing, masking), the loss from train/objectives.py, and the loop is
+the shared Trainer (schedules, accumulation, clipping, precision, checkpoints that resume exactly).
+
+A run directory holds:
+  run.json        the resolved settings (what --resume must match)
+  metrics.jsonl   loss, MLM loss and masked-token accuracy, NSP accuracy, perplexity (clm), tokens/s
+  curves.png      those curves against optimizer steps
+  checkpoint/     the latest training state, for --resume
+  model/          the pre-trained model with its tokenizer: `lmforge finetune --model DIR/model`
+                  reads it, and for BERT, RoBERTa and GPT-2 layouts so does `transformers`
+  summary.json    steps, tokens, wall time, the last logged metrics
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmforge.data.pretrain import PretrainData, PretrainDataConfig
+from lmforge.errors import ConfigError
+from lmforge.train.objectives import pretraining_objective
+from lmforge.train.state import set_seed
+from lmforge.train.trainer import TrainConfig, Trainer
+from lmforge.utils import strict_json
+from lmforge.utils.atomic import atomic_file, clean_stale_temps
+from lmforge.utils.checks import AT_LEAST_1, check_fields, rule
+
+# the head each objective trains
+HEADS = {"mlm": "mlm", "nsp": "nsp", "mlm,nsp": "pretraining", "clm": "causal-lm"}
+DEFAULT_TOKENIZER = "minilm"   # BERT's uncased WordPiece vocabulary, bundled with the MiniLM model
+
+
+@dataclass
+class PretrainConfig:
+    data: PretrainDataConfig
+    train: TrainConfig
+    arch: str | None = None               # a preset (with size), unless config_file or init says otherwise
+    size: str | None = None
+    config_file: str | None = None        # --config: a JSON file of ModelConfig fields
+    init: str | None = None               # --init: continue pre-training this model (alias or directory)
+    tokenizer: str | None = None          # a tokenizer directory; default: the init model's, else minilm's
+    objective: str = "mlm"
+    # --tokens: a budget of sequence positions (batch x length per micro-batch), turned into steps
+    tokens: int | None = field(default=None, metadata=rule(AT_LEAST_1))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        d = dict(d)
+        d.pop("resolved", None)
+        data = dict(d.pop("data"))
+        data["corpus"] = tuple(data["corpus"])
+        data["objectives"] = tuple(data["objectives"])
+        return cls(data=PretrainDataConfig(**data), train=TrainConfig(**d.pop("train")), **d)
+
+    @property
+    def head(self) -> str:
+        return HEADS[self.objective_key]
+
+    @property
+    def objective_key(self) -> str:
+        return pretraining_objective(self.objective).name
+
+    def validate(self) -> None:
+        """ConfigError naming the option of the first bad setting; reads nothing but --config,
+        writes nothing."""
+        check_fields(self)
+        key = self.objective_key     # refuses an unknown --objective
+        sources = [s for s, given in (("--arch/--size", self.arch or self.size), ("--config", self.config_file),
+                                      ("--init", self.init)) if given]
+        if len(sources) != 1:
+            raise ConfigError("give the model as one of --arch with --size, --config FILE or --init MODEL"
+                              + (f" (got {' and '.join(sources)})" if sources else ""))
+        if (self.arch is None) != (self.size is None):
+            raise ConfigError("--arch and --size go together")
+        if tuple(self.data.objectives) != tuple(key.split(",")):
+            raise ConfigError(f"the data objectives {','.join(self.data.objectives)} differ from --objective {key}")
+        if not (self.train.max_steps or self.train.max_minutes or self.tokens):
+            raise ConfigError("give a budget: --tokens N, --minutes M or --max-steps N")
+        self.data.check()
+        self.train.validate()
+        if self.init is None:
+            self.model_config(vocab_size=2, pad_token_id=0)   # the architecture is refused now, not later
+
+    def budget_steps(self) -> int | None:
+        """Optimizer steps of a --tokens budget (every step sees batch x accumulation x length positions)."""
+        if not self.tokens:
+            return self.train.max_steps
+        per_step = self.data.batch_size * self.train.grad_accum * self.data.max_seq_len
+        return max(1, math.ceil(self.tokens / per_step))
+
+    def model_config(self, **fields):
+        """The ModelConfig of --arch/--size or --config with the head of the objective and `fields`
+        (vocabulary size and ids from the tokenizer) on top; checked against the objective."""
+        from lmforge.models.presets import config_from_file, preset
+
+        fields = {"head": self.head, **fields}
+        config = (config_from_file(self.config_file, **fields) if self.config_file
+                  else preset(self.arch, self.size, **fields))
+        check_model(config, self.objective_key, self.data.max_seq_len)
+        return config
+
+
+def check_model(config, objective: str, max_seq_len: int) -> None:
+    if objective == "clm" and not config.causal:
+        raise ConfigError(f"--objective clm needs a decoder (--arch gpt2), not {config.model_type}")
+    if objective != "clm" and config.causal:
+        raise ConfigError(f"--objective {objective} needs an encoder (bert, roberta, cramming), not a decoder")
+    room = config.max_position_embeddings - config.position_offset
+    if max_seq_len > room:
+        raise ConfigError(f"--max-seq-len {max_seq_len} is more than the model's {room} positions")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# what --resume may change: nothing computed depends on them
+_RESUME_FREE = {"train.progress_bar", "train.skip_nonfinite", "data.workers", "data.cache_dir"}
+
+
+def check_resume(run_file: Path, cfg: PretrainConfig) -> None:
+    try:
+        saved = _flat(asdict(PretrainConfig.from_dict(json.loads(run_file.read_text(encoding="utf-8")))))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{run_file}: cannot read the interrupted run's settings ({e})") from None
+    now = _flat(asdict(cfg))
+    differ = [k for k in sorted(saved.keys() | now.keys()) if k not in _RESUME_FREE and saved.get(k) != now.get(k)]
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"{run_file}: --resume needs the same settings as the interrupted run; {k} was "
+                          f"{saved.get(k)!r}, now {now.get(k)!r}. Run again with the same options, or "
+                          "without --resume to start over")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_model(cfg: PretrainConfig, tokenizer, device):
+    """The model to train: a fresh preset/--config model sized to the tokenizer, or --init's model
+    with the objective's head (created when it has none, and said so)."""
+    from lmforge.models import Model, from_pretrained, load_config
+    from lmforge.models.hf import variant_features
+
+    if cfg.init is not None:
+        saved = load_config(cfg.init)
+        model = from_pretrained(cfg.init, head=cfg.head, device=device)
+        check_model(model.config, cfg.objective_key, cfg.data.max_seq_len)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"--tokenizer has {tokenizer.vocab_size} tokens, the --init model only "
+                              f"{model.config.vocab_size} embeddings")
+        if saved.head != cfg.head:
+            fresh = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head."))
+            what = {None: "no head", "classification": "a classification head"}.get(saved.head, f"a {saved.head} head")
+            _say(f"--init {cfg.init}: the checkpoint has {what}, not a {cfg.head} head: initialised one "
+                 f"({fresh:,} new parameters; the output embeddings are the input ones)")
+        return model
+    pad = tokenizer.pad_token_id
+    config = cfg.model_config(vocab_size=tokenizer.vocab_size, pad_token_id=pad,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    missing = variant_features(config)
+    if missing:
+        _say(f"note: transformers has no class for this architecture ({', '.join(missing)}); the model is "
+             "saved in lmforge's format (model_type 'lmforge'), which lmforge loads and fine-tunes")
+    return Model(config).to(device)
+
+
+def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
+    """Validate everything, then train; returns the summary (also written to summary.json)."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.kernels import resolve_device, resolve_precision
+    from lmforge.models import save_pretrained
+
+    cfg.validate()
+    out = Path(cfg.train.out_dir)
+    run_file = out / "run.json"
+    if resume and run_file.is_file():
+        check_resume(run_file, cfg)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init or DEFAULT_TOKENIZER)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    set_seed(cfg.train.seed)  # the initialisation is part of the run
+    model = build_model(cfg, tokenizer, device)
+    data = PretrainData(cfg.data, tokenizer, progress=cfg.train.progress_bar)
+    objective = pretraining_objective(cfg.objective)
+    steps = cfg.budget_steps()
+    train = TrainConfig(**{**asdict(cfg.train), "max_steps": steps, "sparse_embedding_grads": False})
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    resolved = {"device": str(device), "precision": precision.name, "precision_why": precision.why,
+                "max_steps": steps, "model": model.config.to_dict()}
+    _write_json(run_file, {**asdict(cfg), "resolved": resolved})
+    _say(f"device {device}, precision {precision}")
+    _say(f"pretrain {objective.name}: {model.num_parameters():,} parameters, {data.n_examples:,} sequences "
+         f"of <= {cfg.data.max_seq_len} tokens ({data.packing}), {len(data):,} batches an epoch"
+         + (f", {steps:,} steps" if steps else "") + (f", {cfg.train.max_minutes:g} minutes" if cfg.train.max_minutes else ""))
+    trainer = Trainer(model, train, data, None, objective)
+    result = trainer.train(resume=resume)
+    save_pretrained(model, out / "model", tokenizer)
+    plot_pretraining(out / "metrics.jsonl", out / "curves.png", f"{_describe(cfg, model)} · {objective.name}")
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = next((r for r in reversed(logged) if "loss" in r), {})
+    summary = {"objective": objective.name, "model": _describe(cfg, model), "parameters": model.num_parameters(),
+               "steps": result["steps"], "tokens": result["tokens"], "skipped_steps": result["skipped_steps"],
+               "last": {k: v for k, v in last.items() if k not in ("step", "epoch")},
+               "device": resolved["device"], "precision": resolved["precision"],
+               "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _describe(cfg: PretrainConfig, model) -> str:
+    if cfg.init:
+        return f"{cfg.init} (continued)"
+    return cfg.config_file or f"{cfg.arch}-{cfg.size}"
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_file(path, "w") as f:
+        strict_json.dump(obj, f, indent=1)
+
+
+def plot_pretraining(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+    """curves.png: training loss, accuracies (masked tokens, next sentence), perplexity, tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    logs = [r for r in records if "lr" in r]
+    if not logs:
+        return None
+    panels = [("training loss", ("loss", "mlm_loss", "nsp_loss", "clm_loss")),
+              ("accuracy", ("mlm_accuracy", "nsp_accuracy")), ("perplexity", ("perplexity",)),
+              ("tokens/s", ("tokens_per_s",))]
+    panels = [(t, [k for k in keys if any(r.get(k) is not None for r in logs)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in logs if r.get(k) is not None]
+            ax.plot(*zip(*pts), label=k)
+        ax.set(xlabel="step", title=name)
+        if name == "perplexity":
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(out_png) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return Path(out_png)
