@@ -311,6 +311,72 @@ def test_real_calibration_picks_a_known_kernel_with_reasons(cache):
     assert all(v["kernel"] in calibrate.KERNELS and "plain" in v["why"] for v in out.values())
 
 
+class FakeClock:
+    """An injected timer: time moves only when a fake kernel 'runs' (no real timing in tests)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_kernels(monkeypatch, clock, durations):
+    """Candidates whose n-th measurement (call of calibrate._time) of a size takes durations[n][kernel]
+    seconds per call; returns the measurements made, as (rows, n)."""
+    runs, current = [], {}
+    real_time = calibrate._time
+
+    def counted_time(thunks, deadline, warm_up=True):
+        n = sum(1 for r, _ in runs if r == current["rows"])
+        runs.append((current["rows"], n))
+        current["d"] = durations[min(n, len(durations) - 1)]
+        return real_time(thunks, deadline, warm_up)     # the real loop, on the injected clock
+
+    def candidates(op, dtype, train, shape, rows):
+        def thunk(k):
+            def run():
+                clock.now += current["d"][k]
+            return run
+        current["rows"] = rows
+        return {k: thunk(k) for k in calibrate.KERNELS}
+
+    monkeypatch.setattr(calibrate, "clock", clock)
+    monkeypatch.setattr(calibrate, "_candidates", candidates)
+    monkeypatch.setattr(calibrate, "_time", counted_time)
+    return runs
+
+
+# (durations per measurement {kernel: seconds per call}, budget, expected kernel, measured twice)
+MS = 1e-3
+REMEASURE_CASES = [
+    ([{"plain": MS, "onednn": 0.5 * MS}], 1.0, "onednn", False),            # clear win: once
+    ([{"plain": MS, "onednn": 1.2 * MS}], 1.0, "plain", False),             # clear loss: once
+    ([{"plain": MS, "onednn": 0.96 * MS}, {"plain": MS, "onednn": 0.8 * MS}], 1.0, "onednn", True),
+    ([{"plain": MS, "onednn": 0.96 * MS}, {"plain": 0.9 * MS, "onednn": 0.99 * MS}], 1.0, "plain", True),
+    ([{"plain": MS, "onednn": 0.99 * MS}, {"plain": MS, "onednn": 0.99 * MS}], 1.0, "plain", True),
+    # within noise but the shape's budget is spent after one measurement: decided on it, not re-measured
+    ([{"plain": MS, "onednn": 0.96 * MS}, {"plain": MS, "onednn": 2 * MS}], 0.005, "onednn", False),
+]
+
+
+@pytest.mark.parametrize("durations, budget, kernel, twice", REMEASURE_CASES)
+def test_a_margin_within_noise_is_measured_once_more(monkeypatch, durations, budget, kernel, twice):
+    clock = FakeClock()
+    runs = fake_kernels(monkeypatch, clock, durations)
+    monkeypatch.setattr(calibrate, "BUDGET_S", budget)
+    out = calibrate.measure("linear", torch.float32, False, (32, 48), "p")
+    first = out["p|s"]
+    assert first["kernel"] == kernel, first
+    assert ("measured twice" in first["why"]) == twice, first
+    assert [n for rows, n in runs if rows == calibrate.SIZES["s"]] == ([0, 1] if twice else [0])
+    if twice:   # each kernel's best over both measurements decided
+        best = {k: min(d[k] for d in durations) for k in calibrate.KERNELS}
+        assert f"onednn {best['onednn'] * 1e3:.3f} ms" in first["why"]
+    if budget < 0.1:   # the rest of the sizes were not measured at all
+        assert out["p|l"] == {"kernel": "plain", "why": "calibration budget spent", "provisional": True}
+
+
 # -- device and precision ------------------------------------------------------------------------
 def test_precision_and_device_resolve_as_documented(monkeypatch):
     from lmforge.kernels import precision as P
