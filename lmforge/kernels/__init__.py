@@ -6,13 +6,15 @@ faster form than their formula:
   linear(x, W, b)                 x W^T + b
   linear_act(x, layer, name, f)   f(layer(x))        (activation as a GEMM post-op at inference)
   linear_add(x, layer, r)         r + layer(x)       (residual add as a GEMM post-op at inference)
-  stacked_linear(x, layers)       cat([l(x) for l in layers], -1)   (Q, K, V as one GEMM)
+  stacked_linear(x, layers)       cat([l(x) for l in layers], -1)   (Q, K, V as one GEMM; one int8
+                                  GEMM when all three are int8.Int8Linear, built and cached here)
   attend(q, k, v, mask, p)        softmax(q k^T / sqrt(d) + mask) v, with dropout p
   keep_mask(like, p)              a dropout keep-mask
 
 Which implementation runs is chosen per machine by measurement (calibrate.py) and can be forced
-with LMFORGE_KERNELS; private torch ops live only in onednn.py, guarded. precision.py resolves
---device and --precision; machine.py says what this machine is.
+with LMFORGE_KERNELS; private torch ops live only in onednn.py and int8.py, guarded. int8.py is the
+dynamic int8 linear (infer/quantize.py decides which layers use it); precision.py resolves --device
+and --precision; machine.py says what this machine is.
 """
 
 from lmforge.kernels.attention import attend, keep_mask
