@@ -128,3 +128,14 @@ def test_cli_refuses_bad_precision_and_device_in_one_line(files, capsys, argv, m
     assert main(["serve", "--model", str(files / "base"), *argv]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lmforge serve: error:")]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs wherever a GPU is present")
+def test_cuda_serving_matches_cpu_fp32(files, fp32):
+    _, results32, emb32 = fp32
+    health, results, emb = answers(files, device="cuda", precision="auto")
+    assert health["device"].startswith("cuda") and health["precision"] in ("fp32", "bf16")
+    cosine = (emb * emb32).sum(-1) / (emb.norm(dim=-1) * emb32.norm(dim=-1))
+    assert cosine.min().item() >= MIN_COSINE, cosine
+    for got, want in zip(results, results32):
+        assert all(abs(got["probabilities"][k] - want["probabilities"][k]) <= PROB_TOL for k in want["probabilities"])
