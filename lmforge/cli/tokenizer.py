@@ -127,8 +127,9 @@ def train(kind: str, vocab_size: int, corpus_paths, out, min_frequency: int = 2,
     model_type = "roberta" if kind == "byte-bpe" else "bert"
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
               "lmforge_model_type": model_type, "lmforge_kind": kind, **names}
-    if kind != "byte-bpe":
+    if kind != "byte-bpe":   # BERT-style: segment ids are a model input (transformers' default omits them)
         config["do_lower_case"] = bool(lowercase)
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     with atomic_dir(out) as tmp:
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
