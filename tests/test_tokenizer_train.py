@@ -81,22 +81,29 @@ def test_bad_arguments_are_one_line_errors(tmp_path, data_dir, capsys):
     assert (tmp_path / "notes" / "mine.md").read_text() == "keep me" and not (tmp_path / "tok").exists()
 
 
-def test_failed_training_keeps_the_good_directory(trained, tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("kill_at", ["reading the corpus", "writing the files"])
+def test_failed_training_keeps_the_good_directory(trained, tmp_path, data_dir, monkeypatch, kill_at):
     import shutil
 
     good = tmp_path / "tok"
     shutil.copytree(trained["bpe"], good)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
+    if kill_at == "reading the corpus":
+        from lmforge.data import corpus
 
-    def broken_docs(files):
-        yield files[0], "some text"
-        raise KeyboardInterrupt   # killed mid-corpus
+        def broken_docs(files):
+            yield files[0], "some text"
+            raise KeyboardInterrupt
 
-    from lmforge.data import corpus
+        monkeypatch.setattr(corpus, "read_corpus", broken_docs)
+    else:   # killed after tokenizer.json is written, before the configs
+        def broken_dumps(*args, **kwargs):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus, "read_corpus", broken_docs)
+        monkeypatch.setattr(tokenizer_cli.json, "dumps", broken_dumps)
     with pytest.raises(KeyboardInterrupt):
-        tokenizer_cli.train("bpe", 500, [data_dir / "wikitext-2" / "valid.txt"], good)
+        tokenizer_cli.train("bpe", 300, [data_dir / "wikitext-2" / "valid.txt"], good)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert not list(tmp_path.glob(".*.tmp"))
     assert json.loads((good / "tokenizer_config.json").read_text())["lmforge_kind"] == "bpe"
