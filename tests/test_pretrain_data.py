@@ -48,6 +48,7 @@ def _data(wiki, tok, rank=0, world_size=1, **kw):
     (("mlm",), "full-sentences", True),
     (("mlm",), "doc-sentences", False),
     (("mlm", "nsp"), "segment-pair", None),
+    (("mlm",), "blocks", True),
     (("clm",), "clm", True),
 ])
 def test_packing_lengths_and_document_crossing(wiki, tok, objectives, packing, crosses):
@@ -63,7 +64,7 @@ def test_packing_lengths_and_document_crossing(wiki, tok, objectives, packing, c
         if packing != "clm":
             assert s["input_ids"][0] == tok.cls_token_id and s["input_ids"][-1] == tok.sep_token_id
     assert max(lengths) <= T
-    if packing == "clm":
+    if packing in ("clm", "blocks"):
         assert set(lengths) == {T}                                  # full blocks only
         assert covered > 0.99 * data.shards.n_tokens                # every token used once
     if packing in ("full-sentences", "doc-sentences"):

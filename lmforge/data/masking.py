@@ -15,6 +15,7 @@ fixed (static: a generator seeded by the sequence) or new each visit (dynamic: s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -40,6 +41,10 @@ class MaskSpec:
         vocab = np.arange(tokenizer.vocab_size, dtype=np.int64)
         random_ids = vocab[~np.isin(vocab, np.fromiter(specials, dtype=np.int64))]
         return cls(mask_id, frozenset(specials), random_ids, probability, whole_word)
+
+    @cached_property
+    def special_array(self) -> np.ndarray:
+        return np.asarray(sorted(self.special_ids), dtype=np.int64)
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -83,7 +88,7 @@ def choose(maskable: np.ndarray, word_start: np.ndarray, spec: MaskSpec,
 def mask_sequence(input_ids: np.ndarray, maskable: np.ndarray, word_start: np.ndarray, spec: MaskSpec,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(corrupted ids, labels) for one unpadded sequence; input_ids int64 [T], flags bool [T]."""
-    maskable = maskable & ~np.isin(input_ids, np.fromiter(spec.special_ids, dtype=np.int64))
+    maskable = maskable & ~np.isin(input_ids, spec.special_array)
     chosen = choose(maskable, word_start, spec, rng)
     labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
     labels[chosen] = input_ids[chosen]

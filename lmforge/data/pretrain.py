@@ -1,7 +1,9 @@
 """Pre-training batches from token shards: packing, next-sentence pairs, masking, order, resume.
 
     data = PretrainData(PretrainDataConfig(corpus=("wiki.txt",), objectives=("mlm", "nsp")), tokenizer)
-    for batch in data.batches(epoch): ...          # state_dict()/load_state_dict() resume mid-epoch
+    data.load_state_dict(saved)                    # optional: continue mid-epoch
+    for epoch in range(data.epoch, epochs):
+        for batch in data.batches(epoch): ...      # len(data) batches an epoch on this rank
 
 Batch contract (right-padded, dict of torch.LongTensor, Hugging Face names):
     input_ids            [B, T]   T = the longest sequence of the batch (<= max_seq_len); padding is
@@ -25,6 +27,8 @@ Packing (`packing`; the default follows the objectives):
     full-sentences  RoBERTa: [CLS] s1 s2 ... [SEP], sentences in corpus order packed up to
                     max_seq_len, crossing document boundaries with a [SEP] between documents.
     doc-sentences   the same, but a sequence ends at its document's end (never crosses).
+    blocks          Cramming: [CLS] tokens [SEP] of exactly max_seq_len, the corpus as one stream
+                    with a [SEP] after each document, cut with no regard for sentences (no padding).
     clm             decoders: the corpus as one stream, an end-of-text token after each document,
                     cut into blocks of exactly max_seq_len tokens (the last partial block dropped).
 A sentence longer than a sequence's room is cut into pieces (its later pieces start mid-word: whole-
@@ -53,7 +57,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.utils.checks import AT_LEAST_1, SEED, SEQ_LEN, UNIT_INTERVAL, check_fields, rule
 
 OBJECTIVES = ("mlm", "nsp", "clm")
-PACKINGS = ("segment-pair", "full-sentences", "doc-sentences", "clm")
+PACKINGS = ("segment-pair", "full-sentences", "doc-sentences", "blocks", "clm")
 MASKINGS = ("static", "dynamic")
 STATE_VERSION = 1
 _SPECIAL = -1      # a piece whose start is _SPECIAL is one special token, its id in `end`
@@ -193,26 +197,40 @@ def pack_sentences(data: shards.ShardSet, max_len: int, cls_id: int, sep_id: int
     return b.build()
 
 
-def pack_clm(data: shards.ShardSet, max_len: int, eos_id: int) -> Examples:
-    """Blocks of exactly max_len tokens over documents joined by an end-of-text token."""
+def pack_blocks(data: shards.ShardSet, max_len: int, eos_id: int, cls_id: int | None = None,
+                sep_id: int | None = None) -> Examples:
+    """Blocks of exactly max_len tokens over documents joined by `eos_id`; with cls_id and sep_id,
+    each block is [CLS] + max_len - 2 tokens + [SEP] (Cramming's MLM packing)."""
+    framed = cls_id is not None
+    room = max_len - 2 if framed else max_len
     b = _Builder()
     used = 0
+
+    def close():
+        nonlocal used
+        if framed:
+            b.special(sep_id)
+        b.close()
+        used = 0
+        if framed:
+            b.special(cls_id)
+
+    if framed:
+        b.special(cls_id)
     doc_first = np.searchsorted(data.sent_doc, np.arange(data.n_docs), side="left")
     doc_last = np.searchsorted(data.sent_doc, np.arange(data.n_docs), side="right") - 1
     for d, (k0, k1) in enumerate(zip(doc_first.tolist(), doc_last.tolist())):
         s, e = int(data.sent_start[k0]), int(data.sent_end[k1])   # a document's sentences are contiguous
         while s < e:
-            take = min(e - s, max_len - used)
+            take = min(e - s, room - used)
             b.token_piece(s, s + take, d)
             used, s = used + take, s + take
-            if used == max_len:
-                b.close()
-                used = 0
+            if used == room:
+                close()
         b.special(eos_id)
         used += 1
-        if used == max_len:
-            b.close()
-            used = 0
+        if used == room:
+            close()
     b.drop_open()   # the last partial block
     return b.build()
 
@@ -304,11 +322,13 @@ class PretrainData:
         T = config.max_seq_len
         if self.packing == "clm":
             eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-            self.examples = pack_clm(self.shards, T, _need(eos, "end-of-text", self.packing))
+            self.examples = pack_blocks(self.shards, T, _need(eos, "end-of-text", self.packing))
         else:
             cls_id = _need(tokenizer.cls_token_id, "[CLS]/<s>", self.packing)
             sep_id = _need(tokenizer.sep_token_id, "[SEP]/</s>", self.packing)
-            if self.packing == "segment-pair":
+            if self.packing == "blocks":
+                self.examples = pack_blocks(self.shards, T, sep_id, cls_id, sep_id)
+            elif self.packing == "segment-pair":
                 self.examples = pack_segment_pairs(self.shards, T, cls_id, sep_id, "nsp" in config.objectives,
                                                    config.seed)
             else:
@@ -326,6 +346,11 @@ class PretrainData:
         """Batches per epoch on this rank."""
         per_rank = len(self.examples) // self.world_size
         return -(-per_rank // self.config.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to (after load_state_dict: the one to continue)."""
+        return self._epoch
 
     @property
     def n_examples(self) -> int:
