@@ -247,3 +247,26 @@ def test_resume_with_another_setting_names_it_and_changes_nothing(capsys, tmp_pa
     err = capsys.readouterr().err
     assert "adapt.lora_r was 8, now 4 (and 1 more: train.epochs)" in err, err
     assert tree(run / "checkpoint") == before
+
+
+GOOD_RESULTS = {"model": "m", "method": "full", "seeds": [1], "runs": [
+    {"task": "glue/sst2", "main_metric": "accuracy", "best": {"accuracy": 0.9}, "wall_time_s": 1.0,
+     "trainable_params": 10}]}
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b'{\n "model": "m",\n "runs": [,]\n}\n', ":3: invalid JSON (Expecting value at column 11)"),
+    (b'{\n "model": "caf\xe9"\n}\n', ":2: not UTF-8 text (byte 0xe9 at column 15)"),
+    (json.dumps({"model": "m"}).encode(), ': expected a JSON object with a list "runs"'),
+    (json.dumps({**GOOD_RESULTS, "runs": [{"task": "glue/sst2"}]}).encode(), ": runs[0]: expected an object with"),
+    (json.dumps({**GOOD_RESULTS, "runs": [{**GOOD_RESULTS["runs"][0], "best": {}}]}).encode(),
+     ": runs[0].best has no number for its main metric 'accuracy'"),
+])
+def test_glue_merge_of_a_broken_results_file(capsys, tmp_path, content, problem):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    (good / "results.json").write_text(json.dumps(GOOD_RESULTS))
+    assert main(["glue", "--merge", str(good)]) == 0 and "| m (full) |" in capsys.readouterr().out
+    (bad / "results.json").write_bytes(content)
+    refused(capsys, ["glue", "--merge", str(good), str(bad)], f"{bad / 'results.json'}{problem}", tmp_path / "x")

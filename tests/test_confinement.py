@@ -341,3 +341,47 @@ def test_cli_run_directories_are_confined(runs, tmp_path, capsys, breakage, word
     err = lines[0]
     assert all(w in err for w in words), err
     assert not (tmp_path / "exported").exists()
+
+
+SWAPS = [("lora", "tokenizer.json", c) for c in ("evaluate", "predict", "export")] + \
+    [("full", f, "export") for f in ("config.json", "model.safetensors", "tokenizer_config.json")]
+
+
+@pytest.mark.parametrize("kind,victim,command", SWAPS)
+def test_cli_refuses_a_file_swapped_for_a_symlink_at_open_time(runs, tmp_path, capsys, monkeypatch, kind, victim,
+                                                               command):
+    """A file of the run passes its check, then becomes a symlink to a valid copy of itself outside the
+    run before it is opened: the CLI refuses it (a loader opening the checked name would follow the
+    link and succeed)."""
+    from lmforge.cli import main
+
+    run, out, base = runs
+    if kind == "full":   # a whole-model run: the base model directory as best/
+        shutil.rmtree(run / "best")
+        shutil.copytree(base, run / "best")
+    victim_path = run / "best" / victim
+    decoy = tmp_path / "elsewhere" / victim
+    decoy.parent.mkdir()
+    shutil.copy(victim_path, decoy)
+    real_check = Confined._check_stat
+    swapped = []
+
+    def check_then_swap(path, st, max_bytes):
+        real_check(path, st, max_bytes)
+        if os.path.basename(os.fspath(path)) == victim and not swapped:
+            swapped.append(path)
+            victim_path.unlink()
+            victim_path.symlink_to(decoy)
+
+    monkeypatch.setattr(Confined, "_check_stat", staticmethod(check_then_swap))
+    (tmp_path / "in.txt").write_text("a text\n")
+    argv = {"evaluate": ["evaluate", "--run", str(run), "--task", "glue/sst2"],
+            "predict": ["predict", "--run", str(run), "--input", str(tmp_path / "in.txt")],
+            "export": ["export", "--run", str(run), "--merged", "--out", str(tmp_path / "exported")]}[command]
+    code = timed(lambda: main(argv))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lmforge ")]
+    assert swapped, "the file was never checked"
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"lmforge {command}: error: ") and victim in lines[0] \
+        and "became a symlink while being opened" in lines[0], lines
+    assert not (tmp_path / "exported").exists()

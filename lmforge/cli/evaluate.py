@@ -6,18 +6,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import positive_int, seq_len
 from lmforge.errors import ConfigError
 
 
-def model_dir(run: str) -> Path:
-    """A run directory's best model, or the directory itself when it is a model; every file in it
-    that a loader may read must stay inside the run directory (utils/confine.py)."""
-    from lmforge.utils.confine import run_model_dir
-    return run_model_dir(run)
+def run_files(run: str):
+    """A block with (the run's model directory: its best/, or the directory itself when it is a
+    model; a private copy of it for the loaders to read). Every file is opened inside the run
+    directory, so a symlink swapped in at open time is refused (utils/confine.py)."""
+    from lmforge.utils.confine import private_run_copy
+    return private_run_copy(run)
 
 
 def add_parser(p) -> None:
@@ -37,15 +37,15 @@ def run(args) -> int:
     from lmforge.train.data import load_eval_split
     from lmforge.train.metrics import compute_metrics
 
-    directory = model_dir(args.run)
-    device, precision = resolve_runtime(args, quiet=True)
-    clf = Classifier(directory, max_length=args.max_seq_len, quantize=args.quantize, device=device)
-    data = load_eval_split(args, args.split, labels=None if clf.regression else clf.labels)
-    if data.regression != clf.regression:
-        raise ConfigError(f"{directory}: a {'regression' if clf.regression else 'classification'} model "
-                          f"cannot be evaluated on {data.name}")
-    with precision.autocast(device):
-        logits = clf.logits(data.dev)
+    with run_files(args.run) as (directory, files):
+        device, precision = resolve_runtime(args, quiet=True)
+        clf = Classifier(files, max_length=args.max_seq_len, quantize=args.quantize, device=device)
+        data = load_eval_split(args, args.split, labels=None if clf.regression else clf.labels)
+        if data.regression != clf.regression:
+            raise ConfigError(f"{directory}: a {'regression' if clf.regression else 'classification'} model "
+                              f"cannot be evaluated on {data.name}")
+        with precision.autocast(device):
+            logits = clf.logits(data.dev)
     preds = logits[:, 0] if clf.regression else logits.argmax(-1)
     metrics = compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev])
     print(json.dumps({"task": data.name, "split": args.split, "examples": len(data.dev), **metrics}))

@@ -22,17 +22,16 @@ def add_parser(p) -> None:
 
 def run(args) -> int:
     from lmforge.adapters.methods import method_of_dir
-    from lmforge.cli.evaluate import model_dir
+    from lmforge.cli.evaluate import run_files
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models import save_pretrained
 
-    directory = model_dir(args.run)
-    method = method_of_dir(directory)   # the method that wrote the run loads and exports it
-    if method.mergeable and not args.merged:
-        raise ConfigError(f"{directory}: an adapter run; pass --merged to fold it into a plain model")
-    model, adapter = method.load(directory)
-    model = method.export(model, adapter)
-    tokenizer = load_tokenizer(directory)
-    save_pretrained(model, args.out, tokenizer=tokenizer)
+    with run_files(args.run) as (directory, files):
+        method = method_of_dir(files)   # the method that wrote the run loads and exports it
+        if method.mergeable and not args.merged:
+            raise ConfigError(f"{directory}: an adapter run; pass --merged to fold it into a plain model")
+        model, adapter = method.load(files)
+        model = method.export(model, adapter)
+        save_pretrained(model, args.out, tokenizer=load_tokenizer(files))
     print(f"wrote {Path(args.out)} ({model.config.model_type}, head {model.config.head})")
     return 0

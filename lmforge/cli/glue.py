@@ -10,7 +10,6 @@ OUT/results.json and OUT/table.md hold the results; each task and seed is a run 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from lmforge.cli.validate import int_list
@@ -33,10 +32,10 @@ def add_parser(p) -> None:
 
 
 def run(args) -> int:
-    from lmforge.train.glue_table import render_table, run_glue
+    from lmforge.train.glue_table import read_results, render_table, run_glue
 
     if args.merge:
-        print(render_table([json.loads(f.read_text(encoding="utf-8")) for f in args.merge]), end="")
+        print(render_table([read_results(f) for f in args.merge]), end="")
         return 0
     if not args.out:
         raise ConfigError("--out DIR is required")

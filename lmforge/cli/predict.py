@@ -44,16 +44,17 @@ def read_inputs(path: str, text_col: str, pair_col: str | None):
 
 
 def run(args) -> int:
-    from lmforge.cli.evaluate import model_dir
+    from lmforge.cli.evaluate import run_files
     from lmforge.infer.classify import Classifier
 
     examples = read_inputs(args.input, args.text_col, args.pair_col)
     if not examples:
         raise DataError(f"{args.input}: empty input")
-    device, precision = resolve_runtime(args, quiet=True)
-    clf = Classifier(model_dir(args.run), max_length=args.max_seq_len, quantize=args.quantize, device=device)
-    with precision.autocast(device):
-        lines = [json.dumps(r) + "\n" for r in clf.predict(examples)]
+    with run_files(args.run) as (_, files):
+        device, precision = resolve_runtime(args, quiet=True)
+        clf = Classifier(files, max_length=args.max_seq_len, quantize=args.quantize, device=device)
+        with precision.autocast(device):
+            lines = [json.dumps(r) + "\n" for r in clf.predict(examples)]
     if args.output:
         with atomic_file(args.output, "w") as f:
             f.writelines(lines)

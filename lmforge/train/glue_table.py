@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 
 from lmforge.data.glue import get_task
+from lmforge.data.tables import read_text_file
+from lmforge.errors import DataError
 from lmforge.train.finetune import FinetuneConfig, run_finetune
 from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_file
@@ -35,7 +37,7 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
             run_dir = out / task.name / f"seed{seed}"
             summary_file = run_dir / "summary.json"
             if summary_file.is_file():
-                summary = json.loads(summary_file.read_text())
+                summary = read_json(summary_file)
             else:
                 cfg = copy.deepcopy(base)
                 cfg.task = f"glue/{task.name}"
@@ -54,6 +56,36 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
     with atomic_file(out / "table.md", "w") as f:
         f.write(table)
     return results
+
+
+def read_json(path: Path):
+    """A JSON file lmforge wrote, or a DataError naming the file and line (not UTF-8, invalid JSON)."""
+    text = read_text_file(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+RUN_KEYS = ("task", "main_metric", "best", "wall_time_s", "trainable_params")
+
+
+def read_results(path: Path) -> dict:
+    """OUT/results.json of `lmforge glue --out OUT`, checked for what render_table reads."""
+    res = read_json(path)
+    if not isinstance(res, dict) or not isinstance(res.get("runs"), list):
+        raise DataError(f"{path}: expected a JSON object with a list \"runs\" (as `lmforge glue --out` writes it)")
+    for key in ("model", "method", "seeds"):
+        if key not in res:
+            raise DataError(f"{path}: missing key {key!r}")
+    for i, run in enumerate(res["runs"]):
+        missing = [k for k in RUN_KEYS if k not in run] if isinstance(run, dict) else ["an object"]
+        if missing:
+            raise DataError(f"{path}: runs[{i}]: expected an object with {', '.join(RUN_KEYS)}; "
+                            f"missing {missing[0]!r}")
+        if not isinstance(run["best"], dict) or not isinstance(run["best"].get(run["main_metric"]), (int, float)):
+            raise DataError(f"{path}: runs[{i}].best has no number for its main metric {run['main_metric']!r}")
+    return res
 
 
 def _params(n: int) -> str:

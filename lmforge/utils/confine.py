@@ -27,10 +27,13 @@ read-write access to the target. The size bounds and the parsers' own checks sti
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -236,12 +239,9 @@ def _weights_limit(directory: Path, confined: Confined) -> int:
     return 2 * 4 * params + 64 * MiB
 
 
-def run_model_dir(run: str | os.PathLike) -> Path:
-    """A run directory's best/ (or the directory itself when it is a model or adapter directory),
-    with every file the loaders may read from it checked: inside the run directory (symlinks
-    resolved), a regular file, bounded in size. Raises Escape / Refused naming the file, Missing
-    when there is no model. The PEFT adapter files are read through Confined as well
-    (adapters/peft_format.py); other files are checked here, before their loaders open them."""
+def _model_files(run: str | os.PathLike) -> tuple[Path, Confined, list[tuple[Path, int]]]:
+    """(the model directory of `run`: its best/ or itself, the Confined of the run directory, every
+    file the loaders may read from it with its size bound). Escape / Refused / Missing as below."""
     try:
         confined = Confined(run)
     except Missing:
@@ -250,16 +250,62 @@ def run_model_dir(run: str | os.PathLike) -> Path:
         if any(confined.is_file(d / f) for f in ("config.json", "adapter_config.json", "delta.json")):
             real = confined.resolve_dir(d)
             limit = _weights_limit(d, confined)
+            files = []
             for entry in sorted(os.listdir(real)):
                 sub = d / entry
                 if confined.resolve(sub).is_dir():
                     if entry == "1_Pooling" and confined.is_file(sub / "config.json"):
-                        confined.check_file(sub / "config.json", JSON_MAX_BYTES)
+                        files.append((sub / "config.json", JSON_MAX_BYTES))
                     continue
                 if entry.endswith(_WEIGHTS_SUFFIXES):
-                    confined.check_file(sub, limit)
+                    files.append((sub, limit))
                 elif entry.endswith(_TEXT_SUFFIXES):
-                    confined.check_file(sub, _TEXT_MAX if entry in _BIG_TEXT else JSON_MAX_BYTES)
-            return d
+                    files.append((sub, _TEXT_MAX if entry in _BIG_TEXT else JSON_MAX_BYTES))
+            return d, confined, files
     raise Missing(f"{os.fspath(run)}: not a run directory (no best/config.json or best/adapter_config.json) "
                   "nor a model or adapter directory")
+
+
+def run_model_dir(run: str | os.PathLike) -> Path:
+    """A run directory's best/ (or the directory itself when it is a model or adapter directory),
+    with every file the loaders may read from it checked, without opening it: inside the run
+    directory (symlinks resolved), a regular file, bounded in size. Raises Escape / Refused naming the
+    file, Missing when there is no model. A check cannot stop a file swapped for a symlink after it:
+    the CLI reads runs through private_run_copy, which opens each file under the rules."""
+    d, confined, files = _model_files(run)
+    for f, limit in files:
+        confined.check_file(f, limit)
+    return d
+
+
+@contextlib.contextmanager
+def private_run_copy(run: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """(the model directory of `run` as run_model_dir names it, a private copy of it). Every file a
+    loader may read is opened through Confined (inside the run directory, walked with O_NOFOLLOW, so
+    a symlink swapped in after the check fails its open; regular, bounded) and copied into a new
+    temporary directory only this user can write; the loaders then read the copy, where nothing can
+    be swapped. Errors raised inside the block name the run's files, not the copy's. The copy is
+    removed at the end of the block (it costs the disk space of the run's files meanwhile)."""
+    d, confined, files = _model_files(run)
+    with tempfile.TemporaryDirectory(prefix="lmforge-run-") as tmp:
+        for f, limit in files:
+            target = Path(tmp) / f.relative_to(d)
+            target.parent.mkdir(exist_ok=True)
+            with confined.open_file(f, None, limit) as src, open(target, "wb") as dst:
+                copied = 0
+                while chunk := src.read(MiB):
+                    copied += len(chunk)
+                    if copied > limit:   # it grew after the check
+                        raise Refused(f"{os.fspath(f)}: larger than the limit of {_size(limit)}")
+                    dst.write(chunk)
+        try:
+            yield d, Path(tmp)
+        except LmforgeError as e:
+            message = str(e).replace(tmp, os.fspath(d))
+            if message == str(e):
+                raise
+            try:
+                renamed = type(e)(message)
+            except TypeError:   # an error type that takes other arguments: as it is
+                raise e from None
+            raise renamed from None
