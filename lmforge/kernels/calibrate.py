@@ -231,7 +231,9 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
             out[f"{prefix}|{b}"] = {"kernel": "plain", "why": "calibration budget spent", "provisional": True}
             continue
         try:
-            with torch.no_grad() if not train else torch.enable_grad():
+            # inference_mode(False): a model's first call may come inside inference_mode, whose
+            # tensors have no version counter (the packed-weight cache keys on it)
+            with torch.inference_mode(False), torch.no_grad() if not train else torch.enable_grad():
                 cands = _candidates(op, dtype, train, shape, rows)
                 times = _time(cands, clock() + BUDGET_S / len(SIZES))
                 kernel, close = _decide(times)

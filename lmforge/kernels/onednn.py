@@ -54,7 +54,10 @@ _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()   # first weight -> {slot: (
 
 
 def _version(t: torch.Tensor | None) -> tuple:
-    return (None,) if t is None else (t.data_ptr(), t._version)
+    if t is None:
+        return (None,)
+    # inference tensors have no version counter; they cannot be changed outside inference_mode
+    return (t.data_ptr(), None if t.is_inference() else t._version)
 
 
 def packed_weight(weights: tuple[torch.Tensor, ...], biases: tuple, dtype: torch.dtype,
