@@ -158,6 +158,11 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     for name, parts in fused.items():
         cat = torch.cat([parts[n] for n in _QKV], dim=0)  # [3D, D] or [3D]
         out[prefix + name] = (cat.t() if cat.dim() == 2 else cat).contiguous()  # Conv1D: [D, 3D]
+    lm = {"bert": "cls.predictions", "roberta": "lm_head"}.get(config.model_type)
+    if lm and config.head in ("mlm", "pretraining") and not config.tie_word_embeddings:
+        # an untied decoder still shares its bias with the head in transformers, which expects
+        # both names; a copy, since safetensors refuses tensors sharing memory
+        out[f"{lm}.decoder.bias"] = out[f"{lm}.bias"].clone()
     return out
 
 
