@@ -127,6 +127,20 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def thread_niceness(pid: int) -> dict[str, list[int]]:
+    """{thread name: [niceness of each thread of that name]} of a process (Linux; {} elsewhere): the
+    generation lane is meant to run at a lower priority than the batches."""
+    out: dict[str, list[int]] = {}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            out.setdefault(name, []).append(int(stat[stat.rindex(")") + 2:].split()[16]))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pids: dict[str, int], every: float):
         super().__init__(daemon=True)
@@ -423,7 +437,10 @@ def render(res: dict) -> str:
             f"Classification on the decoder server (one sentence, adapter `pos`), median of {lat['n_alone']} alone "
             f"{lat['alone_ms']:.1f} ms vs median of {lat['n_during_generation']} while a 400-token generation runs "
             f"{lat['during_generation_ms']:.1f} ms: **{lat['ratio']:.2f}x** (target: at most 2x; "
-            f"{lat['rounds']} alternating rounds, the soak load off).\n\n"
+            f"{lat['rounds']} alternating rounds, the soak load off; the decoder server's threads by niceness: "
+            + ", ".join(f"{n} at {nice}" for nice, n in sorted(Counter(
+                x for v in res["thread_niceness"]["decoder"].values() for x in v).items()))
+            + f", the benchmark process at {res['thread_niceness']['benchmark process']}).\n\n"
             f"SIGTERM with {term['in_flight']} requests in flight on the two servers: answers "
             + ", ".join(f"{k}: {v}" for k, v in term["answers"].items())
             + f"; every one answered 200: **{'yes' if term['all_answered_200'] else 'NO'}**; exit statuses "
@@ -490,6 +507,8 @@ def main(argv=None) -> int:
             load_t0 = time.monotonic() - sampler.t0
             res["requests"] = asyncio.run(soak(enc, dec, texts, soak_s, tally))
             soak_end = time.monotonic() - sampler.t0
+            res["thread_niceness"] = {"benchmark process": os.nice(0), **{
+                name: thread_niceness(s["proc"].pid) for name, s in (("encoder", enc), ("decoder", dec))}}
             print("latency: classification alone vs beside a generation ...", flush=True)
             rounds = 6 if args.minutes >= 5 else 2
             res["latency"] = asyncio.run(latency_ratio(dec, texts, rounds, 20))
