@@ -153,7 +153,7 @@ class RssSampler(threading.Thread):
             t = time.monotonic() - self.t0
             for name, pid in self.pids.items():
                 mb = rss_mb(pid)
-                if mb is not None:
+                if mb:   # None or 0: the process is gone (a zombie has no resident memory)
                     self.samples[name].append((round(t, 2), round(mb, 1)))
             self.done.wait(self.every)
 
