@@ -12,11 +12,13 @@ from lmforge.errors import DataError
 
 
 def test_directory_listing_is_sorted_recursive_and_filtered(tmp_path):
-    for name in ["b/2.txt", "b/1.jsonl.gz", "a.txt.gz", "c/skip.csv", "c/d/3.jsonl"]:
+    for name in ["b/2.txt", "b/1.jsonl.gz", "a.txt.gz", "c/skip.csv", "c/d/3.jsonl", "PROVENANCE.txt",
+                 "b/README.txt", "c/LICENSE.txt", "c/.hidden.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     got = [p.relative_to(tmp_path).as_posix() for p in corpus.list_files([tmp_path, tmp_path / "a.txt.gz"])]
     assert got == ["a.txt.gz", "b/1.jsonl.gz", "b/2.txt", "c/d/3.jsonl"]   # a.txt.gz given twice: read once
+    assert corpus.list_files([tmp_path / "b" / "README.txt"]) == [tmp_path / "b" / "README.txt"]   # named: read
 
 
 @pytest.mark.parametrize("name, message", [
@@ -61,8 +63,8 @@ def test_jsonl_documents_and_errors_name_file_and_line(tmp_path):
 
 
 def test_gutenberg_licence_stripped_from_every_book(data_dir):
-    books = corpus.list_files([data_dir / "gutenberg"])
-    assert len(books) == 196
+    books = corpus.list_files([data_dir / "gutenberg"])       # its PROVENANCE.txt is not a book
+    assert books == sorted((data_dir / "gutenberg").rglob("*.txt.gz")) and len(books) == 195
     for book in books:
         docs = list(corpus.read_documents(book))
         assert len(docs) == 1, book                           # a book is one document

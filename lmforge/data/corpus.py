@@ -2,6 +2,9 @@
 
 Inputs: `.txt`, `.txt.gz`, `.jsonl`, `.jsonl.gz` files, or directories of them (searched
 recursively, files in sorted path order, so the corpus order never depends on the file system).
+In a directory, hidden files and a dataset's notes (README, PROVENANCE, LICENSE/LICENCE, COPYING,
+NOTICE, CHANGELOG, any case and suffix) are not corpus text and are skipped; a file named on its
+own is always read.
 
 Documents
 - JSONL: one document per line, its `text` field (blank lines skipped; a line that is not a JSON
@@ -47,8 +50,17 @@ _PG_END = re.compile(r"^\*\*\* ?END OF (?:THIS|THE) PROJECT GUTENBERG.*$|^End of
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 
 
+_NOTES = {"readme", "provenance", "license", "licence", "copying", "notice", "changelog"}
+
+
 def _has_suffix(p: Path) -> bool:
     return p.name.endswith(SUFFIXES)
+
+
+def _is_corpus_text(p: Path) -> bool:
+    """A file a directory walk reads: a corpus suffix, not hidden, not the dataset's notes."""
+    return (_has_suffix(p) and not p.name.startswith(".")
+            and p.name.split(".")[0].lower() not in _NOTES)
 
 
 def list_files(paths: Iterable) -> list[Path]:
@@ -58,7 +70,7 @@ def list_files(paths: Iterable) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _has_suffix(f))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_corpus_text(f))
             if not found:
                 raise DataError(f"{p}: no corpus files (expected {', '.join(SUFFIXES)})")
             out.extend(found)
