@@ -3,7 +3,9 @@ crossing, NSP's 50% with negatives from other documents, the batch contract, the
 resume, and the token-shard cache (reused, invalidated by a changed file or tokenizer, never half
 written, the same whatever the number of workers)."""
 
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -222,9 +224,16 @@ def test_shard_cache_reused_invalidated_and_atomic(tmp_path, small, data_dir, to
         shards.build_shards([text], tok, cache, workers=1)
     key, _ = shards.cache_key([text], tok)
     assert not (cache / key).exists() and not list(cache.glob(".*.tmp"))
+    # a build killed harder (SIGKILL: no cleanup) leaves its temp dir; the next build removes it once dead
+    dead, live = cache / f".{key}.deadbeef.tmp", cache / f".{key}.livebeef.tmp"
+    for d in (dead, live):
+        (d / "00000.ids.npy").parent.mkdir()
+        (d / "00000.ids.npy").write_bytes(b"partial")
+    os.utime(dead, (time.time() - 2 * shards.DEAD_BUILD_SECONDS,) * 2)
     monkeypatch.setattr(shards, "_encode_unit", real)
     rebuilt = shards.build_shards([text], tok, cache, workers=1)
     assert not rebuilt.reused and len(rebuilt.meta["shards"]) > 3
+    assert not dead.exists() and live.exists()
 
 
 def test_shards_do_not_depend_on_worker_count(tmp_path, small, tok, monkeypatch):

@@ -14,7 +14,9 @@ change of vocabulary, merges, normalizer or pre-tokenizer), the sentence splitte
 each input file's resolved path, size and modification time (ns). A changed tokenizer or file gives
 a new key; an entry whose key matches is reused as it is. An entry is built in a temporary
 directory and renamed into place whole (lmforge.utils.atomic.atomic_dir), so a killed build leaves
-at most a `.KEY.*.tmp` directory that no run reads (delete it at leisure).
+at most a `.KEY.*.tmp` directory that no run reads; the next build of that key removes such a
+directory once it has not changed for DEAD_BUILD_SECONDS (a live build writes a shard every few
+seconds, and another rank may be building the same key right now).
 
 Parallelism: documents are grouped into work units of about UNIT_CHARS characters (1 MB) in corpus order;
 each unit becomes one shard, encoded by one of `workers` processes. The units, and so the shards,
@@ -38,6 +40,7 @@ from lmforge.errors import DataError
 from lmforge.utils.atomic import atomic_dir
 
 FORMAT_VERSION = 1
+DEAD_BUILD_SECONDS = 3600
 UNIT_CHARS = 1_000_000     # ~250k tokens a shard: enough units to keep every worker busy
 
 
@@ -53,6 +56,18 @@ def _backend(tokenizer):
 
 def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(_backend(tokenizer).to_str().encode("utf-8")).hexdigest()
+
+
+def _remove_dead_builds(root: Path, key: str) -> None:
+    import shutil
+    import time
+
+    for tmp in root.glob(f".{key}.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > DEAD_BUILD_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:   # its own build finished or removed it meanwhile
+            pass
 
 
 def cache_key(files: list[Path], tokenizer) -> tuple[str, dict]:
@@ -199,6 +214,8 @@ def build_shards(paths: Iterable, tokenizer, cache_dir=None, workers: int = 1,
         if meta.get("inputs") == inputs:
             return ShardSet(final, meta, reused=True)
 
+    if root.is_dir():
+        _remove_dead_builds(root, key)
     # The splitter learns from a sample of the corpus itself (deterministic: corpus order).
     splitter = corpus.train_splitter(doc for _, doc in corpus.read_corpus(files))
     tok_json = _backend(tokenizer).to_str()
