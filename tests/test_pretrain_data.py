@@ -262,3 +262,7 @@ def test_bad_settings_are_one_line_errors(wiki, tok, tmp_path):
     one_doc.write_text("A single document. It has sentences. Three of them.\n")
     with pytest.raises(DataError, match="next-sentence prediction needs at least 2 documents"):
         _data(((str(one_doc),), tmp_path / "c"), tok, objectives=("mlm", "nsp"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: no text to tokenize"):
+        _data(((str(empty),), tmp_path / "c"), tok)
