@@ -61,7 +61,7 @@ def _check_out(out: Path) -> None:
 
 def build(kind: str, vocab_size: int, lowercase: bool, min_frequency: int):
     """An untrained `tokenizers.Tokenizer` and its trainer for `kind`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if kind == "byte-bpe":
         specials = list(dict.fromkeys(_ROBERTA_SPECIALS.values()))   # <s> <pad> </s> <unk> <mask>
