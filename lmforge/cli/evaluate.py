@@ -1,6 +1,12 @@
 """Evaluate a fine-tuned run on a split: prints one JSON object with every metric of the task.
 
   lmforge evaluate --run runs/sst2-full --task glue/sst2 --split dev
+  lmforge evaluate --task e2e --split dev --predictions outputs.txt
+
+Data-to-text tasks (e2e, webnlg, dart) score an existing output file: one output per line, in the
+order of the split's unique inputs (lmforge.data.nlg.eval_set), each against all its references,
+with the official E2E script's metrics (BLEU, NIST, METEOR, ROUGE_L, CIDEr; needs Java). Their data
+is read from --data-dir or $LMFORGE_DATA (the folder holding e2e-nlg/, webnlg/, dart/).
 """
 
 from __future__ import annotations
@@ -23,7 +29,12 @@ def run_files(run: str):
 def add_parser(p) -> None:
     from lmforge.cli.finetune import add_data_args
 
-    p.add_argument("--run", required=True, help="run directory (its best/ model is used) or model directory")
+    p.add_argument("--run", help="run directory (its best/ model is used) or model directory")
+    p.add_argument("--predictions", help="e2e/webnlg/dart: a file of outputs to score, one per line in the "
+                                         "order of the split's unique inputs (instead of --run)")
+    p.add_argument("--references", choices=["official", "lora"], default="official",
+                   help="e2e dev: score against the official CSV's references (default) or the LoRA "
+                        "paper's tokenised ones (lora_format/valid.txt)")
     p.add_argument("--split", default="dev", help="dev (dev_matched/dev_mismatched for MNLI) or train")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--max-seq-len", type=seq_len, default=128)
@@ -32,7 +43,53 @@ def add_parser(p) -> None:
     add_data_args(p)
 
 
+def nlg_task(args) -> str | None:
+    """The data-to-text task named by --task, or None; checks --run / --predictions go together."""
+    from lmforge.data.nlg import TASKS
+    task = args.task if args.task in TASKS else None
+    if args.run and args.predictions:
+        raise ConfigError("--run and --predictions: give one (--predictions scores an existing output file)")
+    if args.predictions and task is None:
+        raise ConfigError(f"--predictions needs --task {' | '.join(TASKS)}, got {args.task or 'no --task'}")
+    if task and not args.predictions:
+        raise ConfigError(f"--task {task} scores an output file: pass --predictions FILE "
+                          "(one output per unique input of the split)")
+    if not args.run and not args.predictions:
+        raise ConfigError("--run is required (or --predictions FILE with --task e2e | webnlg | dart)")
+    return task
+
+
+def read_predictions(path: str, expected: int, what: str) -> list[str]:
+    """One output per line; the count must match the unique inputs."""
+    from lmforge.data.tables import read_text_file
+    text = read_text_file(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":   # the final newline ends the last line, it starts no output
+        lines.pop()
+    lines = [line.rstrip("\r") for line in lines]
+    if len(lines) != expected:
+        raise ConfigError(f"{path}: expected {expected} lines (one output per unique input of {what}), got {len(lines)}")
+    return lines
+
+
+def run_nlg(args, task: str) -> int:
+    from lmforge.data.nlg import eval_set
+    from lmforge.train.nlg_metrics import nlg_scores
+
+    if args.split not in ("dev", "test"):
+        raise ConfigError(f"--split for {task} must be dev or test, got {args.split!r}")
+    data = eval_set(task, args.split, args.data_dir, references=args.references)
+    outputs = read_predictions(args.predictions, len(data), f"{task} {args.split}")
+    scores = nlg_scores(outputs, data.references)
+    print(json.dumps({"task": task, "split": args.split, "inputs": len(data), "references": data.n_references,
+                      "reference_set": args.references, **scores}))
+    return 0
+
+
 def run(args) -> int:
+    task = nlg_task(args)
+    if task:
+        return run_nlg(args, task)
     from lmforge.infer.classify import Classifier
     from lmforge.train.data import load_eval_split
     from lmforge.train.metrics import compute_metrics
