@@ -49,13 +49,7 @@ class MaskSpec:
 
 def special_ids(tokenizer) -> set[int]:
     """Every special token id of an lmforge Tokenizer: the named ones and the added specials."""
-    named = (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id,
-             tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    ids = {i for i in named if i is not None}
-    backend = getattr(tokenizer, "_tok", None)
-    if backend is not None:
-        ids.update(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
-    return ids
+    return set(tokenizer.special_ids)
 
 
 def choose(maskable: np.ndarray, word_start: np.ndarray, spec: MaskSpec,

@@ -49,13 +49,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "shards"
 
 
-def _backend(tokenizer):
-    """The `tokenizers.Tokenizer` inside lmforge's Tokenizer (or a raw one passed directly)."""
-    return getattr(tokenizer, "_tok", tokenizer)
+def _definition(tokenizer) -> str:
+    """tokenizer.json of an lmforge Tokenizer (data/tokenizer.py)."""
+    return tokenizer.to_json()
 
 
 def tokenizer_hash(tokenizer) -> str:
-    return hashlib.sha256(_backend(tokenizer).to_str().encode("utf-8")).hexdigest()
+    return hashlib.sha256(_definition(tokenizer).encode("utf-8")).hexdigest()
 
 
 def _remove_dead_builds(root: Path, key: str) -> None:
@@ -218,7 +218,7 @@ def build_shards(paths: Iterable, tokenizer, cache_dir=None, workers: int = 1,
         _remove_dead_builds(root, key)
     # The splitter learns from a sample of the corpus itself (deterministic: corpus order).
     splitter = corpus.train_splitter(doc for _, doc in corpus.read_corpus(files))
-    tok_json = _backend(tokenizer).to_str()
+    tok_json = _definition(tokenizer)
     with atomic_dir(final) as tmp:
         names, counts = [], {"tokens": 0, "sentences": 0, "documents": 0}
         if workers == 1:

@@ -145,7 +145,21 @@ class Tokenizer:
             cfg["do_lower_case"] = self.lowercase
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
+    def to_json(self) -> str:
+        """The whole tokenizer definition (tokenizer.json), for worker processes that rebuild it and
+        for cache keys."""
+        return self._tok.to_str()
+
     # -- special tokens ---------------------------------------------------------------------------
+    @property
+    def special_ids(self) -> set[int]:
+        """Every special token id: the named ones and any added special token."""
+        named = (self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id, self.unk_token_id,
+                 self.bos_token_id, self.eos_token_id)
+        ids = {i for i in named if i is not None}
+        ids.update(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        return ids
+
     def _id(self, *tokens: str) -> int | None:
         for t in tokens:
             i = self._tok.token_to_id(t)
