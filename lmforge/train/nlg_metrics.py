@@ -61,10 +61,16 @@ def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> li
     return groups
 
 
+def _mteval_text(text: str) -> str:
+    # mteval reads each segment with its whitespace runs made one space (so its '-\n' rule, which
+    # sacrebleu's 13a applies, never fires), and lower-cases A-Z only
+    return " ".join(text.split()).translate(_ASCII_LOWER)
+
+
 def mteval_tokenize(text: str) -> list[str]:
-    """mteval-v13a's normalisation: ASCII lower-casing, then its punctuation tokenization."""
+    """mteval-v13a's normalisation and tokenization of one segment."""
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-    return Tokenizer13a()(text.translate(_ASCII_LOWER)).split()
+    return Tokenizer13a()(_mteval_text(text)).split()
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -73,9 +79,9 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> floa
     groups = _check(hypotheses, references)
     width = max(len(g) for g in groups)
     # sacrebleu reads reference *streams*; None marks a missing reference of an input with fewer
-    streams = [[g[k].translate(_ASCII_LOWER) if k < len(g) else None for g in groups] for k in range(width)]
+    streams = [[_mteval_text(g[k]) if k < len(g) else None for g in groups] for k in range(width)]
     scorer = BLEU(tokenize="13a", lowercase=False, smooth_method="exp", force=True)
-    return scorer.corpus_score([h.translate(_ASCII_LOWER) for h in hypotheses], streams).score / 100
+    return scorer.corpus_score([_mteval_text(h) for h in hypotheses], streams).score / 100
 
 
 def _ngrams(tokens: list[str], order: int) -> Counter:
