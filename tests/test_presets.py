@@ -124,6 +124,17 @@ def test_recipe_fields_shape_the_modules():
     assert torch.allclose(pos.table[0, 0::2], torch.zeros(16)) and torch.allclose(pos.table[0, 1::2], torch.ones(16))
     assert float(pos.scale.detach()) == pytest.approx(32 ** -0.5)
     assert m.transformer.final_norm is not None and m.transformer.embeddings.norm is not None
+    # the formulas: sin/cos at wavelengths 10000^(2i/D); the gated FFN is out(gelu(gate x) * (up x))
+    p, i = 7, torch.arange(16)
+    assert torch.allclose(pos.table[p, 0::2], torch.sin(p / 10000 ** (2 * i / 32)), atol=1e-6)
+    assert torch.allclose(pos.table[p, 1::2], torch.cos(p / 10000 ** (2 * i / 32)), atol=1e-6)
+    x = torch.randn(5, 32)
+    gate, up = block.intermediate.weight[:48], block.intermediate.weight[48:]
+    want = (torch.nn.functional.gelu(x @ gate.T) * (x @ up.T)) @ block.output.weight.T
+    assert torch.allclose(block.ffn(x), want, atol=1e-5)
+    m.eval()
+    with torch.no_grad():   # the inference path (fused kernels) computes the same
+        assert torch.allclose(block.ffn_residual(x, x), x + want, atol=1e-5)
 
 
 # (arch, head, transformers class): what a pre-training run of that layout saves
