@@ -28,9 +28,11 @@ Files, under $LMFORGE_DATA (or data_dir):
   dart/dart-v1.1.1-full-train.one-annotation-per-item.json.gz (or dart-v1.1.1-full-train.json),
   dart/dart-v1.1.1-full-dev.json, dart-v1.1.1-full-test.json
 
-Grouping: E2E groups the rows of equal MR (first appearance order; the official script groups
-consecutive equal MRs, which is the same on these files). WebNLG has one input per <entry> and DART
-one per item (their official evaluations group references the same way).
+Grouping: the references of equal sources are one input's, in first-appearance order, for every
+task. E2E: the rows of one MR (the official script groups consecutive equal MRs: the same on these
+files). WebNLG and DART: the LoRA repository's evaluation (gpt2_decode.py) groups by the source
+text too, so entries or items with the same triples are one input: WebNLG dev has 872 entries but
+871 unique triple sets, DART dev 2,768 items but 2,721 unique triple sets.
 references="lora" takes E2E dev references from lora_format/valid.txt (tokenised, what the LoRA
 paper scored against) instead of the official CSV; WebNLG and DART references are the same text in
 both formats.
@@ -337,11 +339,23 @@ def _raw_split(task: str, split: str, root: Path) -> tuple[list[tuple[str, tuple
         else:
             files = _xml_files(base / split)
         entries = [e for f in files for e in read_webnlg_xml(f)]
-        return entries, tuple(map(str, files))
+        return _merged(entries), tuple(map(str, files))
     name = {"train": "dart-v1.1.1-full-train.json", "dev": "dart-v1.1.1-full-dev.json",
             "test": "dart-v1.1.1-full-test.json"}[split]
     path = root / "dart" / name
-    return read_dart_json(path), (str(path),)
+    return _merged(read_dart_json(path)), (str(path),)
+
+
+def _merged(items: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, tuple[str, ...]]]:
+    """Entries with the same source become one input holding all their references."""
+    index: dict[str, int] = {}
+    out: list[tuple[str, list[str]]] = []
+    for src, group in items:
+        if src not in index:
+            index[src] = len(out)
+            out.append((src, []))
+        out[index[src]][1].extend(group)
+    return [(s, tuple(group)) for s, group in out]
 
 
 def eval_set(task: str, split: str, data_dir=None, references: str = "official") -> EvalSet:
