@@ -241,7 +241,8 @@ def _weights_limit(directory: Path, confined: Confined) -> int:
 
 def _model_files(run: str | os.PathLike) -> tuple[Path, Confined, list[tuple[Path, int]]]:
     """(the model directory of `run`: its best/ or itself, the Confined of the run directory, every
-    file the loaders may read from it with its size bound). Escape / Refused / Missing as below."""
+    file the loaders may read from it with its size bound), without opening any: Escape if the
+    directory leads outside the run (symlinks resolved), Missing when there is no model."""
     try:
         confined = Confined(run)
     except Missing:
@@ -266,21 +267,10 @@ def _model_files(run: str | os.PathLike) -> tuple[Path, Confined, list[tuple[Pat
                   "nor a model or adapter directory")
 
 
-def run_model_dir(run: str | os.PathLike) -> Path:
-    """A run directory's best/ (or the directory itself when it is a model or adapter directory),
-    with every file the loaders may read from it checked, without opening it: inside the run
-    directory (symlinks resolved), a regular file, bounded in size. Raises Escape / Refused naming the
-    file, Missing when there is no model. A check cannot stop a file swapped for a symlink after it:
-    the CLI reads runs through private_run_copy, which opens each file under the rules."""
-    d, confined, files = _model_files(run)
-    for f, limit in files:
-        confined.check_file(f, limit)
-    return d
-
-
 @contextlib.contextmanager
 def private_run_copy(run: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
-    """(the model directory of `run` as run_model_dir names it, a private copy of it). Every file a
+    """(the model directory of `run`: its best/, or the directory itself when it is a model or adapter
+    directory; a private copy of it). Missing when there is no model. Every file a
     loader may read is opened through Confined (inside the run directory, walked with O_NOFOLLOW, so
     a symlink swapped in after the check fails its open; regular, bounded) and copied into a new
     temporary directory only this user can write; the loaders then read the copy, where nothing can
