@@ -5,6 +5,7 @@ PROVENANCE files), the LoRA paper's source format, and one-line errors for malfo
 import csv
 import gzip
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -147,16 +148,16 @@ XML_OK = """<benchmark><entries>
 """
 
 MALFORMED = [  # (file, content, expected one-line message)
-    ("e2e.csv", 'mr,ref\n"name[A], eatType[pub]",A pub.\n"name[B], eatType pub",B.\n', r"e2e.csv:3: field mr: expected slot\[value\]"),
+    ("e2e.csv", 'mr,ref\n"name[A], eatType[pub]",A pub.\n"name[B], eatType pub",B.\n', "e2e.csv:3: field mr: expected slot[value]"),
     ("e2e.csv", 'mr,ref\n"name[A], colour[red]",A.\n', "e2e.csv:2: field mr: unknown slot 'colour'"),
     ("e2e.csv", 'mr,ref\n"name[A]",A.\n"name[B]",B,extra\n', "e2e.csv:3: expected 2 fields"),
     ("e2e.csv", 'mr,text\n"name[A]",A.\n', "e2e.csv:1: expected the header 'mr,ref'"),
     ("e2e.csv", 'mr,ref\n"name[A]",\n', "e2e.csv:2: field ref is empty"),
-    ("valid.txt", "name : A||A .\nname : B | B .\n", r"valid.txt:2: expected 'source\|\|reference'"),
+    ("valid.txt", "name : A||A .\nname : B | B .\n", "valid.txt:2: expected 'source||reference'"),
     ("valid.txt", "name : A||A .\nname B||B .\n", "valid.txt:2: expected 'slot : value'"),
     ("dev.xml", XML_OK + "<entry eid=\"Id2\">\n<modifiedtripleset><mtriple>Aarhus | leaderName</mtriple>"
-     "</modifiedtripleset></entry></entries></benchmark>", "dev.xml:7: entry Id2: expected 'subject | property | object'"),
-    ("dev.xml", XML_OK + "<entry eid=\"Id2\">\n</entries></benchmark>", r"dev.xml:7: invalid XML"),
+     "</modifiedtripleset></entry></entries></benchmark>", "dev.xml:6: entry Id2: expected 'subject | property | object'"),
+    ("dev.xml", XML_OK + "<entry eid=\"Id2\">\n</entries></benchmark>", "dev.xml:7: invalid XML"),
     ("dart.json", '[\n{"tripleset": [["a", "B", "c"]], "annotations": [{"text": "x"}]},\n{"tripleset": ', "dart.json:3: invalid JSON"),
     ("dart.json", '[{"tripleset": [["a", "B"]], "annotations": []}]', "dart.json: item 1: field tripleset"),
 ]
@@ -168,7 +169,7 @@ def test_malformed_files_are_one_line_errors_naming_file_and_line(tmp_path, name
     path.write_text(content, encoding="utf-8")
     reader = {"e2e.csv": nlg.read_e2e_csv, "valid.txt": nlg.read_lora_txt, "dev.xml": nlg.read_webnlg_xml,
               "dart.json": nlg.read_dart_json}[name]
-    with pytest.raises(DataError, match=message) as e:
+    with pytest.raises(DataError, match=re.escape(message)) as e:   # literal text
         reader(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
