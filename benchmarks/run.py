@@ -6,14 +6,14 @@ idle machine), and benchmarks.glue trains every method on every task.
 
 import sys
 
-from benchmarks import embed_bf16, glue, int8, serve, speed
+from benchmarks import bf16_quality, embed_bf16, glue, int8, serve, speed
 
 
 def main() -> int:
     full = "--full" in sys.argv[1:]
     quick = [] if full else ["--quick"]
     return (speed.main(quick) or serve.main(quick) or glue.main(quick) or int8.main(quick)
-            or embed_bf16.main([]))
+            or embed_bf16.main([]) or bf16_quality.main(quick))
 
 
 if __name__ == "__main__":
