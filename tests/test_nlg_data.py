@@ -182,3 +182,16 @@ def test_gzipped_and_non_utf8_files(tmp_path):
     bad.write_bytes(b"name : A||A .\nname : \xff||B .\n")
     with pytest.raises(DataError, match="valid.txt:2: not UTF-8"):
         nlg.read_lora_txt(bad)
+
+
+def test_official_e2e_train_csv_when_the_lora_file_is_absent(tmp_path, monkeypatch):
+    (tmp_path / "e2e-nlg").mkdir()
+    (tmp_path / "e2e-nlg" / "trainset.csv").write_text(
+        'mr,ref\n"name[A], priceRange[£20-25]",A costs £20-25.\n"name[B], eatType[pub]",B is a pub.\n', encoding="utf-8")
+    monkeypatch.setenv("LMFORGE_DATA", str(tmp_path))
+    assert nlg.train_examples("e2e") == [nlg.Example("name : A | price : £ 20 - 25", "A costs £20-25."),
+                                         nlg.Example("name : B | Type : pub", "B is a pub.")]
+    # dev examples keep the file's row order (one per reference)
+    monkeypatch.setenv("LMFORGE_DATA", str(ROOT))
+    dev = nlg.train_examples("e2e", split="dev")
+    assert len(dev) == 4672 and dev[0].reference.startswith("There is a place in the city centre, Alimentum")

@@ -22,7 +22,7 @@ Files, under $LMFORGE_DATA (or data_dir):
   e2e-nlg/lora_format/train.txt.gz   train (LoRA format: "source||tokenised reference", 42,061 lines)
   e2e-nlg/devset.csv                 dev   (official mr,ref CSV: 547 MRs, 4,672 references)
   e2e-nlg/testset_w_refs.csv         test  (630 MRs, 4,693 references)
-  e2e-nlg/trainset.csv               train, when present (the official CSV; not in the shared copy)
+  e2e-nlg/trainset.csv               train without the LoRA file (the official CSV; not in the shared copy)
   webnlg/lora_format_webnlg_challenge_2017/train.json.gz, or webnlg_challenge_2017/train/*triples/*.xml
   webnlg/webnlg_challenge_2017/dev/*triples/*.xml, test/testdata_with_lex.xml
   dart/dart-v1.1.1-full-train.one-annotation-per-item.json.gz (or dart-v1.1.1-full-train.json),
@@ -382,13 +382,17 @@ def eval_set(task: str, split: str, data_dir=None, references: str = "official")
 
 
 def train_examples(task: str, data_dir=None, split: str = "train") -> list[Example]:
-    """One (source, reference) example per reference text of `split`. E2E and WebNLG train come from
-    the LoRA paper's files when the official ones are absent (E2E's trainset.csv is not shipped here)."""
+    """One (source, reference) example per reference text of `split`, in file order. Training data is
+    what the LoRA paper trained on where present (E2E lora_format/train.txt.gz: tokenised texts;
+    WebNLG's LoRA json: 'good' lexicalisations), else the official files (E2E trainset.csv, WebNLG
+    XML); DART's official train json, or the one-annotation-per-item copy shipped here."""
     _check(task, split)
     root = data_root(data_dir)
-    if split == "train" and task == "e2e" and not (root / "e2e-nlg" / "trainset.csv").is_file():
-        return read_lora_txt(_first(root / "e2e-nlg" / "lora_format" / "train.txt.gz",
-                                    root / "e2e-nlg" / "lora_format" / "train.txt"))
+    if split == "train" and task == "e2e":
+        for path in (root / "e2e-nlg" / "lora_format" / "train.txt.gz", root / "e2e-nlg" / "lora_format" / "train.txt"):
+            if path.is_file():
+                return read_lora_txt(path)
+        return [Example(src, ref) for _, src, ref in read_e2e_csv(root / "e2e-nlg" / "trainset.csv")]
     if split == "train" and task == "webnlg":
         lora = root / "webnlg" / "lora_format_webnlg_challenge_2017" / "train.json.gz"
         if lora.is_file():
@@ -397,4 +401,7 @@ def train_examples(task: str, data_dir=None, split: str = "train") -> list[Examp
         path = _first(root / "dart" / "dart-v1.1.1-full-train.json",
                       root / "dart" / "dart-v1.1.1-full-train.one-annotation-per-item.json.gz")
         return [Example(s, r) for s, refs in read_dart_json(path) for r in refs]
+    if task == "e2e":   # file order, not grouped
+        name = {"dev": "devset.csv", "test": "testset_w_refs.csv"}[split]
+        return [Example(src, ref) for _, src, ref in read_e2e_csv(root / "e2e-nlg" / name)]
     return eval_set(task, split, root).examples()
