@@ -244,3 +244,24 @@ def test_a_stream_needs_a_budget_and_an_empty_mlm_batch_is_not_nan(tmp_path):
     loss, tallies = MaskedLM()(tiny("bert", "mlm"), batch)
     assert float(loss) == 0.0 and int(tallies["mlm_predicted"]) == 0
     loss.backward()   # still part of the graph: a step with nothing masked is a zero step, not a crash
+
+
+def test_a_minutes_budget_stops_the_run_and_schedules_the_rate_over_time(tmp_path):
+    ticks = [0.0]
+
+    def clock():   # a fake clock: every reading is 0.25 s later (no real time is measured)
+        ticks[0] += 0.25
+        return ticks[0]
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_minutes=1.0, warmup_ratio=0.3, lr=1e-3, log_every=1,
+                      precision="fp32", progress_bar=False, save_every=1000)
+    trainer = Trainer(tiny("bert", "mlm"), cfg, Stream("mlm"), None, MaskedLM(), clock=clock)
+    result = trainer.train()
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in logs]
+    peak = lrs.index(max(lrs))
+    assert result["elapsed_s"] >= 60 and 10 < result["steps"] < 240 and len(logs) == result["steps"]
+    assert 0 < peak < len(lrs) - 1 and lrs[-1] < 0.25 * max(lrs)   # warm-up, then decay towards 0
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["progress"]["step"] == result["steps"] and state["progress"]["elapsed_s"] >= 60

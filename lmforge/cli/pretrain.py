@@ -11,8 +11,9 @@ Architectures (--arch; --size tiny|mini|small|base, or --config FILE with ModelC
   bert      post-LayerNorm, biases, GELU, learned positions (mlm, nsp, mlm,nsp)
   roberta   BERT's network with RoBERTa's conventions (mlm; give a byte-bpe --tokenizer)
   gpt2      a pre-LayerNorm decoder (clm; give a --tokenizer)
-  cramming  pre-LayerNorm, no linear biases, gated FFN, scaled sinusoidal positions, no dropout
-            (saved in lmforge's format: transformers has no such class)
+  cramming  pre-LayerNorm, no linear biases, gated FFN, scaled sinusoidal positions, no dropout,
+            fully packed blocks (saved in lmforge's format: transformers has no such class);
+            a triangular one-cycle schedule as Cramming's: --schedule linear --warmup 0.5 --lr 1e-3
 Budgets: --tokens N (positions: batch x length per micro-batch), --minutes M (the learning rate
 schedule then runs over the time), --max-steps N. The model is written to OUT/model (with its
 tokenizer), ready for `lmforge finetune --model OUT/model`.
@@ -21,13 +22,13 @@ tokenizer), ready for `lmforge finetune --model OUT/model`.
 from __future__ import annotations
 
 from lmforge.cli.validate import field_type, ranged, writable_dir
+from lmforge.data.pretrain import MASKINGS, PACKINGS
 from lmforge.kernels.precision import DEVICES, PRECISIONS
 from lmforge.train.trainer import SCHEDULES, TrainConfig
 from lmforge.utils import checks
 
-ARCHS = ("bert", "roberta", "gpt2", "cramming")
+ARCHS = ("bert", "roberta", "gpt2", "cramming")   # models/presets.py (not imported: the CLI starts fast)
 SIZES = ("tiny", "mini", "small", "base")
-PACKINGS = ("segment-pair", "full-sentences", "doc-sentences", "clm")
 
 
 def T(name: str):
@@ -49,8 +50,9 @@ def add_parser(p) -> None:
                       help=".txt, .txt.gz, .jsonl (text field) files or directories")
     data.add_argument("--max-seq-len", type=ranged(int, checks.SEQ_LEN), default=128)
     data.add_argument("--packing", choices=PACKINGS,
-                      help="default: segment-pair with nsp, clm with clm, else full-sentences")
-    data.add_argument("--masking", choices=("static", "dynamic"), default="dynamic")
+                      help="default: segment-pair with nsp, clm with clm, blocks (fully packed, Cramming's) "
+                           "for --arch cramming with mlm, else full-sentences")
+    data.add_argument("--masking", choices=MASKINGS, default="dynamic")
     data.add_argument("--whole-word-masking", action="store_true")
     data.add_argument("--mlm-probability", type=ranged(float, checks.UNIT_INTERVAL), default=0.15)
     data.add_argument("--workers", type=ranged(int, checks.AT_LEAST_1), default=1,
@@ -93,8 +95,11 @@ def config_from_args(args):
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, save_every=args.save_every,
         log_every=args.log_every, seed=args.seed, precision=args.precision, device=args.device,
         progress_bar=not args.no_progress, skip_nonfinite=args.skip_nonfinite)
+    packing = args.packing
+    if packing is None and args.arch == "cramming" and objective == "mlm":
+        packing = "blocks"   # Cramming trains on fully packed blocks
     data = PretrainDataConfig(
-        corpus=tuple(args.corpus), objectives=tuple(objective.split(",")), packing=args.packing,
+        corpus=tuple(args.corpus), objectives=tuple(objective.split(",")), packing=packing,
         max_seq_len=args.max_seq_len, batch_size=args.batch_size, masking=args.masking,
         whole_word=args.whole_word_masking, mlm_probability=args.mlm_probability, seed=args.seed,
         cache_dir=args.cache_dir, workers=args.workers)

@@ -114,7 +114,9 @@ def from_pretrained(
             )
     missing = [k for k in expected if k not in state]
     fresh_head = config.head != saved.head  # a new head starts from its initialisation
-    trunk_missing = [k for k in missing if not (k.startswith("head.") and fresh_head)]
+    # so does BERT's pooler when the checkpoint's head had none (an MLM model fine-tuned to classify)
+    fresh = ("head.",) + (("transformer.pooler.",) if fresh_head and not saved.has_pooler else ())
+    trunk_missing = [k for k in missing if not (k.startswith(fresh) and fresh_head)]
     if trunk_missing:
         names = hf.to_hf_state_dict({k: expected[k] for k in trunk_missing}, config)
         shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")

@@ -199,8 +199,10 @@ class Trainer:
         greater_is_better: bool = True,
         on_best: Callable[[torch.nn.Module, dict], None] | None = None,
         batch_plan: Callable[[int], list[list[int]]] | None = None,
+        clock: Callable[[], float] = time.perf_counter,   # seconds; the --minutes budget reads it
     ):
         config.validate()
+        self.clock = clock
         if isinstance(train_set, BatchStream):
             if not (config.max_steps or config.max_minutes):
                 raise ConfigError("a streamed training set needs a budget: --max-steps or --minutes")
@@ -289,16 +291,16 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
-        cfg, model, objective = self.config, self.model, self.objective
+        cfg, model, objective, clock = self.config, self.model, self.objective, self.clock
         self.out.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.out)  # what a killed run's atomic writes left behind
         set_seed(cfg.seed)
         total = self.total_steps()
         progress = Progress()
-        resumed_elapsed, segment_start = 0.0, time.perf_counter()
+        resumed_elapsed, segment_start = 0.0, clock()
 
         def elapsed() -> float:  # wall time of the run, resumed parts included
-            return resumed_elapsed + time.perf_counter() - segment_start
+            return resumed_elapsed + clock() - segment_start
 
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         scheduler = self._scheduler(optimizer, total, elapsed)
@@ -306,7 +308,7 @@ class Trainer:
             progress = load_state(self.checkpoint_dir, model, optimizer, scheduler)
             self.source.restore(progress.extra.get("data"))
             self.saved_step = progress.step
-        resumed_elapsed, segment_start = progress.elapsed_s, time.perf_counter()
+        resumed_elapsed, segment_start = progress.elapsed_s, clock()
         budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes else None
 
         def finished() -> bool:
@@ -322,7 +324,7 @@ class Trainer:
         model.train()
         bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
                    disable=not cfg.progress_bar, dynamic_ncols=True)
-        window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
+        window_loss, window_n, window_samples, t0 = 0.0, 0, 0, clock()
         window: dict[str, torch.Tensor] = {}  # the objective's tallies, summed over the log window
         last_eval: dict = {}
         evaluated_at = -1
@@ -377,7 +379,7 @@ class Trainer:
                     bar.update(1)
                     done = finished()
                     if progress.step % cfg.log_every == 0 or done:
-                        seconds = max(time.perf_counter() - t0, 1e-9)
+                        seconds = max(clock() - t0, 1e-9)
                         record = {"step": progress.step, "epoch": progress.epoch}
                         if window_n:  # a window of skipped steps only has no loss to report
                             record["loss"] = window_loss / window_n
@@ -390,7 +392,7 @@ class Trainer:
                             record["skipped_steps"] = progress.skipped_steps
                         log.write(record)
                         bar.set_postfix(_postfix(record))
-                        window_loss, window_n, window_samples, t0 = 0.0, 0, 0, time.perf_counter()
+                        window_loss, window_n, window_samples, t0 = 0.0, 0, 0, clock()
                         window = {}
                     ended_epoch = last
                     do_eval = self.evaluate is not None and (
@@ -399,7 +401,7 @@ class Trainer:
                     )
                     if last:
                         progress.epoch, progress.batch = progress.epoch + 1, 0
-                    paused = time.perf_counter()  # evaluation and saving do not count as training time
+                    paused = clock()  # evaluation and saving do not count as training time
                     if do_eval:
                         last_eval, evaluated_at = self._evaluate(progress, log), progress.step
                     save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
@@ -412,7 +414,7 @@ class Trainer:
                             progress.extra["data"] = position
                         save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
                         self.saved_step = progress.step
-                    t0 += time.perf_counter() - paused
+                    t0 += clock() - paused
                     if last or done:
                         break
                 if not ended_epoch and not finished():  # nothing (left) in this epoch: never loop on it
