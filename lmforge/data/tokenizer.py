@@ -70,10 +70,19 @@ class Tokenizer:
 
     _MAX_CONFIGURED = 16   # settings kept (a server uses one or two; an LRU bound for the rest)
 
-    def __init__(self, tok: _HFTokenizer, kind: str, model_type: str, lowercase: bool | None = None):
+    def __init__(self, tok: _HFTokenizer, kind: str, model_type: str, lowercase: bool | None = None,
+                 special_token_ids: dict[str, int] | None = None, chat_template: str | None = None):
+        """special_token_ids: {"bos"|"eos"|"pad"|"unk": id} where the vocabulary's own conventions do not
+        say (a GGUF file states them; SmolLM2's bos is <|im_start|>, not <s>); chat_template: the
+        model's Jinja chat template, if it has one."""
         tok.no_truncation()  # a tokenizer.json may carry its own settings: each call picks its own
         tok.no_padding()
         self._tok, self.kind, self.model_type, self.lowercase = tok, kind, model_type, lowercase
+        unknown = set(special_token_ids or {}) - set(_SPECIAL_ROLES)
+        if unknown:
+            raise ValueError(f"special_token_ids: unknown role(s) {sorted(unknown)}; expected {', '.join(_SPECIAL_ROLES)}")
+        self.special_ids_by_role = dict(special_token_ids or {})
+        self.chat_template = chat_template
         self._configured: collections.OrderedDict = collections.OrderedDict()
         self._configured_lock = threading.Lock()
 
@@ -114,6 +123,14 @@ class Tokenizer:
         return cls(_bpe(vocab, Path(merges), model_type), "bpe", model_type)
 
     @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """The tokenizer a GGUF checkpoint carries in its metadata (vocabulary, merges, special
+        tokens, chat template); see lmforge/data/gguf_tokenizer.py."""
+        from lmforge.data.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+
+    @classmethod
     def from_dir(cls, path, model_type: str | None = None) -> "Tokenizer":
         d = Path(path)
         if not d.is_dir():
@@ -127,7 +144,8 @@ class Tokenizer:
                 raise DataError(f"{d / 'tokenizer.json'}: cannot be read ({e})") from None
             kind = "wordpiece" if isinstance(tok.model, models.WordPiece) else "bpe"
             return cls(tok, kind, model_type or ("bert" if kind == "wordpiece" else "gpt2"),
-                       cfg.get("do_lower_case"))
+                       cfg.get("do_lower_case"), _special_ids(cfg, d / "tokenizer_config.json"),
+                       cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None)
         if (d / "vocab.txt").is_file():
             return cls.from_files(d / "vocab.txt", lowercase=cfg.get("do_lower_case"), model_type=model_type)
         for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
@@ -143,6 +161,10 @@ class Tokenizer:
         cfg = {"lmforge_model_type": self.model_type, "model_max_length": 512}
         if self.lowercase is not None:
             cfg["do_lower_case"] = self.lowercase
+        if self.special_ids_by_role:
+            cfg["lmforge_special_ids"] = self.special_ids_by_role
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
     def to_json(self) -> str:
@@ -173,6 +195,8 @@ class Tokenizer:
 
     @property
     def pad_token_id(self) -> int:
+        if "pad" in self.special_ids_by_role:
+            return self.special_ids_by_role["pad"]
         # GPT-2 has no pad token: pad with <|endoftext|>, which the attention mask hides anyway
         i = self._id("[PAD]", "<pad>", _GPT2_EOS)
         return 0 if i is None else i
@@ -180,9 +204,21 @@ class Tokenizer:
     cls_token_id = property(lambda self: self._id("[CLS]", "<s>"))
     sep_token_id = property(lambda self: self._id("[SEP]", "</s>"))
     mask_token_id = property(lambda self: self._id("[MASK]", "<mask>"))
-    unk_token_id = property(lambda self: self._id("[UNK]", "<unk>"))
-    bos_token_id = property(lambda self: self._id("<s>", _GPT2_EOS))
-    eos_token_id = property(lambda self: self._id("</s>", _GPT2_EOS))
+    unk_token_id = property(lambda self: self.special_ids_by_role.get("unk", self._id("[UNK]", "<unk>")))
+    bos_token_id = property(lambda self: self.special_ids_by_role.get("bos", self._id("<s>", _GPT2_EOS)))
+    eos_token_id = property(lambda self: self.special_ids_by_role.get("eos", self._id("</s>", _GPT2_EOS)))
+
+    # -- chat ---------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it (a string, special tokens in
+        it as text: encode it with add_special_tokens=False). Rendered as Hugging Face renders
+        chat templates: a sandboxed Jinja environment with trim_blocks and lstrip_blocks."""
+        if self.chat_template is None:
+            raise DataError("this tokenizer has no chat template")
+        names = {f"{role}_token": self._tok.id_to_token(i) if i is not None else None
+                 for role, i in (("bos", self.bos_token_id), ("eos", self.eos_token_id),
+                                 ("pad", self.pad_token_id), ("unk", self.unk_token_id))}
+        return _render_chat_template(self.chat_template, messages, add_generation_prompt, names)
 
     # -- encoding ---------------------------------------------------------------------------------
     def encode(self, text: str, pair: str | None = None, max_length: int | None = None,
@@ -222,6 +258,46 @@ class Tokenizer:
         return [self._tok.id_to_token(i) for i in ids]
 
 
+_SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+
+
+def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                          special_tokens: dict) -> str:
+    """A chat template is Jinja, written for Hugging Face's environment: the same sandbox (a template
+    comes with a downloaded model and must not reach Python objects), trim_blocks/lstrip_blocks,
+    loop controls, raise_exception() and a tojson that leaves non-ASCII and HTML characters alone."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise DataError("chat templates need jinja2: pip install jinja2") from None
+
+    def raise_exception(message):
+        raise DataError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special_tokens)
+    except jinja2.TemplateError as e:
+        raise DataError(f"chat template: {type(e).__name__}: {e}") from None
+
+
+def _special_ids(cfg: dict, path: Path) -> dict[str, int] | None:
+    ids = cfg.get("lmforge_special_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, dict) or not all(k in _SPECIAL_ROLES and isinstance(v, int) and not isinstance(v, bool)
+                                            for k, v in ids.items()):
+        raise DataError(f"{path}: lmforge_special_ids must map {'/'.join(_SPECIAL_ROLES)} to token ids, got {ids!r}")
+    return ids
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -238,4 +314,6 @@ def load_tokenizer(name_or_dir) -> Tokenizer:
         from lmforge.models.hub import resolve  # lazy: data/ needs models/ only to find aliases
 
         p = resolve(name_or_dir)
+    if p.is_file() and p.suffix.lower() == ".gguf":  # a GGUF checkpoint carries its tokenizer
+        return Tokenizer.from_gguf(p)
     return Tokenizer.from_dir(p)

