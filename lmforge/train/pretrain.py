@@ -101,11 +101,14 @@ class PretrainConfig:
         (vocabulary size and ids from the tokenizer) on top; checked against the objective."""
         from lmforge.models.presets import config_from_file, preset
 
-        fields = {"head": self.head, **fields}
+        fields = {"head": None, **fields}   # the objective's head once the trunk fits it
         config = (config_from_file(self.config_file, **fields) if self.config_file
                   else preset(self.arch, self.size, **fields))
         check_model(config, self.objective_key, self.data.max_seq_len)
-        return config
+        try:
+            return config.replace(head=self.head)
+        except ConfigError as e:
+            raise ConfigError(f"--objective {self.objective_key}: {e}") from None
 
 
 def check_model(config, objective: str, max_seq_len: int) -> None:
