@@ -180,10 +180,14 @@ def _batch(pad, V, seed=0):
 
 def test_bert_pretraining_result_loads_in_transformers(tmp_path, plays, cache):
     out = tmp_path / "bert"
-    assert main(args(out, plays, cache, "--objective", "mlm,nsp", "--max-steps", "3",
-                     config=write_config(tmp_path))) == 0
-    logs = records(out)
+    assert main(args(out, plays, cache, "--objective", "mlm,nsp", "--max-steps", "4", "--valid", str(plays),
+                     "--eval-every", "2", "--eval-batches", "2", config=write_config(tmp_path))) == 0
+    logs = [r for r in records(out) if "eval" not in r]
     assert all(0 <= r["nsp_accuracy"] <= 1 and "mlm_accuracy" in r for r in logs)
+    evals = [r for r in records(out) if "eval" in r]     # held-out metrics at steps 2 and 4
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all({"loss", "mlm_loss", "mlm_accuracy", "nsp_accuracy"} <= set(r["eval"]) for r in evals)
+    assert json.loads((out / "summary.json").read_text())["valid"] == evals[-1]["eval"]
     ours = from_pretrained(out / "model").eval()
     theirs = T.BertForPreTraining.from_pretrained(out / "model").eval()
     ids, mask = _batch(0, ours.config.vocab_size)

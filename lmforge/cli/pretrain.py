@@ -48,6 +48,12 @@ def add_parser(p) -> None:
     data.add_argument("--objective", default="mlm", help="mlm | nsp | mlm,nsp | clm (default mlm)")
     data.add_argument("--corpus", required=True, nargs="+", metavar="PATH",
                       help=".txt, .txt.gz, .jsonl (text field) files or directories")
+    data.add_argument("--valid", nargs="+", metavar="PATH", default=(),
+                      help="held-out corpus files: the objective's loss and accuracies on them at each evaluation")
+    data.add_argument("--eval-every", type=T("eval_every"), help="optimizer steps between evaluations "
+                      "on --valid (default: at the end of each epoch and of the run)")
+    data.add_argument("--eval-batches", type=ranged(int, checks.AT_LEAST_1), default=50,
+                      help="batches of --valid per evaluation (default 50)")
     data.add_argument("--max-seq-len", type=ranged(int, checks.SEQ_LEN), default=128)
     data.add_argument("--packing", choices=PACKINGS,
                       help="default: segment-pair with nsp, clm with clm, blocks (fully packed, Cramming's) "
@@ -93,7 +99,7 @@ def config_from_args(args):
         out_dir=args.out, max_steps=args.max_steps, max_minutes=args.minutes, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, save_every=args.save_every,
-        log_every=args.log_every, seed=args.seed, precision=args.precision, device=args.device,
+        log_every=args.log_every, eval_every=args.eval_every, seed=args.seed, precision=args.precision, device=args.device,
         progress_bar=not args.no_progress, skip_nonfinite=args.skip_nonfinite)
     packing = args.packing
     if packing is None and args.arch == "cramming" and objective == "mlm":
@@ -104,7 +110,8 @@ def config_from_args(args):
         whole_word=args.whole_word_masking, mlm_probability=args.mlm_probability, seed=args.seed,
         cache_dir=args.cache_dir, workers=args.workers)
     return PretrainConfig(data=data, train=train, arch=args.arch, size=args.size, config_file=args.config_file,
-                          init=args.init, tokenizer=args.tokenizer, objective=objective, tokens=args.tokens)
+                          init=args.init, tokenizer=args.tokenizer, objective=objective, tokens=args.tokens,
+                          valid=tuple(args.valid), eval_batches=args.eval_batches)
 
 
 def run(args) -> int:

@@ -7,7 +7,8 @@ the shared Trainer (schedules, accumulation, clipping, precision, checkpoints th
 
 A run directory holds:
   run.json        the resolved settings (what --resume must match)
-  metrics.jsonl   loss, MLM loss and masked-token accuracy, NSP accuracy, perplexity (clm), tokens/s
+  metrics.jsonl   loss, MLM loss and masked-token accuracy, NSP accuracy, perplexity (clm), tokens/s;
+                  with --valid, the same metrics on held-out files at each evaluation ("eval")
   curves.png      those curves against optimizer steps
   checkpoint/     the latest training state, for --resume
   model/          the pre-trained model with its tokenizer: `lmforge finetune --model DIR/model`
@@ -21,11 +22,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 from lmforge.data.pretrain import PretrainData, PretrainDataConfig
 from lmforge.errors import ConfigError
+from lmforge.train.objectives import evaluate as evaluate_objective
 from lmforge.train.objectives import pretraining_objective
 from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
@@ -48,6 +51,8 @@ class PretrainConfig:
     init: str | None = None               # --init: continue pre-training this model (alias or directory)
     tokenizer: str | None = None          # a tokenizer directory; default: the init model's, else minilm's
     objective: str = "mlm"
+    valid: tuple = ()                     # --valid: held-out corpus files, evaluated with the objective
+    eval_batches: int = field(default=50, metadata=rule(AT_LEAST_1))   # batches of it per evaluation
     # --tokens: a budget of sequence positions (batch x length per micro-batch), turned into steps
     tokens: int | None = field(default=None, metadata=rule(AT_LEAST_1))
 
@@ -58,6 +63,7 @@ class PretrainConfig:
         data = dict(d.pop("data"))
         data["corpus"] = tuple(data["corpus"])
         data["objectives"] = tuple(data["objectives"])
+        d["valid"] = tuple(d.get("valid", ()))
         return cls(data=PretrainDataConfig(**data), train=TrainConfig(**d.pop("train")), **d)
 
     @property
@@ -201,6 +207,16 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     model = build_model(cfg, tokenizer, device)
     data = PretrainData(cfg.data, tokenizer, progress=cfg.train.progress_bar)
     objective = pretraining_objective(cfg.objective)
+    evaluate = None
+    if cfg.valid:
+        # the same packing and masking over the held-out files; masks of epoch 0, so every
+        # evaluation scores the same predictions
+        valid = PretrainData(replace(cfg.data, corpus=tuple(cfg.valid)), tokenizer, progress=cfg.train.progress_bar)
+        start = valid.state_dict()
+
+        def evaluate(m):
+            valid.load_state_dict(start)
+            return evaluate_objective(objective, m, islice(valid.batches(0), cfg.eval_batches), device)
     steps = cfg.budget_steps()
     train = TrainConfig(**{**asdict(cfg.train), "max_steps": steps, "sparse_embedding_grads": False})
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +228,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     _say(f"pretrain {objective.name}: {model.num_parameters():,} parameters, {data.n_examples:,} sequences "
          f"of <= {cfg.data.max_seq_len} tokens ({data.packing}), {len(data):,} batches an epoch"
          + (f", {steps:,} steps" if steps else "") + (f", {cfg.train.max_minutes:g} minutes" if cfg.train.max_minutes else ""))
-    trainer = Trainer(model, train, data, None, objective)
+    trainer = Trainer(model, train, data, None, objective, evaluate=evaluate, main_metric="loss",
+                      greater_is_better=False)
     result = trainer.train(resume=resume)
     save_pretrained(model, out / "model", tokenizer)
     plot_pretraining(out / "metrics.jsonl", out / "curves.png", f"{_describe(cfg, model)} · {objective.name}")
@@ -221,6 +238,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     summary = {"objective": objective.name, "model": _describe(cfg, model), "parameters": model.num_parameters(),
                "steps": result["steps"], "tokens": result["tokens"], "skipped_steps": result["skipped_steps"],
                "last": {k: v for k, v in last.items() if k not in ("step", "epoch")},
+               "valid": result["last_eval"] or None,
                "device": resolved["device"], "precision": resolved["precision"],
                "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}
     _write_json(out / "summary.json", summary)
@@ -254,11 +272,20 @@ def plot_pretraining(metrics_path: str | Path, out_png: str | Path, title: str =
               ("tokens/s", ("tokens_per_s",))]
     panels = [(t, [k for k in keys if any(r.get(k) is not None for r in logs)]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
+    evals = [(r["step"], r["eval"]) for r in records if "eval" in r]
+    if evals:
+        panels.append(("validation", []))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels):
         for k in keys:
             pts = [(r["step"], r[k]) for r in logs if r.get(k) is not None]
             ax.plot(*zip(*pts), label=k)
+        if name == "validation":
+            for k in ("loss", "mlm_accuracy", "nsp_accuracy"):
+                pts = [(s, m[k]) for s, m in evals if m.get(k) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=k)
+            ax.legend()
         ax.set(xlabel="step", title=name)
         if name == "perplexity":
             ax.set_yscale("log")
