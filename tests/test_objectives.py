@@ -265,3 +265,9 @@ def test_a_minutes_budget_stops_the_run_and_schedules_the_rate_over_time(tmp_pat
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert state["progress"]["step"] == result["steps"] and state["progress"]["elapsed_s"] >= 60
+
+
+def test_an_empty_stream_is_an_error_not_a_loop(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path / "r"), max_steps=5, progress_bar=False)
+    with pytest.raises(ConfigError, match="epoch 0 of the training data has no batches"):
+        Trainer(tiny("bert", "mlm"), cfg, Stream("mlm", per_epoch=0), None, MaskedLM()).train()

@@ -418,6 +418,8 @@ class Trainer:
                     if last or done:
                         break
                 if not ended_epoch and not finished():  # nothing (left) in this epoch: never loop on it
+                    if progress.batch == 0:
+                        raise ConfigError(f"epoch {progress.epoch} of the training data has no batches")
                     progress.epoch, progress.batch = progress.epoch + 1, 0
         finally:
             bar.close()
