@@ -16,7 +16,7 @@ from lmforge.data.gguf_tokenizer import tokenizer_from_gguf_metadata
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.models import hub
-from lmforge.models.gguf import read_gguf, read_gguf_metadata
+from lmforge.models.gguf import read_gguf
 
 transformers = pytest.importorskip("transformers")  # a test dependency: `make test` installs it
 
@@ -284,25 +284,27 @@ def test_tiny_llama_equals_transformers(tmp_path, qtype, tied, shape):
 
 # -- bad files --------------------------------------------------------------------------------------
 
-def _bad_files(tmp_path: Path, smollm2: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (file, what the one-line message must say)"""
-    real = smollm2.read_bytes()
-    out = {}
-
-    def put(name, data, expect):
-        p = tmp_path / f"{name}.gguf"
-        p.write_bytes(data)
-        out[name] = (p, expect)
-
-    put("not_gguf", b'{"model_type": "llama"}\n', "not a GGUF file")
-    put("empty", b"", "not a GGUF file")
-    put("header_only", real[:20], "corrupt or truncated GGUF file")
-    put("cut_in_metadata", real[:200_000], "corrupt or truncated GGUF file")     # inside the vocabulary
-    put("cut_in_tensors", real[: len(real) - 4096], "corrupt or truncated GGUF file")
-    out["gpt2_architecture"] = (write_tiny_llama(tmp_path / "gpt2.gguf", arch="gpt2"),
-                                "unsupported GGUF architecture 'gpt2'")
-    out["missing"] = (tmp_path / "absent.gguf", "GGUF file not found")
-    return out
+def _bad_file(name: str, tmp_path: Path, smollm2: Path) -> tuple[Path, str]:
+    """(file, what the one-line message must say) for one kind of bad file."""
+    path = tmp_path / f"{name}.gguf"
+    if name == "missing":
+        return path, "GGUF file not found"
+    if name == "gpt2_architecture":
+        return write_tiny_llama(path, arch="gpt2"), "unsupported GGUF architecture 'gpt2'"
+    if name == "cut_in_tensors":   # a tiny file, cut inside its last tensor's bytes
+        data = write_tiny_llama(tmp_path / "whole.gguf").read_bytes()
+        path.write_bytes(data[:-100])
+        return path, "corrupt or truncated GGUF file"
+    with open(smollm2, "rb") as f:
+        head = f.read(200_000)
+    data, expect = {
+        "not_gguf": (b'{"model_type": "llama"}\n', "not a GGUF file"),
+        "empty": (b"", "not a GGUF file"),
+        "header_only": (head[:20], "corrupt or truncated GGUF file"),
+        "cut_in_metadata": (head, "corrupt or truncated GGUF file"),   # inside the vocabulary
+    }[name]
+    path.write_bytes(data)
+    return path, expect
 
 
 BAD = ["not_gguf", "empty", "header_only", "cut_in_metadata", "cut_in_tensors", "gpt2_architecture", "missing"]
@@ -310,7 +312,7 @@ BAD = ["not_gguf", "empty", "header_only", "cut_in_metadata", "cut_in_tensors", 
 
 @pytest.mark.parametrize("name", BAD)
 def test_bad_file_is_a_one_line_error_naming_it(tmp_path, smollm2, name):
-    path, expect = _bad_files(tmp_path, smollm2)[name]
+    path, expect = _bad_file(name, tmp_path, smollm2)
     with pytest.raises(CheckpointError) as e:
         read_gguf(path)
     message = str(e.value)
@@ -319,7 +321,7 @@ def test_bad_file_is_a_one_line_error_naming_it(tmp_path, smollm2, name):
 
 @pytest.mark.parametrize("name", ["not_gguf", "cut_in_metadata"])
 def test_bad_file_tokenizer_is_a_one_line_error_naming_it(tmp_path, smollm2, name):
-    path, expect = _bad_files(tmp_path, smollm2)[name]
+    path, expect = _bad_file(name, tmp_path, smollm2)
     with pytest.raises(DataError) as e:
         load_tokenizer(path)
     assert str(e.value).startswith(f"{path}: ") and expect in str(e.value) and "\n" not in str(e.value)
@@ -402,10 +404,3 @@ def test_resolve_accepts_gguf_files_only(tmp_path, smollm2):
     other.write_bytes(b"x")
     with pytest.raises(ConfigError, match="is a file; expected a model directory"):
         hub.resolve(other)
-
-
-def test_metadata_reader_sees_the_chat_template(smollm2):
-    meta = read_gguf_metadata(smollm2)
-    assert meta["general.architecture"] == "llama"
-    assert "<|im_start|>" in meta["tokenizer.chat_template"]
-    assert len(meta["tokenizer.ggml.tokens"]) == 49152
