@@ -192,7 +192,8 @@ def test_chat_template_renders_as_transformers(our_tok, hf_tok, template, add_ge
                                       chat_template=None if template == "smollm2" else BLOCKY_TEMPLATE)
     assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == want
     if template == "smollm2":
-        assert want.startswith("<|im_start|>system\n") and want.endswith("<|im_start|>assistant\n") == add_generation_prompt
+        assert want.startswith("<|im_start|>system\n")
+        assert want.endswith("<|im_start|>assistant\n") == add_generation_prompt
 
 
 @pytest.mark.slow
@@ -211,21 +212,23 @@ TINY = dict(vocab=96, hidden=64, heads=4, kv_heads=2, layers=2, ff=96, ctx=128)
 
 
 def write_tiny_llama(path: Path, qtype: str = "F32", tied: bool = True, arch: str = "llama", seed: int = 0,
-                     **shape) -> Path:
-    """A random Llama GGUF file in llama.cpp's layout, every matrix stored as `qtype`."""
+                     stated: dict | None = None, extra_tensor: str | None = None, **shape) -> Path:
+    """A random Llama GGUF file in llama.cpp's layout, every matrix stored as `qtype`. `stated`
+    overrides what the metadata says about the shape (not the tensors); `extra_tensor` adds one."""
     s = {**TINY, **shape}
+    m = {**s, **(stated or {})}
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(s["ctx"])
-    w.add_embedding_length(s["hidden"])
-    w.add_block_count(s["layers"])
-    w.add_feed_forward_length(s["ff"])
-    w.add_head_count(s["heads"])
-    w.add_head_count_kv(s["kv_heads"])
-    w.add_rope_dimension_count(s["hidden"] // s["heads"])
+    w.add_context_length(m["ctx"])
+    w.add_embedding_length(m["hidden"])
+    w.add_block_count(m["layers"])
+    w.add_feed_forward_length(m["ff"])
+    w.add_head_count(m["heads"])
+    w.add_head_count_kv(m["kv_heads"])
+    w.add_rope_dimension_count(m["hidden"] // m["heads"])
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(s["vocab"])
+    w.add_vocab_size(m["vocab"])
     d, hd, ff = s["hidden"], s["hidden"] // s["heads"], s["ff"]
     kinds = gguf.GGMLQuantizationType
 
@@ -255,6 +258,8 @@ def write_tiny_llama(path: Path, qtype: str = "F32", tied: bool = True, arch: st
     add("output_norm.weight", d)
     if not tied:
         add("output.weight", s["vocab"], d)
+    if extra_tensor:
+        add(extra_tensor, d)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -291,6 +296,13 @@ def _bad_file(name: str, tmp_path: Path, smollm2: Path) -> tuple[Path, str]:
         return path, "GGUF file not found"
     if name == "gpt2_architecture":
         return write_tiny_llama(path, arch="gpt2"), "unsupported GGUF architecture 'gpt2'"
+    if name == "wrong_shape":
+        return (write_tiny_llama(path, stated={"ff": 128}),
+                "tensor model.layers.0.mlp.gate_proj.weight has shape (96, 64), the metadata implies (128, 64)")
+    if name == "unknown_tensor":   # e.g. Llama 3's rope_freqs: a tensor this reader would silently drop
+        return write_tiny_llama(path, extra_tensor="rope_freqs.weight"), "unexpected tensor 'rope_freqs.weight'"
+    if name == "layer_past_block_count":
+        return write_tiny_llama(path, stated={"layers": 1}), "'blk.1.attn_norm.weight' is past the 1 layers"
     if name == "cut_in_tensors":   # a tiny file, cut inside its last tensor's bytes
         data = write_tiny_llama(tmp_path / "whole.gguf").read_bytes()
         path.write_bytes(data[:-100])
@@ -307,7 +319,8 @@ def _bad_file(name: str, tmp_path: Path, smollm2: Path) -> tuple[Path, str]:
     return path, expect
 
 
-BAD = ["not_gguf", "empty", "header_only", "cut_in_metadata", "cut_in_tensors", "gpt2_architecture", "missing"]
+BAD = ["not_gguf", "empty", "header_only", "cut_in_metadata", "cut_in_tensors", "gpt2_architecture", "missing",
+       "wrong_shape", "unknown_tensor", "layer_past_block_count"]
 
 
 @pytest.mark.parametrize("name", BAD)

@@ -75,7 +75,8 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF metadata") -> T
     for n, merge in enumerate(merges):
         parts = merge.split(" ") if isinstance(merge, str) else []
         if len(parts) != 2:
-            raise DataError(f"{source}: tokenizer.ggml.merges[{n}] is {merge!r}, expected two tokens separated by a space")
+            raise DataError(f"{source}: tokenizer.ggml.merges[{n}] is {merge!r}, "
+                            "expected two tokens separated by a space")
         pairs.append((parts[0], parts[1]))
 
     tok = _HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))

@@ -80,7 +80,8 @@ class Tokenizer:
         self._tok, self.kind, self.model_type, self.lowercase = tok, kind, model_type, lowercase
         unknown = set(special_token_ids or {}) - set(_SPECIAL_ROLES)
         if unknown:
-            raise ValueError(f"special_token_ids: unknown role(s) {sorted(unknown)}; expected {', '.join(_SPECIAL_ROLES)}")
+            raise ValueError(f"special_token_ids: unknown role(s) {sorted(unknown)}; "
+                             f"expected {', '.join(_SPECIAL_ROLES)}")
         self.special_ids_by_role = dict(special_token_ids or {})
         self.chat_template = chat_template
         self._configured: collections.OrderedDict = collections.OrderedDict()
