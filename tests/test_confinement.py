@@ -306,14 +306,19 @@ def runs(layout, tmp_path):
     return good, out, d / "base"
 
 
-@pytest.mark.parametrize("breakage,words", [
+BREAKAGES = [
     ("best", ["best", "leads outside"]),
     ("adapter_model.safetensors", ["adapter_model.safetensors", "leads outside"]),
     ("adapter_config.json", ["adapter_config.json", "leads outside"]),
     ("tokenizer.json", ["tokenizer.json", "leads outside"]),
     ("fifo", ["adapter_model.safetensors", "FIFO"]),
-])
-@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "serve"])
+]
+# the server reads no tokenizer from an adapter directory: that case is not one of its
+RUN_CASES = [(b, w, c) for b, w in BREAKAGES for c in ("evaluate", "predict", "export", "serve")
+             if not (c == "serve" and b == "tokenizer.json")]
+
+
+@pytest.mark.parametrize("breakage,words,command", RUN_CASES, ids=[f"{b}-{c}" for b, _, c in RUN_CASES])
 def test_cli_run_directories_are_confined(runs, tmp_path, capsys, breakage, words, command):
     from lmforge.cli import main
 
@@ -333,8 +338,6 @@ def test_cli_run_directories_are_confined(runs, tmp_path, capsys, breakage, word
             "predict": ["predict", "--run", str(run), "--input", str(tmp_path / "in.txt")],
             "export": ["export", "--run", str(run), "--merged", "--out", str(tmp_path / "exported")],
             "serve": ["serve", "--model", str(base), "--adapter", f"x={run}"]}[command]
-    if command == "serve" and breakage == "tokenizer.json":
-        pytest.skip("the server reads no tokenizer from an adapter directory")
     assert timed(lambda: main(argv)) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lmforge ")]
     assert len(lines) == 1 and lines[0].startswith(f"lmforge {command}: error: "), lines  # one line
