@@ -56,13 +56,22 @@ OTHER = [
     ("serve", "--max-batch-size", "0"), ("serve", "--max-wait-ms", "-1"), ("serve", "--max-queue", "0"),
     ("serve", "--max-input-tokens", "0"), ("serve", "--threads", "0"), ("serve", "--adapter", "novalue"),
 ]
+PRETRAIN = [
+    ("--eval-every", "0"), ("--eval-batches", "0"), ("--max-seq-len", "2"), ("--mlm-probability", "1.5"),
+    ("--workers", "0"), ("--tokens", "0"), ("--minutes", "0"), ("--minutes", "nan"), ("--max-steps", "0"),
+    ("--batch-size", "0"), ("--grad-accum", "0"), ("--lr", "0"), ("--warmup", "1.5"), ("--weight-decay", "-1"),
+    ("--max-grad-norm", "-1"), ("--save-every", "0"), ("--log-every", "0"), ("--seed", "-1"),
+    ("--arch", "t5"), ("--packing", "pairs"), ("--masking", "never"),
+]
 REQUIRED = {"evaluate": ["--run", "R"], "predict": ["--run", "R", "--input", "in.txt"], "embed": ["text"],
-            "export": ["--run", "R"], "serve": [], "finetune": ["--task", "glue/sst2"], "glue": []}
-CASES = ([(cmd, opt, v) for cmd in ("finetune", "glue") for opt, v in TRAIN] + OTHER)
+            "export": ["--run", "R"], "serve": [], "finetune": ["--task", "glue/sst2"], "glue": [],
+            "pretrain": ["--arch", "bert", "--size", "tiny", "--corpus", "c.txt"]}
+CASES = ([(cmd, opt, v) for cmd in ("finetune", "glue") for opt, v in TRAIN] + OTHER
+         + [("pretrain", opt, v) for opt, v in PRETRAIN])
 
 
 def argv_for(cmd, target, *extra):
-    out = ["--out", str(target)] if cmd in ("finetune", "glue", "export") else []
+    out = ["--out", str(target)] if cmd in ("finetune", "glue", "export", "pretrain") else []
     return [cmd, *REQUIRED[cmd], *out, *extra]
 
 
