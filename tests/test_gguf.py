@@ -12,13 +12,12 @@ import pytest
 import torch
 
 import gguf
+import transformers   # a test dependency (the test extra); never imported by lmforge
 from lmforge.data.gguf_tokenizer import tokenizer_from_gguf_metadata
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.models import hub
 from lmforge.models.gguf import read_gguf
-
-transformers = pytest.importorskip("transformers")  # a test dependency: `make test` installs it
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
