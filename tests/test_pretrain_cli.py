@@ -138,7 +138,7 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_run_resumes_to_the_same_bits(tmp_path, shakespeare, cache, monkeypatch):
+def test_a_killed_run_resumes_to_the_same_bits(tmp_path, shakespeare, cache, monkeypatch, capsys):
     config = write_config(tmp_path)
     extra = ("--max-steps", "6", "--save-every", "2", "--grad-accum", "2", "--log-every", "1", "--lr", "1e-3")
     assert main(args(tmp_path / "whole", shakespeare, cache, *extra, config=config)) == 0
@@ -167,6 +167,12 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path, shakespeare, cache, mon
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [(r["step"], r["loss"], r["mlm_accuracy"]) for r in rs]  # noqa: E731
     assert strip(records(tmp_path / "whole")) == strip(records(tmp_path / "cut"))
+    # --resume with other settings is refused, naming the first that differs, and changes nothing
+    before = (tmp_path / "cut" / "run.json").read_bytes()
+    assert main(args(tmp_path / "cut", shakespeare, cache, *extra[:-1], "2e-3", "--resume", config=config)) == 2
+    assert "--resume needs the same settings as the interrupted run; train.lr was 0.001, now 0.002" in \
+        capsys.readouterr().err
+    assert (tmp_path / "cut" / "run.json").read_bytes() == before
 
 
 def _batch(pad, V, seed=0):
