@@ -1,0 +1,38 @@
+"""The oneDNN GEMMs pad their rows to a few bucket sizes (kernels/onednn.py) so that a process meets a
+bounded number of shapes (memory levelled off instead of growing with each new token count). Padding
+must never change a result, forward or backward, and the buckets must stay few and tight."""
+
+import pytest
+import torch
+
+from lmforge.kernels import onednn
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+
+
+def test_buckets_are_few_tight_and_cover_every_count():
+    sizes = [onednn.bucket_rows(m) for m in range(1, 8193)]
+    assert all(b >= m for m, b in zip(range(1, 8193), sizes))
+    assert max(b / m for m, b in zip(range(1, 8193), sizes)) <= 1.125
+    assert sizes[:onednn.EXACT_ROWS] == list(range(1, onednn.EXACT_ROWS + 1))   # small batches exact
+    assert len(set(sizes)) <= onednn.EXACT_ROWS + onednn.STEPS_PER_OCTAVE * 8   # 8 octaves above 32
+    assert sizes == sorted(sizes)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [33, 37, 100, 1001])
+def test_padded_gemms_equal_the_plain_ones(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    other = torch.randn(rows, 40, generator=g)
+    want = x @ w.t() + b
+    packed, bias = onednn.packed_weight((w,), (b,), torch.float32)
+    y = onednn.gemm(x, packed, bias)
+    assert y.shape == (rows, 40)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-5)
+    if onednn._BINARY is not None:
+        torch.testing.assert_close(onednn.gemm_add(x, packed, bias, other), want + other, atol=1e-4, rtol=1e-5)
+    gy = torch.randn(rows, 40, generator=g)
+    torch.testing.assert_close(onednn.weight_grad(gy, x), gy.t() @ x, atol=1e-3, rtol=1e-5)
+    x_wide = torch.randn(rows, 96, generator=g)   # in > out: the other packing of the weight gradient
+    torch.testing.assert_close(onednn.weight_grad(gy, x_wide), gy.t() @ x_wide, atol=1e-3, rtol=1e-5)
