@@ -5,6 +5,7 @@ same time on several threads, each with its own adapters, get what each gets alo
 The model is a small random GPT-2 with a byte-level BPE trained here, and LoRA adapters that bring
 classification heads (a classifier on a causal LM)."""
 
+import os
 import threading
 
 import pytest
@@ -134,3 +135,36 @@ def test_classification_runs_while_a_generation_is_under_way(decoder_dir):
         hook.remove()
     assert generation.result(60)[0]["completion_tokens"] > 5   # and the generation then finished
     batcher.stop(10)
+
+
+@pytest.mark.parametrize("current,more,want", [(0, 10, 10), (5, 10, 15), (12, 10, 19), (19, 10, 19), (0, 0, 0)])
+def test_lane_niceness_is_relative_to_the_process(current, more, want):
+    from lmforge.serve.batcher import lane_niceness
+    assert lane_niceness(current, more) == want
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread niceness is a Linux feature")
+def test_the_generation_lane_is_nicer_than_the_threads_that_started_it():
+    """A server started nicer than usual (`nice -n 3 lmforge serve`) keeps its generation lane below
+    its classification lane: the lane adds its niceness to the process's, never sets it absolutely."""
+    seen: dict = {}
+
+    def runner(kind, items):
+        seen[kind] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return [None] * len(items)
+
+    def start_nicer():
+        tid = threading.get_native_id()
+        base = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, base + 3))   # raising one's niceness needs no rights
+        seen["base"] = os.getpriority(os.PRIO_PROCESS, tid)
+        batcher = Batcher(runner, max_wait_ms=0, single_nice=2).start()   # lanes inherit this thread's
+        batcher.submit("generate", [1]).result(30)
+        batcher.submit("classify", [1]).result(30)
+        batcher.stop(10)
+
+    t = threading.Thread(target=start_nicer)
+    t.start()
+    t.join(60)
+    assert seen["classify"] == seen["base"]
+    assert seen["generate"] == min(19, seen["base"] + 2)

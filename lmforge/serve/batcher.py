@@ -87,6 +87,11 @@ class _Lane:
         self.thread: threading.Thread | None = None
 
 
+def lane_niceness(current: int, more: int) -> int:
+    """The niceness of a long-running lane: `more` above the process's own, within Linux's 19."""
+    return min(19, current + more)
+
+
 class Batcher:
     def __init__(self, runner: Runner, max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, metrics: Metrics | None = None,
@@ -189,9 +194,13 @@ class Batcher:
         if lane.single and self.single_nice:
             # A generation keeps a core busy for seconds; on a machine with few cores the short
             # classification batches should not have to share theirs with it on equal terms. Linux
-            # keeps niceness per thread; elsewhere this is a no-op.
+            # keeps niceness per thread; elsewhere this is a no-op. Relative to the process's own
+            # niceness: an absolute 10 would raise the lane above the others in a server started
+            # with `nice -n 19` (as root), the opposite of the intent.
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.single_nice)
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, lane_niceness(os.getpriority(os.PRIO_PROCESS, tid),
+                                                                   self.single_nice))
             except (AttributeError, OSError):
                 pass
         while True:
