@@ -168,3 +168,16 @@ def test_the_generation_lane_is_nicer_than_the_threads_that_started_it():
     t.join(60)
     assert seen["classify"] == seen["base"]
     assert seen["generate"] == min(19, seen["base"] + 2)
+
+
+@pytest.mark.parametrize("method", ["adapter-houlsby", "bitfit", "prefix-layer"])
+def test_a_run_the_server_cannot_hot_load_is_named(decoder_dir, tmp_path, method):
+    import json
+
+    from lmforge.errors import ConfigError
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "delta.json").write_text(json.dumps({"method": {"method": method}}))
+    engine = Engine(str(decoder_dir))
+    with pytest.raises(ConfigError, match="cannot be served"):
+        engine.load_adapter("x", run)

@@ -168,9 +168,9 @@ class Engine:
         from lmforge.adapters.peft_format import load_adapter
         from lmforge.adapters.methods import method_of_dir
         method = method_of_dir(directory)
-        if not method.mixable:   # only methods whose adapters share a batch can be served side by side
-            raise ConfigError(f"{directory}: a {method.names[0]} run cannot be served as an adapter (only LoRA "
-                              "adapters run side by side in one batch)")
+        if not method.servable:   # hot-loaded onto the served base, side by side with the others
+            raise ConfigError(f"{directory}: a {method.names[0]} run cannot be served as an adapter (the server "
+                              "hot-loads LoRA adapters, which run side by side in one batch)")
         with self._changing():
             load_adapter(self.model, directory, name, confined)
 
