@@ -243,7 +243,10 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
                     times = {k: min(t, more[k]) for k, t in times.items()}
                     kernel, close = _decide(times)
         except RuntimeError as e:   # a kernel this build cannot run on this shape: plain it is
-            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": f"onednn failed: {str(e).splitlines()[0][:80]}"}
+            # plain for this process only: a failure can come from the calling context (it did from
+            # inference_mode), and a cached one would fix plain for good on this machine
+            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": f"onednn failed: {str(e).splitlines()[0][:80]}",
+                                    "provisional": True}
             continue
         why = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()) + f" at {rows} rows"
         if again:
