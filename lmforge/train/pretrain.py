@@ -29,6 +29,7 @@ from pathlib import Path
 from lmforge.data.pretrain import PretrainData, PretrainDataConfig
 from lmforge.errors import ConfigError
 from lmforge.train.objectives import evaluate as evaluate_objective
+from lmforge.train import plot
 from lmforge.train.objectives import pretraining_objective
 from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
@@ -232,7 +233,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                       greater_is_better=False)
     result = trainer.train(resume=resume)
     save_pretrained(model, out / "model", tokenizer)
-    plot_pretraining(out / "metrics.jsonl", out / "curves.png", f"{_describe(cfg, model)} · {objective.name}")
+    plot.plot_pretraining(out / "metrics.jsonl", out / "curves.png", f"{_describe(cfg, model)} · {objective.name}")
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = next((r for r in reversed(logged) if "loss" in r), {})
     summary = {"objective": objective.name, "model": _describe(cfg, model), "parameters": model.num_parameters(),
@@ -254,48 +255,3 @@ def _describe(cfg: PretrainConfig, model) -> str:
 def _write_json(path: Path, obj) -> None:
     with atomic_file(path, "w") as f:
         strict_json.dump(obj, f, indent=1)
-
-
-def plot_pretraining(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """curves.png: training loss, accuracies (masked tokens, next sentence), perplexity, tokens/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-    logs = [r for r in records if "lr" in r]
-    if not logs:
-        return None
-    panels = [("training loss", ("loss", "mlm_loss", "nsp_loss", "clm_loss")),
-              ("accuracy", ("mlm_accuracy", "nsp_accuracy")), ("perplexity", ("perplexity",)),
-              ("tokens/s", ("tokens_per_s",))]
-    panels = [(t, [k for k in keys if any(r.get(k) is not None for r in logs)]) for t, keys in panels]
-    panels = [(t, keys) for t, keys in panels if keys]
-    evals = [(r["step"], r["eval"]) for r in records if "eval" in r]
-    if evals:
-        panels.append(("validation", []))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (name, keys) in zip(axes[0], panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in logs if r.get(k) is not None]
-            ax.plot(*zip(*pts), label=k)
-        if name == "validation":
-            for k in ("loss", "mlm_accuracy", "nsp_accuracy"):
-                pts = [(s, m[k]) for s, m in evals if m.get(k) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=k)
-            ax.legend()
-        ax.set(xlabel="step", title=name)
-        if name == "perplexity":
-            ax.set_yscale("log")
-        if len(keys) > 1:
-            ax.legend()
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_file(out_png) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return Path(out_png)
