@@ -40,3 +40,10 @@ def test_a_failed_measurement_is_not_cached(monkeypatch):
     monkeypatch.setattr(calibrate, "_candidates", broken)
     got = calibrate.measure("linear", torch.float32, False, (64, 96), "t")
     assert all(c["kernel"] == "plain" and c.get("provisional") for c in got.values()), got
+
+
+def test_private_ops_are_looked_up_guarded():
+    from lmforge.kernels.ops import private_op
+    assert private_op("aten", "mm") is not None
+    assert private_op("mkldnn", "no_such_op_in_any_torch") is None
+    assert private_op("no_such_namespace_here", "mm") is None

@@ -26,15 +26,11 @@ import torch
 from torch import nn
 
 from lmforge.kernels import machine
-
-_ops = getattr(torch.ops, "quantized", None)
+from lmforge.kernels.ops import private_op
 
 
 def _op(name: str):
-    try:
-        return getattr(_ops, name) if _ops is not None else None
-    except (AttributeError, RuntimeError):
-        return None
+    return private_op("quantized", name)
 
 
 _PREPACK, _UNPACK, _DYNAMIC = _op("linear_prepack"), _op("linear_unpack"), _op("linear_dynamic")

@@ -19,14 +19,11 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-_ops = getattr(torch.ops, "mkldnn", None)
+from lmforge.kernels.ops import private_op
 
 
 def _op(name: str):
-    try:
-        return getattr(_ops, name) if _ops is not None else None
-    except (AttributeError, RuntimeError):
-        return None
+    return private_op("mkldnn", name)
 
 
 _LINEAR = _op("_linear_pointwise")
