@@ -53,7 +53,7 @@ def _exercise(model, device, precision) -> None:
 def run(args) -> int:
     import torch
 
-    from lmforge.kernels import machine, resolve_device, resolve_precision
+    from lmforge.kernels import caches, machine, resolve_device, resolve_precision
     from lmforge.kernels.calibrate import CHOICES, cache_path, forced
     from lmforge.models import from_pretrained
 
@@ -73,6 +73,7 @@ def run(args) -> int:
     report = {"machine": info, "machine_key": machine.machine_key(), "device": str(device),
               "precision_auto": {"name": auto.name, "why": auto.why},
               "kernels_forced": forced() or None, "kernel_cache": str(cache_path()),
+              "library_caches": caches.bound(),
               "model": args.model, "kernels": chosen}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -85,6 +86,8 @@ def run(args) -> int:
     print(f"precision  auto = {auto.name} ({auto.why.removeprefix('auto: ')})")
     print(f"kernels    {'forced by LMFORGE_KERNELS: ' + json.dumps(forced()) if forced() else 'measured'}; "
           f"cache {cache_path()}")
+    print("caches     " + ", ".join(f"{k}={v}" for k, v in report["library_caches"].items())
+          + " (oneDNN's and ideep's per-shape caches, bounded by lmforge unless set)")
     print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket):")
     for key, value in chosen.items():
         print(f"  {key:<44} {value['kernel']:<7} {value['why']}")

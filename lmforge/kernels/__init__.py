@@ -14,8 +14,14 @@ faster form than their formula:
 Which implementation runs is chosen per machine by measurement (calibrate.py) and can be forced
 with LMFORGE_KERNELS; private torch ops live only in onednn.py and int8.py, guarded. int8.py is the
 dynamic int8 linear (infer/quantize.py decides which layers use it); precision.py resolves --device
-and --precision; machine.py says what this machine is.
+and --precision; machine.py says what this machine is; caches.py bounds the math libraries' per-shape
+caches (done here, on import, before any oneDNN primitive exists).
 """
+
+from lmforge.kernels import caches
+
+caches.bound()
+
 
 from lmforge.kernels.attention import attend, keep_mask
 from lmforge.kernels.gemm import LowRankWrapper, compute_dtype, linear, linear_act, linear_add, stacked_linear
