@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels import LowRankWrapper
 from lmforge.models import routing
 from lmforge.models.layers import Dropout
 
@@ -42,7 +43,7 @@ class LoraConfig:
         return self.alpha / self.r
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(LowRankWrapper):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base

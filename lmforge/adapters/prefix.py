@@ -7,8 +7,8 @@ prefix-layer      trainable keys and values of P virtual tokens in every layer, 
                   attends to; the model's activations for them are replaced at each layer.
                   Trainable parameters: L x 2 x P x d.
 
-The modules plug into the hook slots the model provides (Transformer.input_prefix,
-Attention.kv_prefix) and keep their prefixes in dicts keyed by adapter name. Which prefix a forward
+The modules implement the model's prefix interfaces (models/prefixes.py: InputPrefix, attached with
+Transformer.attach_input_prefix; AttentionPrefix, with Attention.attach_prefix) and keep their prefixes in dicts keyed by adapter name. Which prefix a forward
 pass uses is an argument of that pass (models/routing.py), read per call; nothing is switched on the
 modules, so threads may run forward passes with different prefixes at the same time. A prefix
 lengthens the sequence (virtual tokens) or the keys (every layer) of the rows that use it, so rows
@@ -25,6 +25,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models import routing
+from lmforge.models.prefixes import AttentionPrefix, InputPrefix
 
 KINDS = ("embedding", "layer")
 
@@ -57,7 +58,7 @@ def _routed(names, kind: str) -> str | None:
     return used[0] if used else None
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(InputPrefix):
     """Named sets of P trainable vectors [P, D]; forward() gives the set of the adapter the current
     forward pass routes to (or None)."""
 
@@ -73,7 +74,7 @@ class VirtualTokens(nn.Module):
         return None if name is None else self.prefixes[name]
 
 
-class KeyValuePrefix(nn.Module):
+class KeyValuePrefix(AttentionPrefix):
     """Named pairs of trainable prefix keys and values [P, D]; forward() gives the pair of the adapter
     the current forward pass routes to (or None)."""
 
@@ -119,20 +120,18 @@ def add_prefix(model, name: str, config: PrefixConfig, seed: int = 0) -> None:
     t = model.transformer
     d, like = model.config.hidden_size, t.embeddings.word_embeddings.weight
     if config.kind == "embedding":
-        if t.input_prefix is None:
-            t.input_prefix = VirtualTokens()
-        if name in t.input_prefix.prefixes:
+        tokens = t.attach_input_prefix(VirtualTokens())
+        if name in tokens.prefixes:
             raise ConfigError(f"prefix {name!r} already exists")
-        t.input_prefix.add(name, config.length, d, config.init_std, like)
+        tokens.add(name, config.length, d, config.init_std, like)
         model.register_adapter(name, config)
         return
     kv = _real_token_activations(model, config.length, torch.Generator().manual_seed(seed))
     for layer, (k, v) in zip(t.layers, kv):
-        if layer.attention.kv_prefix is None:
-            layer.attention.kv_prefix = KeyValuePrefix()
-        if name in layer.attention.kv_prefix.keys:
+        prefix = layer.attention.attach_prefix(KeyValuePrefix())
+        if name in prefix.keys:
             raise ConfigError(f"prefix {name!r} already exists")
-        layer.attention.kv_prefix.add(name, k.detach().clone(), v.detach().clone())
+        prefix.add(name, k.detach().clone(), v.detach().clone())
     model.register_adapter(name, config)   # last: a routing may name it from now on
 
 

@@ -8,7 +8,7 @@ each frozen weight instead of casting it on every call, as autocast's F.linear d
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +18,14 @@ from lmforge.kernels import int8, onednn
 from lmforge.kernels.calibrate import CHOICES, choose
 
 
-class LowRankWrapper(Protocol):
-    """An adapter wrapping a frozen Linear (LoRA): forward(x) = base(x) + sum of scale * h B^T.
-    `low_rank_updates(x)` gives those [(h [N, r], B [out, r], scale)], or None when this call cannot
-    be expressed that way (a mixed-adapter batch), so the base GEMM can be shared with others."""
+class LowRankWrapper(nn.Module, ABC):
+    """The interface of an adapter wrapping a frozen Linear `base` (LoRA subclasses it):
+    forward(x) = base(x) + sum of scale * h B^T. `low_rank_updates(x)` gives those
+    [(h [N, r], B [out, r], scale)], or None when this call cannot be expressed that way (a
+    mixed-adapter batch), so that stacked_linear can share the base GEMM with the other layers."""
     base: nn.Linear
 
+    @abstractmethod
     def low_rank_updates(self, x: torch.Tensor) -> list[tuple] | None: ...
 
 
@@ -128,13 +130,13 @@ def stacked_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tens
         if CHOICES.forced("stacked") == "plain":
             return torch.cat([m(x) for m in layers], dim=-1)
         return int8.stacked_linear(x, layers)
-    bases = tuple(getattr(m, "base", m) for m in layers)
+    # a layer is a Linear or a LowRankWrapper of one; anything else (another adapter) runs plain
+    bases = tuple(m.base if isinstance(m, LowRankWrapper) else m for m in layers)
     plain_bases = all(isinstance(b, nn.Linear) and b.bias is not None for b in bases)
     frozen = plain_bases and (not torch.is_grad_enabled() or not any(
         p.requires_grad for b in bases for p in b.parameters()))
     wrapped = [m for m, b in zip(layers, bases) if m is not b]
-    if not frozen or any(not hasattr(m, "low_rank_updates") for m in wrapped) or \
-            (wrapped and (x.dim() != 2 or not torch.is_grad_enabled())):
+    if not frozen or (wrapped and (x.dim() != 2 or not torch.is_grad_enabled())):
         return torch.cat([m(x) for m in layers], dim=-1)
     dtype = compute_dtype(x)
     weights = tuple(b.weight for b in bases)

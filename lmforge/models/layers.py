@@ -16,6 +16,7 @@ from lmforge import kernels
 from lmforge.kernels import attend, keep_mask
 from lmforge.models.linear import Linear
 from lmforge.models.packing import Packed
+from lmforge.models.prefixes import AttentionPrefix, checked
 
 
 def activation(name: str):
@@ -60,9 +61,14 @@ class Attention(nn.Module):
         self.key = Linear(d, d, bias=bias)
         self.value = Linear(d, d, bias=bias)
         self.output = Linear(d, d, bias=bias)
-        # Prefix-layer tuning plugs in here: a module returning (keys, values) [P, D] that every
-        # query may attend to (adapters/prefix.py). None: plain attention.
-        self.kv_prefix: nn.Module | None = None
+        # Prefix-layer tuning (attach_prefix): keys and values [P, D] every query may attend to.
+        self.kv_prefix: AttentionPrefix | None = None
+
+    def attach_prefix(self, prefix: AttentionPrefix) -> AttentionPrefix:
+        """Give this layer its prefix source (once; later calls return the one attached)."""
+        if self.kv_prefix is None:
+            self.kv_prefix = checked(prefix, AttentionPrefix, "Attention.attach_prefix")
+        return self.kv_prefix
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
         """[.., 3D] = cat(Q(x), K(x), V(x)), as one GEMM where the kernels can."""

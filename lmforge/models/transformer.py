@@ -12,6 +12,7 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.layers import Block, Dropout
 from lmforge.models.packing import Packed
+from lmforge.models.prefixes import InputPrefix, checked
 
 
 def sinusoids(n: int, d: int) -> torch.Tensor:
@@ -98,10 +99,16 @@ class Transformer(nn.Module):
         d = config.hidden_size
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.final_norm else None
         self.pooler = nn.Linear(d, d) if config.has_pooler else None
-        # Prefix-embedding tuning plugs in here: a module returning P virtual-token vectors [P, D],
-        # inserted after the first token (encoders keep [CLS] first) or at the start (decoders), and
-        # dropped from the output, so heads and callers see their own tokens only.
-        self.input_prefix: nn.Module | None = None
+        # Prefix-embedding tuning (attach_input_prefix): P virtual-token vectors [P, D], inserted
+        # after the first token (encoders keep [CLS] first) or at the start (decoders), and dropped
+        # from the output, so heads and callers see their own tokens only.
+        self.input_prefix: InputPrefix | None = None
+
+    def attach_input_prefix(self, prefix: InputPrefix) -> InputPrefix:
+        """Give the model its virtual-token source (once; later calls return the one attached)."""
+        if self.input_prefix is None:
+            self.input_prefix = checked(prefix, InputPrefix, "Transformer.attach_input_prefix")
+        return self.input_prefix
 
     def _virtual_tokens(self) -> torch.Tensor | None:
         return None if self.input_prefix is None else self.input_prefix()
