@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command].run(args) or 0
+        try:
+            return COMMANDS[args.command].run(args) or 0
+        finally:
+            _leave_process_group()
     except LmforgeError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -54,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge {args.command}: error: a file is not UTF-8 text ({e.reason} at byte {e.start})",
               file=sys.stderr)
         return 2
+
+
+def _leave_process_group() -> None:
+    """Under torchrun a training command joined a process group: leave it cleanly."""
+    distributed = sys.modules.get("lmforge.train.distributed")   # not imported: nothing to leave
+    if distributed is not None:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def run(args) -> int:
     base = config_from_args(args)
     base.validate()  # before the first run directory is made
     results = run_glue(base, args.tasks, args.seeds, args.out, args.task_epochs, args.label)
-    print(render_table([results]), end="")
+    from lmforge.train.distributed import world
+    if world().is_main:
+        print(render_table([results]), end="")
     return 0
 
 

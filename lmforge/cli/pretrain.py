@@ -115,9 +115,11 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    from lmforge.train.distributed import world
     from lmforge.train.pretrain import run_pretrain
     from lmforge.utils import strict_json
 
     summary = run_pretrain(config_from_args(args), resume=args.resume)  # validates before writing
-    print(strict_json.dumps(summary))
+    if world().is_main:   # under torchrun, one summary line, not one per process
+        print(strict_json.dumps(summary))
     return 0

@@ -7,6 +7,9 @@ A run directory holds:
   best/           the best model so far (Hugging Face format, with tokenizer and label names)
   checkpoint/     the latest training state, for --resume
   summary.json    final metrics, best step, trainable parameters, wall time
+
+Under torchrun (several processes, train/distributed.py) every rank runs this function; rank 0
+alone writes the run directory and prints.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lmforge.adapters.methods import MethodConfig, apply_method, describe_parame
 from lmforge.models import routing
 from lmforge.train.metrics import compute_metrics
 from lmforge.train.objectives import SequenceClassification
+from lmforge.train import distributed
 from lmforge.train.plot import plot_metrics
 from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
@@ -89,6 +93,10 @@ class FinetuneConfig:
         if self.batch_tokens is not None and self.batch_tokens < self.max_seq_len:
             raise ConfigError(f"--batch-tokens {self.batch_tokens} is less than --max-seq-len "
                               f"{self.max_seq_len}: a budget must hold at least one whole sequence")
+        if self.batch_tokens is None:  # a token budget is split as it falls, never refused
+            distributed.check_batch_size(self.train.batch_size)
+        if distributed.world().active and self.adapt.method == "features":
+            raise ConfigError("--method features fits its probe in one process: run it without torchrun")
         self.train.validate()
 
 
@@ -150,7 +158,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     if not data.train:
         raise ConfigError(f"{data.name}: the training set is empty")
     tokenizer = load_tokenizer(cfg.model)
-    device = resolve_device(cfg.train.device)
+    device = distributed.init(resolve_device(cfg.train.device))   # a no-op in a single process
+    main = distributed.world().is_main
     precision = resolve_precision(cfg.train.precision, device)
     set_seed(cfg.train.seed)  # the new head's initialisation is part of the run
     model = from_pretrained(
@@ -162,11 +171,12 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
     spec = apply_method(model, cfg.adapt)   # the method family (adapters/methods.py): one dispatch
     trainable, total = parameter_counts(model)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     resolved = {"device": str(device), "precision": precision.name, "precision_why": precision.why}
-    _write_json(run_file, {**asdict(cfg), "resolved": resolved})
-    print(f"device {device}, precision {precision}", flush=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out)
+        _write_json(run_file, {**asdict(cfg), "resolved": resolved})
+        print(f"device {device}, precision {precision}", flush=True)
     method = cfg.adapt.method
 
     if not spec.trains_model:  # features: the probe is what trains, not the model's head
@@ -175,7 +185,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         print(f"features: trainable params: {trainable:,} (the linear probe) / {total:,} frozen", flush=True)
         result = {"steps": 0, "best_metric": metrics[data.main_metric], "last_eval": metrics}
     else:
-        print(f"{method}: {describe_parameters(model)}", flush=True)
+        if main:
+            print(f"{method}: {describe_parameters(model)}", flush=True)
         train_enc = encode_examples(tokenizer, data.train, max_len)
         dev_enc = encode_examples(tokenizer, data.dev, max_len)
         pad = tokenizer.pad_token_id
@@ -200,7 +211,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         )
         with routing.using(spec.adapter):  # every forward pass of the run (and its evaluations) routes to it
             result = trainer.train(resume=resume)
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {method}")
+        if main:
+            plot_metrics(out / "metrics.jsonl", out / "curves.png", f"{data.name} · {method}")
     best = json.loads((out / "best" / "metrics.json").read_text()) if (out / "best" / "metrics.json").is_file() \
         else result["last_eval"]
     summary = {"task": data.name, "model": cfg.model, "method": method, "seed": cfg.train.seed,
@@ -210,5 +222,6 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
                "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "train_examples": len(data.train), "dev_examples": len(data.dev),
                # an interrupted run counts its time up to the checkpoint it resumed from
                "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}
-    _write_json(out / "summary.json", summary)
+    if main:
+        _write_json(out / "summary.json", summary)
     return summary

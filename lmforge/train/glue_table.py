@@ -14,6 +14,7 @@ from pathlib import Path
 from lmforge.data.glue import get_task
 from lmforge.data.tables import read_text_file
 from lmforge.errors import DataError
+from lmforge.train import distributed
 from lmforge.train.finetune import FinetuneConfig, run_finetune
 from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_file
@@ -36,20 +37,23 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
         for seed in seeds:
             run_dir = out / task.name / f"seed{seed}"
             summary_file = run_dir / "summary.json"
-            if summary_file.is_file():
-                summary = read_json(summary_file)
+            if distributed.from_main(summary_file.is_file()):   # rank 0's run directory decides
+                summary = distributed.from_main(read_json(summary_file) if distributed.world().is_main else None)
             else:
                 cfg = copy.deepcopy(base)
                 cfg.task = f"glue/{task.name}"
                 cfg.train.seed = seed
                 cfg.train.out_dir = str(run_dir)
                 cfg.train.epochs = task_epochs.get(task.name, cfg.train.epochs)
-                print(f"== glue/{task.name} seed {seed} -> {run_dir}", flush=True)
+                if distributed.world().is_main:
+                    print(f"== glue/{task.name} seed {seed} -> {run_dir}", flush=True)
                 summary = run_finetune(cfg, resume=(run_dir / "checkpoint").is_dir())
             runs.append(summary)
     results = {"model": base.model, "method": base.adapt.method, "seeds": seeds, "runs": runs}
     if label:
         results["label"] = label
+    if not distributed.world().is_main:   # rank 0 alone writes
+        return results
     with atomic_file(out / "results.json", "w") as f:
         strict_json.dump(results, f, indent=1)
     table = render_table([results])

@@ -46,6 +46,12 @@ class Objective(ABC):
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         return {}
 
+    def weight(self, tallies: Tallies, examples: int) -> float:
+        """What the loss is a mean over in this batch: several processes weigh their losses by it
+        (trainer.py), so that their average is the mean over the global batch, as one process
+        computes it. Examples by default; a per-token loss says its token count."""
+        return float(examples)
+
 
 def _ratio(totals: dict, num: str, den: str) -> float:
     return totals[num] / totals[den] if totals.get(den) else float("nan")
@@ -142,6 +148,9 @@ class MaskedLM(Objective):
     def summarize(self, totals):
         return _summarize_mlm(totals)
 
+    def weight(self, tallies, examples):
+        return float(tallies["mlm_predicted"])
+
 
 def _nsp_logits(out) -> torch.Tensor:
     # BertForPreTraining puts them beside the MLM logits; a head of its own (nsp) in logits
@@ -179,6 +188,10 @@ class MaskedLMWithNSP(Objective):
     def summarize(self, totals):
         return {**_summarize_mlm(totals), **_summarize_nsp(totals)}
 
+    # weight: examples (the default). The MLM half is a mean over masked tokens, the NSP half over
+    # examples, and one weight cannot make both exact: across processes the MLM half is then a mean
+    # of the ranks' means (exact when their masked counts are equal).
+
 
 @dataclass
 class CausalLM(Objective):
@@ -205,6 +218,9 @@ class CausalLM(Objective):
     def summarize(self, totals):
         loss = _ratio(totals, "clm_loss_sum", "clm_predicted")
         return {"clm_loss": loss, "perplexity": math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss}
+
+    def weight(self, tallies, examples):
+        return float(tallies["clm_predicted"])
 
 
 def evaluate(objective: Objective, model: torch.nn.Module, batches, device) -> dict[str, float]:

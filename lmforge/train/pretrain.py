@@ -14,6 +14,11 @@ A run directory holds:
   model/          the pre-trained model with its tokenizer: `lmforge finetune --model DIR/model`
                   reads it, and for BERT, RoBERTa and GPT-2 layouts so does `transformers`
   summary.json    steps, tokens, wall time, the last logged metrics
+
+Under torchrun (several processes, train/distributed.py) --batch-size is the global batch: each rank
+reads batch/N sequences of its own share of every epoch (data/pretrain.py deals them round-robin),
+rank 0 builds the token-shard cache before the others read it, evaluates --valid, and alone writes
+the run directory.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 from lmforge.data.pretrain import PretrainData, PretrainDataConfig
 from lmforge.errors import ConfigError
 from lmforge.train.objectives import evaluate as evaluate_objective
-from lmforge.train import plot
+from lmforge.train import distributed, plot
 from lmforge.train.objectives import pretraining_objective
 from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
@@ -92,6 +97,7 @@ class PretrainConfig:
         if not (self.train.max_steps or self.train.max_minutes or self.tokens):
             raise ConfigError("give a budget: --tokens N, --minutes M or --max-steps N")
         self.data.check()
+        distributed.check_batch_size(self.data.batch_size)
         self.train.validate()
         if self.init is None:
             self.model_config(vocab_size=2, pad_token_id=0)   # the architecture is refused now, not later
@@ -157,7 +163,8 @@ def check_resume(run_file: Path, cfg: PretrainConfig) -> None:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if distributed.world().is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def build_model(cfg: PretrainConfig, tokenizer, device):
@@ -202,14 +209,19 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         check_resume(run_file, cfg)
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.init or DEFAULT_TOKENIZER)
-    device = resolve_device(cfg.train.device)
+    device = distributed.init(resolve_device(cfg.train.device))   # a no-op in a single process
+    world = distributed.world()
     precision = resolve_precision(cfg.train.precision, device)
     set_seed(cfg.train.seed)  # the initialisation is part of the run
     model = build_model(cfg, tokenizer, device)
-    data = PretrainData(cfg.data, tokenizer, progress=cfg.train.progress_bar)
+    with distributed.main_first():   # rank 0 tokenizes into the shard cache, the others read it
+        data = PretrainData(replace(cfg.data, batch_size=cfg.data.batch_size // world.world_size), tokenizer,
+                            world.rank, world.world_size, progress=cfg.train.progress_bar and world.is_main)
     objective = pretraining_objective(cfg.objective)
     evaluate = None
-    if cfg.valid:
+    if cfg.valid and not world.is_main:
+        evaluate = _evaluated_on_rank_0   # the trainer evaluates on rank 0 and shares the metrics
+    elif cfg.valid:
         # the same packing and masking over the held-out files; masks of epoch 0, so every
         # evaluation scores the same predictions
         valid = PretrainData(replace(cfg.data, corpus=tuple(cfg.valid)), tokenizer, progress=cfg.train.progress_bar)
@@ -220,11 +232,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             return evaluate_objective(objective, m, islice(valid.batches(0), cfg.eval_batches), device)
     steps = cfg.budget_steps()
     train = TrainConfig(**{**asdict(cfg.train), "max_steps": steps, "sparse_embedding_grads": False})
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     resolved = {"device": str(device), "precision": precision.name, "precision_why": precision.why,
                 "max_steps": steps, "model": model.config.to_dict()}
-    _write_json(run_file, {**asdict(cfg), "resolved": resolved})
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out)
+        _write_json(run_file, {**asdict(cfg), "resolved": resolved})
     _say(f"device {device}, precision {precision}")
     _say(f"pretrain {objective.name}: {model.num_parameters():,} parameters, {data.n_examples:,} sequences "
          f"of <= {cfg.data.max_seq_len} tokens ({data.packing}), {len(data):,} batches an epoch"
@@ -232,6 +245,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     trainer = Trainer(model, train, data, None, objective, evaluate=evaluate, main_metric="loss",
                       greater_is_better=False)
     result = trainer.train(resume=resume)
+    if not world.is_main:
+        return {"steps": result["steps"], "tokens": result["tokens"]}
     save_pretrained(model, out / "model", tokenizer)
     plot.plot_pretraining(out / "metrics.jsonl", out / "curves.png", f"{_describe(cfg, model)} · {objective.name}")
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -244,6 +259,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}
     _write_json(out / "summary.json", summary)
     return summary
+
+
+def _evaluated_on_rank_0(model):
+    raise AssertionError("only rank 0 evaluates (Trainer._evaluate)")
 
 
 def _describe(cfg: PretrainConfig, model) -> str:

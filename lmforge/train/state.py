@@ -4,6 +4,11 @@ A checkpoint directory holds the trainable weights (all of them for full fine-tu
 adapter for LoRA), the optimizer and scheduler state, every RNG state (Python, NumPy, torch CPU and
 CUDA) and the position in the data order. Restoring all of it makes the resumed run compute the
 same bits as a run that was never interrupted.
+
+A run of several processes (train/distributed.py) has one set of weights and optimizer state (DDP
+keeps them equal on every rank) but one RNG state and data position per rank: rank 0 writes them
+all (rng.safetensors keys `rankR.NAME` beside rank 0's plain names, trainer_state.json "ranks"), and
+each rank restores its own. A checkpoint resumes only with the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -69,17 +74,31 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_state(path: str | Path, model, optimizer, scheduler, progress: Progress) -> None:
+def rank_state(data: dict | None) -> dict:
+    """What one rank contributes to a checkpoint: its RNG states and its data position."""
+    return {"rng": _rng_tensors(), "python_rng": list(random.getstate()), "data": data}
+
+
+def save_state(path: str | Path, model, optimizer, scheduler, progress: Progress,
+               ranks: list[dict] | None = None) -> None:
+    """`ranks`: every rank's rank_state() in rank order, for a run of several processes; without
+    it, this process's RNG states (a run of one)."""
+    ranks = ranks or [rank_state(progress.extra.get("data"))]
+    rng = dict(ranks[0]["rng"])
+    for r, s in enumerate(ranks[1:], start=1):
+        rng.update({f"rank{r}.{k}": v for k, v in s["rng"].items()})
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
         state = {"progress": asdict(progress), "scheduler": scheduler.state_dict(),
-                 "python_rng": list(random.getstate())}
+                 "python_rng": ranks[0]["python_rng"], "world_size": len(ranks)}
+        if len(ranks) > 1:
+            state["ranks"] = [{"python_rng": s["python_rng"], "data": s["data"]} for s in ranks]
         (tmp / "trainer_state.json").write_text(strict_json.dumps(state, indent=1))
 
 
-def load_state(path: str | Path, model, optimizer, scheduler) -> Progress:
+def load_state(path: str | Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> Progress:
     path = Path(path)
     for name in ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json"):
         if not (path / name).is_file():
@@ -91,6 +110,10 @@ def load_state(path: str | Path, model, optimizer, scheduler) -> Progress:
         state = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read training checkpoint ({str(e).splitlines()[0]})") from None
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world_size:
+        raise CheckpointError(f"{path}: the checkpoint was written by a run of {saved_world} process(es), this "
+                              f"run has {world_size}: resume with the same number of processes")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
@@ -104,5 +127,13 @@ def load_state(path: str | Path, model, optimizer, scheduler) -> Progress:
             params[n].copy_(t)
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(rng, state["python_rng"])
-    return Progress(**state["progress"])
+    progress = Progress(**state["progress"])
+    if rank == 0:
+        _restore_rng(rng, state["python_rng"])
+    else:
+        prefix = f"rank{rank}."
+        _restore_rng({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)},
+                     state["ranks"][rank]["python_rng"])
+    if world_size > 1:
+        progress.extra["data"] = state["ranks"][rank]["data"]
+    return progress

@@ -6,6 +6,15 @@ list of them into tensors, or a BatchStream such as the pre-training data) and a
 too). It owns the optimizer, the schedule, gradient accumulation and clipping, periodic evaluation
 with best-model keeping, logging (the objective's metrics and tokens/s into metrics.jsonl), budgets
 (steps, minutes) and checkpoints that resume bit for bit.
+
+Launched as several processes (torchrun; train/distributed.py) the same loop runs on every rank:
+the model is wrapped in DistributedDataParallel for the forward and backward passes only (the
+objective gets the wrapper; the optimizer, checkpoints, evaluation and saving see the module
+itself), each rank takes its share of every global batch, and each loss is weighed by the share of
+the global batch's predictions it covers (Objective.weight), so that DDP's average of the
+gradients is the gradient of the global batch's mean loss. Gradients are all-reduced on the last
+micro-batch of an accumulation only (no_sync before). Rank 0 alone writes (metrics, progress bar,
+checkpoints) and evaluates, on the full evaluation set; its metrics are sent to the others.
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from tqdm import tqdm
 
 from lmforge.errors import ConfigError, NonFiniteError
 from lmforge.kernels.precision import DEVICES, PRECISIONS, resolve_precision
+from lmforge.train import distributed
 from lmforge.train.objectives import Objective, as_objective
 from lmforge.train.optim import build_optimizer, build_scheduler, lr_lambda
 from lmforge.train.sparse_rows import RowSparseGrads
-from lmforge.train.state import Progress, load_state, save_state, set_seed
+from lmforge.train.state import Progress, load_state, rank_state, save_state, set_seed
 from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_file, clean_stale_temps
 from lmforge.utils.checks import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, check_fields,
@@ -108,11 +118,18 @@ class _Planned:
                               f"({len(self.examples)} training examples)")
         return plan
 
-    def epoch(self, epoch: int, start: int) -> Iterator[tuple[dict, int, bool]]:
-        """(batch, examples in it, last of the epoch) from micro-batch `start` on."""
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[dict, int, bool, int]]:
+        """(batch, examples in the global batch, last of the epoch, examples of it this rank
+        computes) from micro-batch `start` on. Each rank collates its share of the global batch; a
+        rank whose share is empty (a batch smaller than the world) runs the batch's first example
+        with weight 0, since every rank must take part in each backward pass."""
         plan = self.checked_plan(epoch)
+        world = distributed.world()
         for i in range(start, len(plan)):
-            yield self.collate([self.examples[j] for j in plan[i]]), len(plan[i]), i == len(plan) - 1
+            share = world.share(plan[i]) if world.active else plan[i]
+            mine = len(share)
+            yield (self.collate([self.examples[j] for j in (share or plan[i][:1])]), len(plan[i]),
+                   i == len(plan) - 1, mine)
 
     def position(self) -> dict | None:
         return None  # (epoch, batch) in Progress say it all
@@ -128,15 +145,19 @@ class _Streamed:
         self.stream = stream
         self._position: dict | None = None
 
-    def epoch(self, epoch: int, start: int) -> Iterator[tuple[dict, int, bool]]:
-        # `start` is where a resumed run stands; restore() has put the stream there already
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[dict, int, bool, int]]:
+        # `start` is where a resumed run stands; restore() has put the stream there already. A
+        # stream of several processes is this rank's already (data/pretrain.py deals examples to
+        # ranks), every rank with as many examples: the global batch is world_size times this one.
+        world_size = distributed.world().world_size
         it = iter(self.stream.batches(epoch))
         current = next(it, None)
         while current is not None:
             position = self.stream.state_dict()  # after `current`, before the look-ahead
             following = next(it, None)
             self._position = position
-            yield current, int(current["input_ids"].shape[0]), following is None
+            rows = int(current["input_ids"].shape[0])
+            yield current, rows * world_size, following is None, rows
             current = following
 
     def position(self) -> dict | None:
@@ -178,6 +199,13 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(strict_json.dumps(record) + "\n")
+
+
+class _NoLog:
+    """The metrics log of a rank other than 0: they write nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
 
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
@@ -267,17 +295,23 @@ class Trainer:
                                  f"{where}; {self._last_good()}")
 
     def _evaluate(self, progress: Progress, log: MetricsLog) -> dict:
-        self.model.eval()
-        with torch.no_grad():
-            with autocast_context(next(self.model.parameters()).device, self.config.precision):
-                metrics = self.evaluate(self.model)
-        self.model.train()
+        # With several processes rank 0 evaluates on the whole evaluation set (the others wait for
+        # its metrics): the metrics are those of one process, with no gathering of predictions.
+        metrics = None
+        if distributed.world().is_main:
+            self.model.eval()
+            with torch.no_grad():
+                with autocast_context(next(self.model.parameters()).device, self.config.precision):
+                    metrics = self.evaluate(self.model)
+            self.model.train()
+        metrics = distributed.from_main(metrics)
         log.write({"step": progress.step, "epoch": progress.epoch, "eval": metrics})
         key = self.main_metric or next(iter(metrics))
         if self._is_better(metrics[key], progress.best_metric):
             if self.on_best is not None:
                 self._check_weights(progress.step, self.out / "best")
-                self.on_best(self.model, metrics)
+                if distributed.world().is_main:
+                    self.on_best(self.model, metrics)
             progress.best_metric, progress.best_step = metrics[key], progress.step
         return metrics
 
@@ -292,9 +326,12 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
         cfg, model, objective, clock = self.config, self.model, self.objective, self.clock
-        self.out.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(self.out)  # what a killed run's atomic writes left behind
-        set_seed(cfg.seed)
+        world = distributed.world()
+        main = world.is_main
+        if main:  # the other ranks write nothing, anywhere
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.out)  # what a killed run's atomic writes left behind
+        set_seed(cfg.seed + world.rank)  # ranks draw different dropout masks
         total = self.total_steps()
         progress = Progress()
         resumed_elapsed, segment_start = 0.0, clock()
@@ -302,10 +339,16 @@ class Trainer:
         def elapsed() -> float:  # wall time of the run, resumed parts included
             return resumed_elapsed + clock() - segment_start
 
+        def run_time() -> float:
+            # what the time budget reads: rank 0's clock on every rank, so that all ranks stop at
+            # the same step and a time-driven schedule gives them the same learning rate
+            return distributed.from_main(elapsed()) if world.active else elapsed()
+
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        scheduler = self._scheduler(optimizer, total, elapsed)
-        if resume and self.checkpoint_dir.is_dir():
-            progress = load_state(self.checkpoint_dir, model, optimizer, scheduler)
+        scheduler = self._scheduler(optimizer, total, run_time)
+        # rank 0's view of the run directory decides for all (the others may not see it)
+        if resume and distributed.from_main(self.checkpoint_dir.is_dir()):
+            progress = load_state(self.checkpoint_dir, model, optimizer, scheduler, world.rank, world.world_size)
             self.source.restore(progress.extra.get("data"))
             self.saved_step = progress.step
         resumed_elapsed, segment_start = progress.elapsed_s, clock()
@@ -313,17 +356,25 @@ class Trainer:
 
         def finished() -> bool:
             return (total is not None and progress.step >= total) or (
-                budget_s is not None and elapsed() >= budget_s)
+                budget_s is not None and run_time() >= budget_s)
 
-        log = MetricsLog(self.out / "metrics.jsonl", progress.step if resume else None)
-        sparse_rows = RowSparseGrads(model) if cfg.sparse_embedding_grads else None
-        with atomic_file(self.out / "train_config.json", "w") as f:
-            strict_json.dump(asdict(cfg), f, indent=1)
+        log = MetricsLog(self.out / "metrics.jsonl", progress.step if resume else None) if main else _NoLog()
+        sparse = cfg.sparse_embedding_grads
+        if sparse and world.active:
+            # a sparse gradient would take DDP's sparse all-reduce and bypass the dense buffer the
+            # row-zeroing keeps; dense embedding gradients are what DDP buckets
+            distributed.say("distributed: row-sparse embedding gradients off (dense gradients under DDP)")
+            sparse = False
+        sparse_rows = RowSparseGrads(model) if sparse else None
+        if main:
+            with atomic_file(self.out / "train_config.json", "w") as f:
+                strict_json.dump(asdict(cfg), f, indent=1)
         device = next(model.parameters()).device
         trainable = [p for p in model.parameters() if p.requires_grad]
+        net = distributed.wrap(model, device)   # what the objective calls: DDP with several processes
         model.train()
         bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
-                   disable=not cfg.progress_bar, dynamic_ncols=True)
+                   disable=not (cfg.progress_bar and main), dynamic_ncols=True)
         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, clock()
         window: dict[str, torch.Tensor] = {}  # the objective's tallies, summed over the log window
         last_eval: dict = {}
@@ -333,22 +384,40 @@ class Trainer:
                 micro = 0        # micro-batches accumulated into the pending step
                 step_ok = True   # every one of them had a finite loss
                 ended_epoch = False
-                for cpu_batch, n_samples, last in self.source.epoch(progress.epoch, progress.batch):
+                for cpu_batch, n_samples, last, n_mine in self.source.epoch(progress.epoch, progress.batch):
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
-                    with autocast_context(device, cfg.precision):
-                        loss, tallies = objective(model, batch)
-                    value = loss.detach().item()
-                    if math.isfinite(value):
-                        (loss / cfg.grad_accum).backward()
-                        window_loss += value
-                        window_n += 1
-                        for k, v in tallies.items():
-                            window[k] = window[k] + v if k in window else v
-                    else:  # no backward: its NaN gradients would poison the whole step
-                        self._nonfinite(progress.step + 1, f"loss is {value}")
-                        step_ok = False
+                    # gradients are all-reduced when the step's last micro-batch goes backward
+                    syncs = micro + 1 >= cfg.grad_accum or last
+                    with contextlib.nullcontext() if syncs or net is model else net.no_sync():
+                        with autocast_context(device, cfg.precision):
+                            loss, tallies = objective(net, batch)
+                        value = loss.detach().item()
+                        tokens = int(tallies["tokens"]) if "tokens" in tallies and n_mine else 0
+                        finite, scale = math.isfinite(value), 1.0
+                        if world.active:
+                            weight = objective.weight(tallies, n_mine) if n_mine else 0.0
+                            total_weight, bad, tokens = distributed.all_sum(
+                                [weight, 0.0 if finite else 1.0, float(tokens)], device)
+                            finite, tokens = bad == 0, int(tokens)
+                            scale = (weight * world.world_size / total_weight if total_weight
+                                     else float(n_mine > 0))
+                        if finite:
+                            ((loss * scale if world.active else loss) / cfg.grad_accum).backward()
+                            window_loss += value * scale
+                            window_n += 1
+                            if n_mine:
+                                for k, v in tallies.items():
+                                    window[k] = window[k] + v if k in window else v
+                        else:  # no backward: its NaN gradients would poison the whole step
+                            self._nonfinite(progress.step + 1, f"loss is {value}" if not math.isfinite(value)
+                                            else "the loss is not finite on another rank")
+                            step_ok = False
+                            if net is not model:
+                                # every rank joins DDP's all-reduce all the same; the step is skipped
+                                # and its gradients cleared
+                                (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
                     if "tokens" in tallies:
-                        progress.extra["tokens"] = progress.extra.get("tokens", 0) + int(tallies["tokens"])
+                        progress.extra["tokens"] = progress.extra.get("tokens", 0) + tokens
                     progress.batch += 1
                     progress.samples += n_samples
                     window_samples += n_samples
@@ -380,18 +449,25 @@ class Trainer:
                     done = finished()
                     if progress.step % cfg.log_every == 0 or done:
                         seconds = max(clock() - t0, 1e-9)
-                        record = {"step": progress.step, "epoch": progress.epoch}
-                        if window_n:  # a window of skipped steps only has no loss to report
-                            record["loss"] = window_loss / window_n
-                        totals = {k: float(v) for k, v in window.items()}
-                        record.update(objective.summarize(totals) if totals else {})
-                        record.update(lr=lr, samples_per_s=window_samples / seconds)
-                        if "tokens" in totals:
-                            record.update(tokens_per_s=totals["tokens"] / seconds, tokens=progress.extra["tokens"])
-                        if cfg.skip_nonfinite:
-                            record["skipped_steps"] = progress.skipped_steps
-                        log.write(record)
-                        bar.set_postfix(_postfix(record))
+                        # the window summed over the ranks (the loss: their weighted losses add up
+                        # to the global batch's, world_size times)
+                        windows = distributed.gather((window_loss, {k: float(v) for k, v in window.items()}))
+                        if main:
+                            record = {"step": progress.step, "epoch": progress.epoch}
+                            if window_n:  # a window of skipped steps only has no loss to report
+                                record["loss"] = sum(w[0] for w in windows) / (window_n * world.world_size)
+                            totals: dict[str, float] = {}
+                            for _, t in windows:
+                                for k, v in t.items():
+                                    totals[k] = totals.get(k, 0.0) + v
+                            record.update(objective.summarize(totals) if totals else {})
+                            record.update(lr=lr, samples_per_s=window_samples / seconds)
+                            if "tokens" in totals:
+                                record.update(tokens_per_s=totals["tokens"] / seconds, tokens=progress.extra["tokens"])
+                            if cfg.skip_nonfinite:
+                                record["skipped_steps"] = progress.skipped_steps
+                            log.write(record)
+                            bar.set_postfix(_postfix(record))
                         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, clock()
                         window = {}
                     ended_epoch = last
@@ -412,7 +488,10 @@ class Trainer:
                         position = self.source.position()
                         if position is not None:
                             progress.extra["data"] = position
-                        save_state(self.checkpoint_dir, model, optimizer, scheduler, progress)
+                        # every rank's RNG states and data position, written by rank 0
+                        ranks = distributed.gather(rank_state(position)) if world.active else None
+                        if main:
+                            save_state(self.checkpoint_dir, model, optimizer, scheduler, progress, ranks)
                         self.saved_step = progress.step
                     t0 += clock() - paused
                     if last or done:
