@@ -1,5 +1,7 @@
 """Read and write Hugging Face model directories: config.json plus safetensors (or a
-pytorch_model.bin read with weights_only=True, never as an arbitrary pickle)."""
+pytorch_model.bin read with weights_only=True, never as an arbitrary pickle). A llama.cpp GGUF file
+(or an alias of one, "smollm2-135m") loads too: models/gguf.py reads it as the Hugging Face Llama
+config and state dict it was converted from, dequantized to float32."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.models import hf
+from lmforge.models import gguf, hf
 from lmforge.models.config import ModelConfig
 from lmforge.models.hub import resolve
 from lmforge.models.model import Model
@@ -39,7 +41,10 @@ def read_json(path: Path) -> dict:
 
 def load_config(path: str | os.PathLike, head: str | None = "auto") -> ModelConfig:
     directory = resolve(path)
-    config = hf.config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"), head)
+    if directory.is_file():  # resolve() returns a file only for a GGUF checkpoint
+        config = hf.config_from_hf(gguf.read_gguf_config(directory), str(directory), head)
+    else:
+        config = hf.config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"), head)
     config.name_or_path = str(path)
     return config
 
@@ -88,19 +93,26 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     **overrides,
 ) -> Model:
-    """Load a Hugging Face directory (or alias such as "minilm") as an lmforge Model.
+    """Load a Hugging Face directory, a GGUF file, or an alias of either ("minilm", "smollm2-135m")
+    as an lmforge Model.
 
     head="auto" keeps the checkpoint's own head; naming another head (e.g. "classification" on a
     bare encoder) creates it freshly initialised. `overrides` replace config fields, e.g.
     num_labels=3, id2label={...}, problem_type="regression", hidden_dropout=0.0.
     """
     directory = resolve(name_or_path)
-    saved = load_config(directory, "auto")
-    config = saved if head == "auto" else load_config(directory, head)
+    if directory.is_file():  # GGUF: config and tensors come from one read of the file
+        hf_config, hf_state = gguf.read_gguf(directory)
+        source = directory
+        saved = hf.config_from_hf(hf_config, str(directory), "auto")
+        config = saved if head == "auto" else hf.config_from_hf(hf_config, str(directory), head)
+    else:
+        saved = load_config(directory, "auto")
+        config = saved if head == "auto" else load_config(directory, head)
+        hf_state, source = read_weights(directory)
     config = config.replace(**overrides) if overrides else config
     config.name_or_path = str(name_or_path)
     model = Model(config)
-    hf_state, source = read_weights(directory)
     state, unexpected, sources = hf.from_hf_state_dict(hf_state, config)
     expected = model.state_dict()
     for key in [k for k in state if k not in expected]:  # e.g. another head's tensors

@@ -1,9 +1,11 @@
-"""One dataclass configures every model: the trunk (BERT, RoBERTa, GPT-2, and variants of them such
-as Cramming's BERT) and its head.
+"""One dataclass configures every model: the trunk (BERT, RoBERTa, GPT-2, Llama, and variants of them
+such as Cramming's BERT) and its head.
 
-The recipe choices that tell architectures apart are fields, not classes: where the LayerNorms sit
-(pre_norm, embedding_norm, final_norm), linear biases, a plain or gated FFN, learned or sinusoidal
-positions, tied or untied output embeddings. Left at None, the first three follow model_type (what
+The recipe choices that tell architectures apart are fields, not classes: where the norms sit
+(pre_norm, embedding_norm, final_norm) and which kind they are (LayerNorm or RMSNorm), linear biases,
+a plain or gated FFN and its activation, learned, sinusoidal or rotary positions, grouped-query
+attention (num_kv_heads), tied or untied output embeddings. Llama is pre-norm RMSNorm, no biases, a
+SiLU-gated FFN (SwiGLU), rotary positions and (optionally) fewer key/value heads than query heads. Left at None, the first three follow model_type (what
 BERT, RoBERTa and GPT-2 checkpoints have), and are stored resolved. models/presets.py names whole
 recipes (--arch x --size).
 """
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 from lmforge.errors import ConfigError
 
-MODEL_TYPES = ("bert", "roberta", "gpt2")
+MODEL_TYPES = ("bert", "roberta", "gpt2", "llama")
+DECODERS = ("gpt2", "llama")   # causal self-attention
 HEADS = (
     None,                    # the bare trunk: hidden states (and BERT's pooled output)
     "mlm",                   # masked LM: transform + LayerNorm + tied decoder + bias
@@ -26,15 +29,21 @@ HEADS = (
     "causal-lm",             # next-token prediction with the tied embedding matrix
     "scalar",                # a scalar per token, pooled to one per sequence: reward and value models
 )
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 FFNS = (
     "mlp",   # out(act(in(x))): BERT, GPT-2
-    "glu",   # out(act(gate(x)) * up(x)), gate and up as one [2I, D] matrix: GLU variants (Shazeer 2020)
+    "glu",   # out(act(gate(x)) * up(x)), gate and up as one [2I, D] matrix: GLU variants (Shazeer 2020);
+             # with hidden_act "silu" it is Llama's SwiGLU
+)
+NORMS = (
+    "layernorm",  # (x - mean) / std * w + b: BERT, GPT-2
+    "rmsnorm",    # x / rms(x) * w, no centring and no bias (Zhang & Sennrich 2019): Llama
 )
 POSITIONS = (
     "learned",            # a trained table [max_positions, D]
     "sinusoidal",         # the fixed sin/cos table of Vaswani et al. (2017)
     "scaled-sinusoidal",  # the same times one trained scalar, starting at 1/sqrt(D) (Hua et al. 2022)
+    "rope",               # no position vectors: queries and keys are rotated by position (Su et al. 2021)
 )
 
 
@@ -45,11 +54,14 @@ class ModelConfig:
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
+    num_kv_heads: int | None = None       # key/value heads, shared by num_heads / num_kv_heads query heads
+                                          # each (grouped-query attention); None = num_heads
+    head_dim: int | None = None           # None = hidden_size // num_heads
     intermediate_size: int = 3072
     max_position_embeddings: int = 512
     type_vocab_size: int = 2              # 0 = no token-type embeddings (GPT-2)
     hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = 1e-12         # the eps of either norm (Llama's rms_norm_eps)
     hidden_dropout: float = 0.1           # after each sublayer, before the residual add
     attention_dropout: float = 0.1        # on the attention probabilities
     embedding_dropout: float | None = None  # None = hidden_dropout (GPT-2 has its own embd_pdrop)
@@ -65,6 +77,8 @@ class ModelConfig:
     linear_bias: bool = True              # biases in the attention and FFN projections
     ffn: str = "mlp"                      # one of FFNS
     position_embedding: str = "learned"   # one of POSITIONS
+    rope_theta: float = 10000.0           # rotary base: wavelengths 2pi .. rope_theta * 2pi
+    norm: str = "layernorm"               # one of NORMS
     # Head
     head: str | None = None
     num_labels: int = 2
@@ -80,12 +94,21 @@ class ModelConfig:
             )
         if self.head not in HEADS:
             raise ConfigError(f"head {self.head!r} is not one of {[h for h in HEADS if h]}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads} "
+                              "(each key/value head serves a whole group of query heads)")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary positions (they rotate pairs)")
         if self.pre_norm is None:
-            self.pre_norm = self.model_type == "gpt2"
+            self.pre_norm = self.causal
         if self.embedding_norm is None:
             self.embedding_norm = not self.pre_norm
         if self.final_norm is None:
@@ -95,14 +118,16 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.ffn not in FFNS:
             raise ConfigError(f"ffn {self.ffn!r} is not one of {list(FFNS)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm {self.norm!r} is not one of {list(NORMS)}")
         if self.position_embedding not in POSITIONS:
             raise ConfigError(f"position_embedding {self.position_embedding!r} is not one of {list(POSITIONS)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not one of {list(ACTIVATIONS)}")
         if self.head in ("nsp", "pretraining") and self.model_type != "bert":
             raise ConfigError(f"head {self.head!r} exists only for bert, not {self.model_type}")
-        if self.head == "causal-lm" and self.model_type != "gpt2":
-            raise ConfigError(f"head 'causal-lm' needs a decoder (gpt2), not {self.model_type}")
+        if self.head == "causal-lm" and not self.causal:
+            raise ConfigError(f"head 'causal-lm' needs a decoder ({', '.join(DECODERS)}), not {self.model_type}")
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
@@ -110,16 +135,12 @@ class ModelConfig:
     # Architecture facts follow from model_type; they are not stored twice.
     @property
     def causal(self) -> bool:
-        return self.model_type == "gpt2"
+        return self.model_type in DECODERS
 
     @property
     def position_offset(self) -> int:
         """RoBERTa numbers positions from padding_idx + 1 (a fairseq legacy)."""
         return (self.pad_token_id + 1) if self.model_type == "roberta" else 0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def has_pooler(self) -> bool:
@@ -141,6 +162,13 @@ class ModelConfig:
         return [f"LABEL_{i}" for i in range(self.num_labels)]
 
     def replace(self, **changes) -> "ModelConfig":
+        # head_dim and num_kv_heads are stored resolved; one that only followed the head count or the
+        # width is derived again, so replace(hidden_size=...) does not keep a stale head_dim
+        if {"hidden_size", "num_heads"} & changes.keys():
+            if "head_dim" not in changes and self.head_dim == self.hidden_size // self.num_heads:
+                changes["head_dim"] = None
+            if "num_kv_heads" not in changes and self.num_kv_heads == self.num_heads:
+                changes["num_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -226,6 +226,14 @@ def _check_shape(name: str, t: torch.Tensor, config: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the metadata implies {expected}")
 
 
+def read_gguf_config(path: str | os.PathLike) -> dict:
+    """The Hugging Face config dict of a GGUF file, from its metadata and tensor table alone (no
+    tensor is dequantized)."""
+    p = Path(path)
+    reader = _open(p)
+    return _config(_metadata(reader, p), {t.name for t in reader.tensors}, p)
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(Hugging Face config dict, float32 state dict under Hugging Face Llama names).
 

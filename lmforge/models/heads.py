@@ -65,17 +65,18 @@ class ClassificationHead(nn.Module):
     """Sequence classification (num_labels > 1) or regression (num_labels == 1).
 
     BERT: dropout(pooler output) -> out_proj. RoBERTa: first token -> dropout -> dense -> tanh ->
-    dropout -> out_proj. GPT-2: out_proj (no bias) at the last real token.
+    dropout -> out_proj. Decoders (GPT-2, Llama): out_proj (no bias) at the last real token.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         d = config.hidden_size
         self.model_type = config.model_type
+        self.causal = config.causal
         p = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = Dropout(p)
         self.dense = nn.Linear(d, d) if config.model_type == "roberta" else None
-        self.out_proj = nn.Linear(d, config.num_labels, bias=config.model_type != "gpt2")
+        self.out_proj = nn.Linear(d, config.num_labels, bias=not config.causal)
 
     def features(self, hidden, pooled, attention_mask, packed: Packed | None = None) -> torch.Tensor:
         """[B, D]: what the head reads (no parameters of its own): the pooler output (BERT), the first
@@ -91,7 +92,7 @@ class ClassificationHead(nn.Module):
         """[B, num_labels] from features [B, D]."""
         if self.model_type == "roberta":
             x = torch.tanh(self.dense(self.dropout(x)))
-        elif self.model_type == "gpt2":
+        elif self.causal:
             return self.out_proj(x)
         return self.out_proj(self.dropout(x))
 
@@ -132,7 +133,7 @@ class ScalarHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.causal = config.causal
-        self.out_proj = nn.Linear(config.hidden_size, 1, bias=config.model_type != "gpt2")
+        self.out_proj = nn.Linear(config.hidden_size, 1, bias=not config.causal)
 
     def token_values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out_proj(hidden).squeeze(-1)    # [B, T] (packed: [N]); any rows of tokens

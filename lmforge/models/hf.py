@@ -2,7 +2,9 @@
 
 Our module names follow BERT's, so the map is a table of module renames. GPT-2 needs two more
 facts: its Conv1D layers store weights as [in, out] (transposed), and its c_attn fuses query, key
-and value into one [D, 3D] matrix, which we split on load and fuse on save.
+and value into one [D, 3D] matrix, which we split on load and fuse on save. Llama needs the
+opposite: its gate_proj and up_proj are the two halves of our gated `intermediate` [2I, D], fused on
+load and split on save.
 
 A configuration whose recipe `transformers` has no class for (pre-LayerNorm BERT without biases,
 a gated FFN, sinusoidal positions: Cramming's BERT) is a *variant*: it is saved with model_type
@@ -18,7 +20,7 @@ import torch
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models.config import ModelConfig
 
-BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer."}
+BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
 
 # Head <-> Hugging Face class. scalar has no class of its own: it is saved as the class whose
 # logits it reproduces (a 1-label token classifier for encoders, GPT-2's 1-label sequence
@@ -35,6 +37,10 @@ ARCHITECTURES = {
              "classification": "GPT2ForSequenceClassification",
              "token-classification": "GPT2ForTokenClassification",
              "scalar": "GPT2ForSequenceClassification"},
+    "llama": {None: "LlamaModel", "causal-lm": "LlamaForCausalLM",
+              "classification": "LlamaForSequenceClassification",
+              "token-classification": "LlamaForTokenClassification",
+              "scalar": "LlamaForSequenceClassification"},
 }
 HEAD_OF_ARCHITECTURE = {
     arch: head for table in ARCHITECTURES.values() for head, arch in table.items() if head != "scalar"
@@ -52,6 +58,12 @@ _GPT2_LAYER = {
     "intermediate": "mlp.c_fc", "output": "mlp.c_proj",
 }
 _GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_LLAMA_LAYER = {
+    "attention.query": "self_attn.q_proj", "attention.key": "self_attn.k_proj",
+    "attention.value": "self_attn.v_proj", "attention.output": "self_attn.o_proj",
+    "attention_norm": "input_layernorm", "output": "mlp.down_proj", "ffn_norm": "post_attention_layernorm",
+}
+_LLAMA_GLU = ("gate_proj", "up_proj")   # the halves of our `intermediate`, in this order
 _QKV = ("query", "key", "value")
 _HEADS = {
     ("bert", "mlm"): {"head.transform": "cls.predictions.transform.dense",
@@ -67,14 +79,19 @@ _HEADS = {
     ("gpt2", "causal-lm"): {"head.decoder": "lm_head"},
     ("gpt2", "classification"): {"head.out_proj": "score"},
     ("gpt2", "token-classification"): {"head.out_proj": "classifier"},
+    ("llama", "causal-lm"): {"head.decoder": "lm_head"},
+    ("llama", "classification"): {"head.out_proj": "score"},
+    ("llama", "token-classification"): {"head.out_proj": "score"},
 }
 _HEADS[("bert", "pretraining")] = {**_HEADS[("bert", "mlm")], **_HEADS[("bert", "nsp")]}
 _HEADS[("bert", "scalar")] = _HEADS[("bert", "token-classification")]
 _HEADS[("roberta", "scalar")] = _HEADS[("roberta", "token-classification")]
 _HEADS[("gpt2", "scalar")] = _HEADS[("gpt2", "classification")]
+_HEADS[("llama", "scalar")] = _HEADS[("llama", "classification")]
 
 # Keys in real checkpoints that hold no parameter of ours: buffers, and decoders tied to embeddings.
-_IGNORED_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias")  # dot: not c_attn.bias
+_IGNORED_SUFFIXES = (".position_ids", ".attn.bias", ".attn.masked_bias",  # dot: not c_attn.bias
+                     ".rotary_emb.inv_freq")  # older Llama checkpoints saved the rotary frequencies
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
          "lm_head.decoder.weight", "lm_head.decoder.bias")
 
@@ -84,7 +101,10 @@ VARIANT = "lmforge"   # model_type of a saved variant
 
 def variant_features(config: ModelConfig) -> list[str]:
     """The recipe choices of `config` that transformers' classes for its model_type do not have
-    ([]: it saves and loads as a plain BERT, RoBERTa or GPT-2 checkpoint)."""
+    ([]: it saves and loads as a plain BERT, RoBERTa, GPT-2 or Llama checkpoint)."""
+    if config.model_type == "llama":
+        return [f"{name}={getattr(config, name)!r} (Llama has {want!r})"
+                for name, want in LLAMA_RECIPE.items() if getattr(config, name) != want]
     decoder = config.model_type == "gpt2"   # GPT-2: pre-norm with a final LayerNorm; BERT: post-norm
     out = []
     if config.pre_norm != decoder:
@@ -101,7 +121,18 @@ def variant_features(config: ModelConfig) -> list[str]:
         out.append(f"{config.position_embedding} positions")
     if not decoder and not config.type_vocab_size:
         out.append("no token-type embeddings")
+    if config.norm != "layernorm":
+        out.append(f"{config.norm} normalisation")
+    if config.num_kv_heads != config.num_heads:
+        out.append("grouped-query attention")
+    if config.head_dim * config.num_heads != config.hidden_size:
+        out.append(f"head_dim {config.head_dim} (not hidden_size / num_heads)")
     return out
+
+
+# What transformers' Llama is, as ModelConfig fields (biases, head counts and sizes are free)
+LLAMA_RECIPE = dict(pre_norm=True, embedding_norm=False, final_norm=True, norm="rmsnorm", ffn="glu",
+                    position_embedding="rope", hidden_act="silu", type_vocab_size=0)
 
 
 def module_renames(config: ModelConfig) -> dict[str, str]:
@@ -116,6 +147,12 @@ def module_renames(config: ModelConfig) -> dict[str, str]:
         for i in range(config.num_layers):
             for ours, theirs in _BERT_LAYER.items():
                 r[f"{t}layers.{i}.{ours}"] = f"encoder.layer.{i}.{theirs}"
+    elif config.model_type == "llama":
+        r[f"{t}embeddings.word_embeddings"] = "embed_tokens"
+        r[f"{t}final_norm"] = "norm"
+        for i in range(config.num_layers):
+            for ours, theirs in _LLAMA_LAYER.items():
+                r[f"{t}layers.{i}.{ours}"] = f"layers.{i}.{theirs}"
     else:
         r[f"{t}embeddings.word_embeddings"] = "wte"
         r[f"{t}embeddings.position_embeddings"] = "wpe"
@@ -149,6 +186,11 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
             # transformer.layers.{i}.attention.{q,k,v}.{weight,bias} -> h.{i}.attn.c_attn
             fused.setdefault(f"h.{parts[2]}.attn.c_attn.{parts[5]}", {})[parts[4]] = tensor
             continue
+        if config.model_type == "llama" and len(parts) == 5 and parts[3] == "intermediate":
+            # transformer.layers.{i}.intermediate.{weight,bias} [2I, ..] -> mlp.gate_proj, mlp.up_proj
+            for half, name in zip(tensor.chunk(2, dim=0), _LLAMA_GLU):
+                out[f"{prefix}layers.{parts[2]}.mlp.{name}.{parts[4]}"] = half.contiguous()
+            continue
         name = _rename(key, renames)
         if name is None:
             raise ConfigError(f"no Hugging Face name for parameter {key!r} ({config.model_type})")
@@ -176,6 +218,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig):
     unexpected: list[str] = []
     sources: dict[str, str] = {}  # our key -> the file's key, for error messages
     d = config.hidden_size
+    glu: dict[str, dict[str, torch.Tensor]] = {}   # Llama: our intermediate key -> its two halves
     for orig, tensor in hf.items():
         key = orig[len(base):] if orig.startswith(base) else orig
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
@@ -191,6 +234,12 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig):
                 ours = f"transformer.layers.{i}.attention.{n}.{leaf}"
                 out[ours], sources[ours] = tensor[j * d:(j + 1) * d], orig
             continue
+        parts = key.split(".")
+        if config.model_type == "llama" and len(parts) == 5 and parts[2] == "mlp" and parts[3] in _LLAMA_GLU:
+            ours = f"transformer.layers.{parts[1]}.intermediate.{parts[4]}"
+            glu.setdefault(ours, {})[parts[3]] = tensor
+            sources[ours] = orig
+            continue
         name = _rename(key, inverse)
         if name is None:
             unexpected.append(orig)
@@ -198,6 +247,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig):
         if config.model_type == "gpt2" and key.endswith(".weight") and key[: -len(".weight")].endswith(_GPT2_CONV1D):
             tensor = tensor.t()
         out[name], sources[name] = tensor, orig
+    for ours, halves in glu.items():
+        if len(halves) == 2:  # with one half only, the loader reports the layer's FFN as missing
+            out[ours] = torch.cat([halves[n] for n in _LLAMA_GLU], dim=0)  # [2I, D] or [2I]
     return out, unexpected, sources
 
 
@@ -235,6 +287,8 @@ def config_from_hf(d: dict, source: str = "config.json", head: str | None = "aut
         classifier_dropout=d.get("classifier_dropout"),
     )
     try:
+        if mt == "llama":
+            return _llama_config(d, source, common)
         if mt == "gpt2":
             for key, want in (("add_cross_attention", False), ("scale_attn_by_inverse_layer_idx", False),
                               ("scale_attn_weights", True)):
@@ -269,6 +323,38 @@ def config_from_hf(d: dict, source: str = "config.json", head: str | None = "aut
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _llama_config(d: dict, source: str, common: dict) -> ModelConfig:
+    """transformers' LlamaConfig fields -> the Llama recipe (LLAMA_RECIPE) at this size. What our
+    Llama does not do (rope scaling, other activations, tensor-parallel pretraining quirks, biases on
+    attention but not the MLP) is refused, naming the field."""
+    heads, hidden = d["num_attention_heads"], d["hidden_size"]
+    kv_heads = d.get("num_key_value_heads") or heads
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ConfigError(f"{source}: num_key_value_heads {kv_heads!r} must divide num_attention_heads {heads}")
+    # transformers 5 nests the rotary settings in rope_parameters; 4.x has rope_theta and rope_scaling
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported (expected 'default')")
+    for key, want in (("hidden_act", "silu"), ("pretraining_tp", 1)):
+        if d.get(key, want) != want:
+            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported (expected {want!r})")
+    bias = d.get("attention_bias", False)
+    if d.get("mlp_bias", False) != bias:
+        raise ConfigError(f"{source}: mlp_bias={d.get('mlp_bias', False)!r} must equal attention_bias={bias!r} "
+                          "(one linear_bias field covers both)")
+    common = {**common, "tie_word_embeddings": d.get("tie_word_embeddings", False)}  # LlamaConfig's default
+    return ModelConfig(
+        **common, hidden_size=hidden, num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=d.get("head_dim") or hidden // heads,
+        intermediate_size=d["intermediate_size"], max_position_embeddings=d["max_position_embeddings"],
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        layer_norm_eps=d.get("rms_norm_eps", 1e-6), linear_bias=bool(bias),
+        hidden_dropout=0.0, attention_dropout=d.get("attention_dropout", 0.0), embedding_dropout=0.0,
+        pad_token_id=d.get("pad_token_id"), **LLAMA_RECIPE,
+    )
+
+
 def _variant_config(d: dict, source: str, head) -> ModelConfig:
     fields = d.get("lmforge_config")
     if not isinstance(fields, dict):
@@ -297,6 +383,13 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
                  activation_function=c.hidden_act, layer_norm_epsilon=c.layer_norm_eps,
                  resid_pdrop=c.hidden_dropout, attn_pdrop=c.attention_dropout,
                  embd_pdrop=c.hidden_dropout if c.embedding_dropout is None else c.embedding_dropout)
+    elif c.model_type == "llama":
+        d.update(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                 num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
+                 max_position_embeddings=c.max_position_embeddings, hidden_act=c.hidden_act,
+                 rms_norm_eps=c.layer_norm_eps, attention_bias=c.linear_bias, mlp_bias=c.linear_bias,
+                 attention_dropout=c.attention_dropout, rope_theta=c.rope_theta,
+                 rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
     else:
         d.update(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                  intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,

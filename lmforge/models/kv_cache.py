@@ -19,7 +19,8 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, dtype=torch.float32, device=None):
-        return cls(config.num_layers, batch_size, config.num_heads, config.head_dim,
+        # grouped-query attention caches its Hkv key/value heads, not the H query heads they serve
+        return cls(config.num_layers, batch_size, config.num_kv_heads, config.head_dim,
                    max_length, dtype, device)
 
     @property

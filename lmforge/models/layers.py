@@ -1,4 +1,6 @@
-"""The Transformer block: multi-head self-attention and a feed-forward network, post- or pre-LayerNorm.
+"""The Transformer block: multi-head self-attention and a feed-forward network, post- or pre-norm.
+Also the pieces Llama adds as configuration: RMSNorm, rotary positions (applied to queries and keys
+inside attention) and grouped-query attention (fewer key/value heads than query heads).
 
 Module names follow BERT's checkpoints (query/key/value, attention.output, intermediate, output) so
 that a checkpoint key map is a rename, and so that adapters can target the same names PEFT users know.
@@ -26,7 +28,54 @@ def activation(name: str):
         return lambda x: F.gelu(x, approximate="tanh")  # GPT-2's tanh approximation
     if name == "relu":
         return F.relu
+    if name == "silu":
+        return F.silu  # x * sigmoid(x): Llama's gate (SwiGLU)
     raise ValueError(name)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: a LayerNorm without centring and without bias (Llama).
+    The statistics are taken in float32 whatever the input dtype: a mean of bf16 squares is too coarse."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def norm_layer(config: ModelConfig, d: int | None = None) -> nn.Module:
+    """The trunk's normalisation of width d (default: hidden_size), as config.norm says."""
+    d = config.hidden_size if d is None else d
+    if config.norm == "rmsnorm":
+        return RMSNorm(d, config.layer_norm_eps)
+    return nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+
+def rotary_angles(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """(cos, sin), each [*position_ids.shape, Dh]: the rotation of every position (Su et al. 2021).
+
+    Coordinate i of a head is paired with i + Dh/2 (the two halves of the head, Hugging Face Llama's
+    convention; llama.cpp pairs neighbours, and models/gguf.py reorders its rows on load), and the pair
+    is rotated by position * theta^(-2i/Dh). Angles are computed in float32 from scratch each call: a
+    table cast to bf16 with the model would lose the precision large positions need."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    angles = position_ids[..., None].float() * inv_freq                # [.., Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)                        # [.., Dh]: both halves alike
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (a, b) = (x[i], x[i + Dh/2]) of x [.., Dh] to (a cos - b sin, b cos + a sin)."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-b, a], dim=-1) * sin
 
 
 class Dropout(nn.Module):
@@ -53,14 +102,16 @@ class Attention(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads  # fewer than num_heads: grouped-query attention
         self.head_dim = config.head_dim
         self.causal = config.causal
         self.dropout_p = config.attention_dropout
         bias = config.linear_bias
-        self.query = Linear(d, d, bias=bias)
-        self.key = Linear(d, d, bias=bias)
-        self.value = Linear(d, d, bias=bias)
-        self.output = Linear(d, d, bias=bias)
+        inner, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.query = Linear(d, inner, bias=bias)
+        self.key = Linear(d, kv, bias=bias)
+        self.value = Linear(d, kv, bias=bias)
+        self.output = Linear(inner, d, bias=bias)
         # Prefix-layer tuning (attach_prefix): keys and values [P, D] every query may attend to.
         self.kv_prefix: AttentionPrefix | None = None
 
@@ -71,18 +122,28 @@ class Attention(nn.Module):
         return self.kv_prefix
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """[.., 3D] = cat(Q(x), K(x), V(x)), as one GEMM where the kernels can."""
+        """[.., (H + 2 Hkv) Dh] = cat(Q(x), K(x), V(x)), as one GEMM where the kernels can."""
         return kernels.stacked_linear(x, (self.query, self.key, self.value))
 
     def _prefix(self, B: int):
-        """Trainable prefix keys and values [B, H, P, Dh], or None."""
+        """Trainable prefix keys and values [B, Hkv, P, Dh], or None."""
         if self.kv_prefix is None:
             return None
         kv = self.kv_prefix()
         if kv is None:
             return None
-        k, v = (t.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2).expand(B, -1, -1, -1) for t in kv)
+        k, v = (t.view(1, -1, self.num_kv_heads, self.head_dim).transpose(1, 2).expand(B, -1, -1, -1) for t in kv)
         return k, v
+
+    def _shared(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S, Dh] -> [B, H, S, Dh]: each key/value head repeated for the query heads of its
+        group (query head h reads key/value head h // (H / Hkv)). Only the attention call sees the
+        copies; the cache keeps Hkv heads."""
+        group = self.num_heads // self.num_kv_heads
+        if group == 1:
+            return t
+        B, Hkv, S, Dh = t.shape
+        return t[:, :, None].expand(B, Hkv, group, S, Dh).reshape(B, Hkv * group, S, Dh)
 
     def forward(
         self,
@@ -92,22 +153,26 @@ class Attention(nn.Module):
         layer_idx: int = 0,
         packed: Packed | None = None,    # x is a packed stream [N, D]
         residual: torch.Tensor | None = None,  # added to the output (fused into its GEMM at inference)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # rotary (cos, sin) [B, 1, T, Dh]; packed [N, 1, Dh]
     ) -> torch.Tensor:
         if packed is not None:
-            return self._forward_packed(x, packed, residual)
-        B, T, D = x.shape
-        # [B, T, D] -> [B, H, T, Dh]
-        q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.key(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            return self._forward_packed(x, packed, residual, rope)
+        B, T, _ = x.shape
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        # [B, T, H Dh] -> [B, H, T, Dh]; keys and values with their own Hkv heads
+        q = self.query(x).view(B, T, H, Dh).transpose(1, 2)
+        k = self.key(x).view(B, T, Hkv, Dh).transpose(1, 2)
+        v = self.value(x).view(B, T, Hkv, Dh).transpose(1, 2)
+        if rope is not None:  # before the cache: cached keys keep the rotation of their own position
+            q, k = rotate(q, *rope), rotate(k, *rope)
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.update(layer_idx, k, v)  # [B, H, past + T, Dh]
+            k, v = cache.update(layer_idx, k, v)  # [B, Hkv, past + T, Dh]
         prefix = self._prefix(B)
         if prefix is not None:
             P = prefix[0].shape[2]
-            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [B, H, P + S, Dh]
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [B, Hkv, P + S, Dh]
             if mask is None and self.causal and T > 1:
                 S = past + T
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)[None, None]
@@ -116,24 +181,27 @@ class Attention(nn.Module):
                 mask = torch.cat([visible if mask.dtype == torch.bool else visible.zero_(), mask], dim=-1)
         # With no padding and no past, SDPA's own causal path avoids materialising a mask.
         is_causal = self.causal and mask is None and past == 0 and T > 1
-        y = attend(q, k, v, mask, self.dropout_p if self.training else 0.0, is_causal)
-        y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Dh] -> [B, T, D]
+        y = attend(q, self._shared(k), self._shared(v), mask, self.dropout_p if self.training else 0.0, is_causal)
+        y = y.transpose(1, 2).reshape(B, T, H * Dh)  # [B, H, T, Dh] -> [B, T, H Dh]
         return self._project(y, residual)
 
     def _project(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return self.output(y) if residual is None else kernels.linear_add(y, self.output, residual)
 
-    def _forward_packed(self, x: torch.Tensor, packed: Packed, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_packed(self, x: torch.Tensor, packed: Packed, residual: torch.Tensor | None = None,
+                        rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, D]: projections on the real tokens only; attention per length bucket, each padded
         to its own longest sequence (models/packing.py)."""
-        N, D = x.shape
-        H, Dh = self.num_heads, self.head_dim
-        qkv = self._qkv(x)                                                          # [N, 3D]
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._qkv(x)                                                          # [N, W = (H + 2 Hkv) Dh]
+        if rope is not None:  # on the stream, where each token's position is its own
+            qkv = self._rotate_stream(qkv, rope)
+        W = qkv.shape[1]
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
         if dense:
             rows = qkv
-        else:  # scatter into the bucketed layout [R, 3D]; only the padding rows need zeros
-            rows = qkv.new_empty(packed.attn_rows, 3 * D).index_copy_(0, packed.attn_index, qkv)
+        else:  # scatter into the bucketed layout [R, W]; only the padding rows need zeros
+            rows = qkv.new_empty(packed.attn_rows, W).index_copy_(0, packed.attn_index, qkv)
             rows.index_fill_(0, packed.attn_pad_rows, 0.0)
         drop = self.dropout_p if self.training else 0.0
         outs = []
@@ -141,35 +209,45 @@ class Attention(nn.Module):
         # where each slice's would zero-fill a buffer of all the rows
         blocks = rows.split([g.n * g.T for g in packed.groups]) if len(packed.groups) > 1 else (rows,)
         for g, block in zip(packed.groups, blocks):
-            # rows of group g [n T, 3D] -> [n, T, 3, H, Dh] -> [3, n, H, T, Dh]
-            block = block.view(g.n, g.T, 3, H, Dh)
-            q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)
+            # rows of group g [n T, W] -> [n, T, H + 2 Hkv, Dh] -> [n, H + 2 Hkv, T, Dh] -> q, k, v
+            block = block.view(g.n, g.T, H + 2 * Hkv, Dh).transpose(1, 2)
+            q, k, v = block.split([H, Hkv, Hkv], dim=1)
             prefix = self._prefix(g.n)
             if prefix is not None:
-                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [n, H, P + T, Dh]
+                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # [n, Hkv, P + T, Dh]
             mask = packed.group_mask(g, self.causal, 0 if prefix is None else prefix[0].shape[2])
-            y = attend(q, k, v, mask, drop)                                      # [n, H, T, Dh]
-            outs.append(y.transpose(1, 2).reshape(g.n * g.T, D))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs)                       # [rows, D]
+            y = attend(q, self._shared(k), self._shared(v), mask, drop)          # [n, H, T, Dh]
+            outs.append(y.transpose(1, 2).reshape(g.n * g.T, H * Dh))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)                       # [rows, H Dh]
         return self._project(y if dense else y.index_select(0, packed.attn_index), residual)  # [N, D]
+
+    def _rotate_stream(self, qkv: torch.Tensor, rope) -> torch.Tensor:
+        """Rotary positions on the Q and K columns of a packed stream [N, (H + 2 Hkv) Dh]."""
+        N, H, Hkv, Dh = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q = rotate(q.view(N, H, Dh), *rope).reshape(N, H * Dh)               # rope: [N, 1, Dh] each
+        k = rotate(k.view(N, Hkv, Dh), *rope).reshape(N, Hkv * Dh)
+        return torch.cat([q, k, v], dim=-1)
 
 
 class Block(nn.Module):
-    """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2 (pre-norm): x = x + f(LN(x)).
+    """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2, Llama (pre-norm): x = x + f(LN(x)),
+    LN being a LayerNorm or an RMSNorm (config.norm).
 
     The FFN is out(act(in(x))), or gated (config.ffn == "glu"): `intermediate` computes the gate
-    and the up projection as one [2I, D] matrix, and out(act(gate) * up)."""
+    and the up projection as one [2I, D] matrix, and out(act(gate) * up); Llama's SwiGLU is this with
+    SiLU (its gate_proj and up_proj are the two halves of `intermediate`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d, eps, i, bias = config.hidden_size, config.layer_norm_eps, config.intermediate_size, config.linear_bias
+        d, i, bias = config.hidden_size, config.intermediate_size, config.linear_bias
         self.pre_norm = config.pre_norm
         self.gated = config.ffn == "glu"
         self.attention = Attention(config)
-        self.attention_norm = nn.LayerNorm(d, eps=eps)
+        self.attention_norm = norm_layer(config)
         self.intermediate = Linear(d, 2 * i if self.gated else i, bias=bias)
         self.output = Linear(i, d, bias=bias)
-        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.ffn_norm = norm_layer(config)
         self.act_name = config.hidden_act
         self.act = activation(config.hidden_act)
         self.dropout = Dropout(config.hidden_dropout)
@@ -183,11 +261,11 @@ class Block(nn.Module):
             return self.output(self._glu(self.intermediate(x)))
         return self.output(self.act(self.intermediate(x)))
 
-    def attention_residual(self, h, residual, mask, cache, layer_idx, packed) -> torch.Tensor:
+    def attention_residual(self, h, residual, mask, cache, layer_idx, packed, rope=None) -> torch.Tensor:
         """residual + dropout(attention(h)); without dropout the output GEMM adds the residual itself."""
         if self.training and self.dropout.p > 0:
-            return residual + self.dropout(self.attention(h, mask, cache, layer_idx, packed))
-        return self.attention(h, mask, cache, layer_idx, packed, residual=residual)
+            return residual + self.dropout(self.attention(h, mask, cache, layer_idx, packed, rope=rope))
+        return self.attention(h, mask, cache, layer_idx, packed, residual=residual, rope=rope)
 
     def ffn_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + dropout(ffn(x)); at inference the activation and the residual add can be
@@ -200,9 +278,9 @@ class Block(nn.Module):
         return kernels.linear_add(h, self.output, residual)
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
-                packed: Packed | None = None):
+                packed: Packed | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         if self.pre_norm:
-            x = self.attention_residual(self.attention_norm(x), x, mask, cache, layer_idx, packed)
+            x = self.attention_residual(self.attention_norm(x), x, mask, cache, layer_idx, packed, rope)
             return self.ffn_residual(self.ffn_norm(x), x)
-        x = self.attention_norm(self.attention_residual(x, x, mask, cache, layer_idx, packed))
+        x = self.attention_norm(self.attention_residual(x, x, mask, cache, layer_idx, packed, rope))
         return self.ffn_norm(self.ffn_residual(x, x))

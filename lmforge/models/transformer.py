@@ -1,5 +1,7 @@
 """The trunk shared by every model: embeddings, a stack of blocks, and (by configuration) a final
-LayerNorm (GPT-2, pre-norm variants) or a tanh pooler over the first token (BERT)."""
+norm (GPT-2, Llama, pre-norm variants) or a tanh pooler over the first token (BERT). Rotary
+positions (Llama) are not embeddings: the trunk computes each token's rotation once per forward
+and every layer's attention applies it to its queries and keys."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from torch import nn
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.layers import Block, Dropout
+from lmforge.models.layers import Block, Dropout, RMSNorm, norm_layer, rotary_angles
 from lmforge.models.packing import Packed
 from lmforge.models.prefixes import InputPrefix, checked
 
@@ -47,6 +49,8 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, d)
         if config.position_embedding == "learned":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        elif config.position_embedding == "rope":
+            self.position_embeddings = None   # positions enter in attention (Transformer.rope)
         else:
             self.position_embeddings = SinusoidalPositions(
                 config.max_position_embeddings, d, scaled=config.position_embedding == "scaled-sinusoidal")
@@ -54,12 +58,14 @@ class Embeddings(nn.Module):
             nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
         )
         # BERT normalises the embeddings, GPT-2 does not (Cramming's pre-norm BERT does too)
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.embedding_norm else None
+        self.norm = norm_layer(config) if config.embedding_norm else None
         p = config.hidden_dropout if config.embedding_dropout is None else config.embedding_dropout
         self.dropout = Dropout(p)
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -97,7 +103,7 @@ class Transformer(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         d = config.hidden_size
-        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.final_norm else None
+        self.final_norm = norm_layer(config) if config.final_norm else None
         self.pooler = nn.Linear(d, d) if config.has_pooler else None
         # Prefix-embedding tuning (attach_input_prefix): P virtual-token vectors [P, D], inserted
         # after the first token (encoders keep [CLS] first) or at the start (decoders), and dropped
@@ -126,6 +132,15 @@ class Transformer(nn.Module):
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         return pos + self.config.position_offset
 
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """Rotary (cos, sin) for positions [B, T] -> [B, 1, T, Dh] (broadcast over heads), or [N] ->
+        [N, 1, Dh] on a packed stream; None without rotary positions."""
+        c = self.config
+        if c.position_embedding != "rope":
+            return None
+        cos, sin = rotary_angles(position_ids, c.head_dim, c.rope_theta, dtype)
+        return cos.unsqueeze(-3), sin.unsqueeze(-3)
+
     def forward(
         self,
         input_ids: torch.Tensor,                      # [B, T]
@@ -142,6 +157,7 @@ class Transformer(nn.Module):
             position_ids = self.position_ids(input_ids, attention_mask, past)
         x = self.embeddings(input_ids, position_ids, token_type_ids)
         B, T = input_ids.shape
+        rope_ids = position_ids
         virtual = self._virtual_tokens()
         if virtual is not None:
             if cache is not None:
@@ -154,14 +170,17 @@ class Transformer(nn.Module):
             attention_mask = torch.cat([attention_mask[:, :at], attention_mask.new_ones(B, P),
                                         attention_mask[:, at:]], dim=1)
             T = T + P
+            # rotary positions count the virtual tokens too, as the sequence the layers see
+            rope_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if attention_mask is None and self.config.causal and past and T > 1:
             # a chunk after cached tokens needs an explicit causal mask with an offset
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         mask = None
         if attention_mask is not None:
             mask = attention_bias(attention_mask, T, self.config.causal, x.dtype)
+        rope = self.rope(rope_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache, i)
+            x = layer(x, mask, cache, i, rope=rope)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if virtual is not None:  # drop the virtual tokens again
@@ -174,11 +193,14 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = packed.position_ids + self.config.position_offset
         x = self.embeddings(input_ids, position_ids, token_type_ids)               # [N, D]
+        rope_ids = position_ids
         virtual = self._virtual_tokens()
         if virtual is not None:
             x, packed, real = self._insert_packed(x, virtual.to(x.dtype), packed)
+            rope_ids = packed.position_ids  # the longer sequences' own positions
+        rope = self.rope(rope_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, packed=packed)
+            x = layer(x, packed=packed, rope=rope)
         if virtual is not None:
             x = x.index_select(0, real)                                          # [N, D] again
         if self.final_norm is not None:
@@ -208,7 +230,7 @@ def first_token(hidden: torch.Tensor, packed: Packed | None = None) -> torch.Ten
 
 
 def init_weights(module: nn.Module, config: ModelConfig) -> None:
-    """BERT/GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    """BERT/GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms and RMSNorms."""
     std = config.initializer_range
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
@@ -222,3 +244,5 @@ def init_weights(module: nn.Module, config: ModelConfig) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
