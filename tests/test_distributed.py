@@ -1,0 +1,293 @@
+"""Training on two processes (torch.distributed, gloo, CPU) as torchrun launches it: the same
+weights as one process with the same global batch (full fine-tuning with gradient accumulation,
+LoRA on token-budget batches, MLM pre-training), a SIGKILLed two-process run resumed to the same
+bits, rank 1 writing nothing, a dead rank ending its peer instead of hanging it, and the options a
+world of several processes refuses.
+
+Every subprocess has a timeout, so a hang fails the test instead of stalling the suite. Dropout is
+off in the tiny models: the ranks draw different masks (as they should), which one process cannot
+reproduce."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+
+TIMEOUT = 240   # seconds for any one launch; the runs take a few seconds each
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 48,
+             "max_position_embeddings": 64, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+
+
+def env(**extra):
+    # one thread per process (2 processes on 2 cores), the same plain kernels in every run so the
+    # one-process reference computes what the ranks compute
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_KERNELS": "plain", "LMFORGE_DIST_TIMEOUT": "60",
+            **extra}
+
+
+def run(cmd, **kw):
+    p = subprocess.run(cmd, env=kw.pop("env", env()), capture_output=True, text=True, timeout=TIMEOUT, **kw)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def one(*args):
+    return run([sys.executable, "-m", "lmforge", *args])
+
+
+def torchrun_cmd(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "lmforge", *args]
+
+
+def two(*args):
+    return run(torchrun_cmd(*args))
+
+
+def weights(out):
+    return load_file(str(Path(out) / "checkpoint" / "trainable.safetensors"))
+
+
+def assert_close(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, worst
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer BERT of width 32 with MiniLM's tokenizer, dropout off."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models import Model, ModelConfig, save_pretrained
+
+    tok = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny")
+    save_pretrained(Model(ModelConfig(vocab_size=tok.vocab_size, **TINY_BERT)), d, tokenizer=tok)
+    return d
+
+
+def finetune_args(model, out, *extra):
+    return ["finetune", "--model", str(model), "--task", "glue/sst2", "--max-train-samples", "96",
+            "--max-eval-samples", "32", "--max-seq-len", "32", "--batch-size", "8", "--lr", "1e-3",
+            "--log-every", "2", "--eval-every", "3", "--no-progress", "--seed", "3", "--classifier-dropout", "0",
+            "--precision", "fp32", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "full", "--max-steps", "5", "--grad-accum", "2"],          # no_sync on the first micro-batch
+    # token-budget batches of uneven sizes: shares of 3 and 2 examples, weighed to the global mean
+    ["--method", "lora", "--lora-dropout", "0", "--lora-r", "4", "--max-steps", "6", "--batch-tokens", "160",
+     "--lr", "1e-2"],
+], ids=["full-accum", "lora-tokens"])
+def test_two_processes_train_what_one_does(tmp_path, tiny_model, data_dir, extra):
+    one(*finetune_args(tiny_model, tmp_path / "one", *extra))
+    two(*finetune_args(tiny_model, tmp_path / "two", *extra))
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert_close(a, b)
+    if "lora" in extra:
+        assert all("lora_" in k or k.startswith("adapter_heads.") for k in a)   # the adapter alone
+    logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [r.keys() for r in logs[0]] == [r.keys() for r in logs[1]]
+    for r1, r2 in zip(*logs):   # the logged loss and accuracy are the global batch's
+        for k in ("loss", "accuracy"):
+            if k in r1:
+                assert r1[k] == pytest.approx(r2[k], abs=1e-5), (k, r1, r2)
+
+
+@pytest.fixture(scope="module")
+def shakespeare(data_dir, tmp_path_factory):
+    lines = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8").splitlines()[:1500]
+    path = tmp_path_factory.mktemp("text") / "shakespeare.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def pretrain_args(tmp_path, corpus, out, *extra):
+    config = tmp_path / "model.json"
+    if not config.is_file():
+        config.write_text(json.dumps({k: v for k, v in TINY_BERT.items() if k != "model_type"}
+                                     | {"arch": "bert", "size": "tiny"}))
+    return ["pretrain", "--config", str(config), "--objective", "mlm", "--corpus", str(corpus),
+            "--cache-dir", str(tmp_path / "shards"), "--max-seq-len", "32", "--batch-size", "8", "--lr", "1e-3",
+            "--precision", "fp32", "--no-progress", "--seed", "3", "--log-every", "2", "--out", str(out), *extra]
+
+
+def test_mlm_pretraining_on_two_processes(tmp_path, shakespeare):
+    # masked-token counts differ between the ranks' halves: the losses are weighed by them
+    one(*pretrain_args(tmp_path, shakespeare, tmp_path / "one", "--max-steps", "5"))
+    two(*pretrain_args(tmp_path, shakespeare, tmp_path / "two", "--max-steps", "5"))
+    assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    last = [json.loads((tmp_path / d / "summary.json").read_text())["last"] for d in ("one", "two")]
+    assert last[0]["mlm_accuracy"] == pytest.approx(last[1]["mlm_accuracy"])
+    assert last[0]["loss"] == pytest.approx(last[1]["loss"], abs=1e-5)
+
+
+def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model, data_dir):
+    extra = ["--max-steps", "15", "--save-every", "3", "--eval-every", "9", "--grad-accum", "2"]
+    two(*finetune_args(tiny_model, tmp_path / "whole", *extra))
+    cut = tmp_path / "cut"
+    # its own session, so the whole tree (torchrun's agent and both workers) dies at once
+    proc = subprocess.Popen(torchrun_cmd(*finetune_args(tiny_model, cut, *extra)), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = cut / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + TIMEOUT
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 6:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    saved = json.loads(state.read_text())
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2 and saved["progress"]["step"] < 15
+    two(*finetune_args(tiny_model, cut, *extra, "--resume"))
+    a, b = weights(tmp_path / "whole"), weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics log reads as one run
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rs]  # noqa: E731
+    logs = [strip(json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            for d in ("whole", "cut")]
+    assert logs[0] == logs[1]
+    # one process cannot resume it
+    p = subprocess.run([sys.executable, "-m", "lmforge", *finetune_args(tiny_model, cut, *extra, "--resume")],
+                       env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 2 and "written by a run of 2 process(es), this run has 1" in p.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Rank 1 runs under an audit hook that refuses (raises on) any write, directory creation, rename or
+# removal under the test's directory: the run directory and the token-shard and kernel caches.
+WATCHED = r'''
+import os, sys
+root = os.path.realpath(sys.argv[1])
+def refuse(event, args):
+    if event == "open" and args[0] is not None and not isinstance(args[0], int):
+        if (args[1] or "r").strip("rbt") == "" and not (args[2] or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            return
+        paths = [args[0]]
+    elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree",
+                   "os.symlink", "os.link", "os.truncate", "tempfile.mkstemp", "tempfile.mkdtemp"):
+        paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
+    else:
+        return
+    for p in paths:
+        p = os.path.realpath(os.fsdecode(p))
+        if p == root or p.startswith(root + os.sep):
+            raise PermissionError(f"rank 1 wrote {p} ({event})")
+sys.addaudithook(refuse)
+from lmforge.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def launch_pair(tmp_path, args, rank1=None, **extra_env):
+    """Rank 0 as `python -m lmforge ARGS`, rank 1 as `rank1` (default: the same command watched
+    for writes under tmp_path), with torchrun's environment variables set by hand."""
+    base = env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               LMFORGE_CACHE_DIR=str(tmp_path / "kernel-cache"), **extra_env)
+    rank1 = rank1 or [sys.executable, "-c", WATCHED, str(tmp_path)]
+    procs = [subprocess.Popen([sys.executable, "-m", "lmforge", *args], env={**base, "RANK": "0", "LOCAL_RANK": "0"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([*rank1, *args], env={**base, "RANK": "1", "LOCAL_RANK": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    try:
+        return [(p.wait(timeout=TIMEOUT), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_only_rank_0_writes(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    args = pretrain_args(tmp_path, shakespeare, out, "--max-steps", "4", "--save-every", "2",
+                         "--valid", str(shakespeare), "--eval-every", "2", "--eval-batches", "2")
+    (r0, out0, err0), (r1, out1, err1) = launch_pair(tmp_path, args)
+    assert r0 == 0 and r1 == 0, (err0[-2000:], err1[-2000:])
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "curves.png", "metrics.jsonl", "model",
+                                                      "run.json", "summary.json", "train_config.json"]
+    assert json.loads(out0)["steps"] == 4 and out1 == ""     # one summary line, from rank 0
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" in x]
+    assert [e["step"] for e in evals] == [2, 4]
+
+
+def test_a_dead_rank_ends_the_other(tmp_path, tiny_model, data_dir):
+    # rank 1 dies (as a SIGKILL or an OOM kill would end it) after its first step; rank 0 must end
+    # with an error, not wait for it forever
+    dies = [sys.executable, "-c", "import sys, lmforge.train.trainer as t; from lmforge.cli import main\n"
+            "step = t.Trainer._grad_norm\n"
+            "def die(*a):\n    import os; os._exit(9)\n"
+            "t.Trainer._grad_norm = staticmethod(die)\nsys.exit(main(sys.argv[1:]))"]
+    started = time.time()
+    (r0, _, err0), (r1, _, _) = launch_pair(tmp_path, finetune_args(tiny_model, tmp_path / "run", "--max-steps", "20"),
+                                            rank1=dies, LMFORGE_DIST_TIMEOUT="30")
+    assert r1 == 9 and r0 != 0, err0[-2000:]
+    assert time.time() - started < 120
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--task", "glue/sst2", "--batch-size", "7"],
+     "--batch-size 7 is not divisible by the 2 processes (WORLD_SIZE)"),
+    (["finetune", "--task", "glue/sst2", "--method", "features"],
+     "--method features fits its probe in one process"),
+    (["pretrain", "--arch", "bert", "--size", "tiny", "--corpus", "x.txt", "--max-steps", "2", "--batch-size", "5"],
+     "--batch-size 5 is not divisible by the 2 processes"),
+])
+def test_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lmforge {argv[0]}: error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_ddp_all_reduces_only_trainable_parameters(tmp_path):
+    # DDP registers its hooks on parameters with requires_grad only: under LoRA, the adapter (and
+    # the classifier head) is all that crosses the wire. A world of one in this process (FileStore).
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lmforge.adapters.methods import MethodConfig, apply_method
+    from lmforge.models import Model, ModelConfig, routing
+
+    model = Model(ModelConfig(vocab_size=100, head="classification", num_labels=2, **TINY_BERT))
+    spec = apply_method(model, MethodConfig(method="lora", lora_r=2))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DDP(model)
+        synced = set()
+
+        def record(state, bucket):   # a communication hook sees each bucket DDP all-reduces
+            synced.update(id(p) for p in bucket.parameters())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, record)
+        ids = torch.randint(3, 100, (2, 8))
+        with routing.using(spec.adapter):   # as run_finetune routes every forward pass
+            ddp(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert synced == trainable and len(trainable) < len(list(model.parameters()))
+    finally:
+        dist.destroy_process_group()
