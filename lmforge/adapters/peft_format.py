@@ -55,6 +55,9 @@ def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
     out = {}
     for path, layer in lora_layers(model).items():
         if name in layer.lora_A:
+            if path not in renames:   # Llama's gate_proj and up_proj are one fused `intermediate` here
+                raise ConfigError(f"LoRA target {path.split('.', 3)[-1]!r} has no PEFT name for "
+                                  f"{config.model_type} (no Hugging Face module holds it alone)")
             module = prefix + renames[path]
             out[f"{PREFIX}{module}.lora_A.weight"] = layer.lora_A[name].weight.detach().cpu().contiguous()
             out[f"{PREFIX}{module}.lora_B.weight"] = layer.lora_B[name].weight.detach().cpu().contiguous()
@@ -104,8 +107,9 @@ def _target_regex(config, targets) -> str:
             outside.append(re.escape(renames[path]))
         else:
             full = renames[f"transformer.layers.0.{path}"]       # encoder.layer.0.attention.self.query
-            in_layer.append(re.escape(full.split(".", 3)[3]))    # attention.self.query
-    alts = ([rf"encoder\.layer\.\d+\.({'|'.join(sorted(in_layer))})"] if in_layer else []) + sorted(outside)
+            stack, inner = re.fullmatch(r"(.*?)\.0\.(.*)", full).groups()  # encoder.layer, attention.self.query
+            in_layer.append(re.escape(inner))                    # (Llama: layers, self_attn.q_proj)
+    alts = ([rf"{re.escape(stack)}\.\d+\.({'|'.join(sorted(in_layer))})"] if in_layer else []) + sorted(outside)
     return rf"(.*\.)?({'|'.join(alts)})"
 
 

@@ -139,7 +139,7 @@ class Transformer(nn.Module):
         if c.position_embedding != "rope":
             return None
         cos, sin = rotary_angles(position_ids, c.head_dim, c.rope_theta, dtype)
-        return cos.unsqueeze(-3), sin.unsqueeze(-3)
+        return cos.unsqueeze(1), sin.unsqueeze(1)   # the heads axis: [B, H, T, Dh] and [N, H, Dh] alike
 
     def forward(
         self,
