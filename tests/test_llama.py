@@ -216,6 +216,24 @@ def test_lora_on_llama_loads_in_peft(tmp_path):
     torch.testing.assert_close(again(ids, attention_mask=mask, adapters="x").logits, got, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["embedding", "layer"])
+@torch.no_grad()
+def test_prefix_tuning_on_llama_padded_equals_packed(kind):
+    """Virtual tokens take rotary positions like real ones (padded and packed alike); prefix keys and
+    values have the Hkv key/value heads."""
+    from lmforge.adapters.prefix import PrefixConfig, add_prefix
+
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**{**LLAMA_SMALL, "num_layers": 2})).eval()
+    add_prefix(model, "p", PrefixConfig(kind=kind, length=3, init_std=0.5))
+    ids, mask = batch()
+    padded = model(ids, attention_mask=mask, adapters="p").logits
+    assert not torch.allclose(padded, model(ids, attention_mask=mask).logits)
+    flat, packed = pack_padded(ids, mask)
+    torch.testing.assert_close(model(flat, packed=packed, adapters="p").logits, padded[mask.bool()],
+                               rtol=0, atol=1e-5)
+
+
 def test_lora_on_the_fused_gate_up_has_no_peft_name(tmp_path):
     ours = Model(ModelConfig(**LLAMA_SMALL))
     add_adapter(ours, "x", LoraConfig(r=2, target_modules=("intermediate",)))   # trains fine in lmforge
@@ -252,6 +270,20 @@ def test_replace_rederives_head_dim_and_kv_heads():
     assert (wider.head_dim, wider.num_kv_heads) == (8, 8)
     gqa = ModelConfig(**LLAMA_SMALL).replace(hidden_size=64)
     assert (gqa.head_dim, gqa.num_kv_heads) == (16, 2)
+
+
+def test_llama_config_defaults_are_transformers_defaults():
+    """A config.json that leaves fields out means transformers' LlamaConfig defaults (untied output
+    embeddings, rms_norm_eps 1e-6, rope_theta 10000, as many key/value heads as heads)."""
+    d = _hf_llama()
+    for key in ("tie_word_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta", "num_key_value_heads",
+                "head_dim", "attention_bias", "mlp_bias", "hidden_act"):
+        d.pop(key, None)
+    ours, theirs = config_from_hf(d), T.LlamaConfig(**d)
+    assert (ours.tie_word_embeddings, ours.layer_norm_eps, ours.rope_theta, ours.num_kv_heads, ours.head_dim,
+            ours.linear_bias) == (theirs.tie_word_embeddings, theirs.rms_norm_eps,
+                                  theirs.rope_parameters["rope_theta"], theirs.num_key_value_heads,
+                                  theirs.head_dim, theirs.attention_bias)
 
 
 def _hf_llama(**changes) -> dict:
