@@ -27,6 +27,8 @@ RECIPES = {
                  ffn="mlp", position_embedding="learned", type_vocab_size=0, hidden_act="gelu_new"),
     "cramming": dict(model_type="bert", pre_norm=True, embedding_norm=True, final_norm=True, linear_bias=False,
                      ffn="glu", position_embedding="scaled-sinusoidal", hidden_dropout=0.0, attention_dropout=0.0),
+    "llama": dict(model_type="llama", pre_norm=True, embedding_norm=False, final_norm=True, linear_bias=False,
+                  ffn="glu", hidden_act="silu", position_embedding="rope", norm="rmsnorm", type_vocab_size=0),
 }
 DIMS = {"tiny": (2, 128, 2, 512), "mini": (4, 256, 4, 1024), "small": (4, 512, 8, 2048), "base": (12, 768, 12, 3072)}
 
@@ -38,12 +40,12 @@ def test_presets_are_recipes_times_sizes(arch, size):
     assert {k: getattr(c, k) for k in RECIPES[arch]} == RECIPES[arch]
     assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == DIMS[size]
     assert set(ARCHS) == set(RECIPES) and set(SIZES) == set(DIMS)
-    # transformers has three of the four
+    # transformers has all but Cramming's
     assert bool(variant_features(c)) == (arch == "cramming")
 
 
 def test_preset_refusals():
-    with pytest.raises(ConfigError, match="--arch 't5' is not one of bert, roberta, gpt2, cramming"):
+    with pytest.raises(ConfigError, match="--arch 't5' is not one of bert, roberta, gpt2, cramming, llama"):
         preset("t5", "tiny")
     with pytest.raises(ConfigError, match="--size 'huge' is not one of tiny, mini, small, base"):
         preset("bert", "huge")
@@ -76,7 +78,7 @@ def test_config_file_starts_from_a_preset(tmp_path):
 # every recipe field, set away from what model_type implies, alone
 FIELDS = [("pre_norm", True), ("embedding_norm", False), ("final_norm", True), ("linear_bias", False),
           ("ffn", "glu"), ("position_embedding", "sinusoidal"), ("position_embedding", "scaled-sinusoidal"),
-          ("tie_word_embeddings", False)]
+          ("tie_word_embeddings", False), ("norm", "rmsnorm"), ("position_embedding", "rope"), ("num_kv_heads", 1)]
 
 
 @pytest.mark.parametrize("name,value", FIELDS, ids=[f"{n}={v}" for n, v in FIELDS])
@@ -140,7 +142,8 @@ def test_recipe_fields_shape_the_modules():
 # (arch, head, transformers class): what a pre-training run of that layout saves
 HF_LAYOUTS = [("bert", "pretraining", "BertForPreTraining"), ("bert", "mlm", "BertForMaskedLM"),
               ("roberta", "mlm", "RobertaForMaskedLM"), ("gpt2", "causal-lm", "GPT2LMHeadModel"),
-              ("bert", "mlm-untied", "BertForMaskedLM")]
+              ("bert", "mlm-untied", "BertForMaskedLM"), ("llama", "causal-lm", "LlamaForCausalLM"),
+              ("llama", "causal-lm-untied", "LlamaForCausalLM")]
 
 
 @pytest.mark.parametrize("arch,head,cls", HF_LAYOUTS, ids=[f"{a}-{h}" for a, h, _ in HF_LAYOUTS])

@@ -7,6 +7,9 @@ model definition (ModelConfig fields; models/transformer.py, layers.py).
   gpt2      a causal decoder: pre-LayerNorm, final LayerNorm, tanh-GELU, no token types
   cramming  Cramming's BERT (Geiping & Goldstein 2022): pre-LayerNorm with an embedding and a final
             LayerNorm, no linear biases, a gated (GLU) FFN, scaled sinusoidal positions, no dropout
+  llama     a causal decoder: pre-RMSNorm, final RMSNorm, no linear biases, SwiGLU FFN, rotary
+            positions, no token types, no dropout (Touvron et al. 2023); set num_kv_heads for
+            grouped-query attention, tie_word_embeddings=False for Llama's own untied output matrix
 
 Sizes follow the BERT miniatures (Turc et al. 2019) up to BERT-base. The vocabulary (and padding id)
 come from the tokenizer a run uses, not from here.
@@ -37,6 +40,10 @@ ARCHS: dict[str, dict] = {
     "cramming": dict(model_type="bert", pre_norm=True, embedding_norm=True, final_norm=True,
                      linear_bias=False, ffn="glu", position_embedding="scaled-sinusoidal",
                      hidden_dropout=0.0, attention_dropout=0.0, layer_norm_eps=1e-12),
+    "llama": dict(model_type="llama", type_vocab_size=0, norm="rmsnorm", linear_bias=False, ffn="glu",
+                  hidden_act="silu", position_embedding="rope", rope_theta=10000.0, layer_norm_eps=1e-5,
+                  max_position_embeddings=2048, hidden_dropout=0.0, attention_dropout=0.0,
+                  embedding_dropout=0.0),
 }
 
 
