@@ -112,7 +112,7 @@ class Attention(nn.Module):
         self.key = Linear(d, kv, bias=bias)
         self.value = Linear(d, kv, bias=bias)
         self.output = Linear(inner, d, bias=bias)
-        # Prefix-layer tuning (attach_prefix): keys and values [P, D] every query may attend to.
+        # Prefix-layer tuning (attach_prefix): keys and values [P, Hkv Dh] every query may attend to.
         self.kv_prefix: AttentionPrefix | None = None
 
     def attach_prefix(self, prefix: AttentionPrefix) -> AttentionPrefix:
