@@ -147,6 +147,18 @@ def test_greedy_generate_equals_transformers(pair):
 
 
 @torch.no_grad()
+def test_beam_search_equals_transformers(pair):
+    """Beams reorder the cache rows (of Hkv heads, rotated at their positions)."""
+    from lmforge.models.beam_search import beam_search
+
+    _, ref, ours = pair
+    prompt = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(6))
+    want = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                        num_beams=3, pad_token_id=0, early_stopping=False)
+    assert beam_search(ours, prompt, num_beams=3, max_new_tokens=8, pad_token_id=0).tolist() == want.tolist()
+
+
+@torch.no_grad()
 def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     """lmforge -> config.json (model_type llama) + safetensors under Llama's names -> transformers."""
     _, _, ours = pair
