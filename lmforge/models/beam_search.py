@@ -54,7 +54,7 @@ class _Finished:
 @torch.no_grad()
 def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 num_beams: int = 4, max_new_tokens: int = 20, length_penalty: float = 1.0,
-                no_repeat_ngram_size: int = 0, eos_token_id: int | None = None,
+                no_repeat_ngram_size: int = 0, eos_token_id: int | list[int] | None = None,
                 pad_token_id: int | None = None) -> torch.Tensor:
     """[B, T + n]: each prompt (left-padded when lengths differ) followed by its best hypothesis,
     padded with the pad id after its end."""
@@ -63,7 +63,9 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     B, T = input_ids.shape
     K = num_beams
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]   # several end tokens
+    end_ids = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     was_training = model.training
@@ -90,8 +92,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         top, index = total.topk(2 * K, dim=-1)                     # [B, 2K], best first
         beam, token = index // V, index % V
         last = step + 1 == max_new_tokens
-        ends = torch.ones_like(token, dtype=torch.bool) if last else (
-            token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool))
+        ends = torch.ones_like(token, dtype=torch.bool) if last else torch.isin(token, end_ids)
         gen_len = step + 1
         top_l, beam_l, token_l, ends_l = top.tolist(), beam.tolist(), token.tolist(), ends.tolist()
         for b in range(B):
