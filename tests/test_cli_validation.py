@@ -55,6 +55,9 @@ OTHER = [
     ("embed", "--decimals", "-1"), ("serve", "--port", "65536"), ("serve", "--port", "-1"),
     ("serve", "--max-batch-size", "0"), ("serve", "--max-wait-ms", "-1"), ("serve", "--max-queue", "0"),
     ("serve", "--max-input-tokens", "0"), ("serve", "--threads", "0"), ("serve", "--adapter", "novalue"),
+    ("generate", "--max-new-tokens", "0"), ("generate", "--beams", "0"), ("generate", "--length-penalty", "nan"),
+    ("generate", "--no-repeat-ngram", "-1"), ("generate", "--temperature", "0"), ("generate", "--top-k", "0"),
+    ("generate", "--top-p", "1.5"), ("generate", "--seed", "-1"), ("generate", "--batch-size", "0"),
 ]
 PRETRAIN = [
     ("--eval-every", "0"), ("--eval-batches", "0"), ("--max-seq-len", "2"), ("--mlm-probability", "1.5"),
@@ -65,7 +68,8 @@ PRETRAIN = [
 ]
 REQUIRED = {"evaluate": ["--run", "R"], "predict": ["--run", "R", "--input", "in.txt"], "embed": ["text"],
             "export": ["--run", "R"], "serve": [], "finetune": ["--task", "glue/sst2"], "glue": [],
-            "pretrain": ["--arch", "bert", "--size", "tiny", "--corpus", "c.txt"]}
+            "pretrain": ["--arch", "bert", "--size", "tiny", "--corpus", "c.txt"],
+            "generate": ["--model", "M", "--prompt", "hi"]}
 CASES = ([(cmd, opt, v) for cmd in ("finetune", "glue") for opt, v in TRAIN] + OTHER
          + [("pretrain", opt, v) for opt, v in PRETRAIN])
 

@@ -7,10 +7,11 @@ import logging
 import os
 import sys
 
-from lmforge.cli import embed, env, evaluate, export, finetune, glue, predict, pretrain, serve, tokenizer
+from lmforge.cli import embed, env, evaluate, export, finetune, generate, glue, predict, pretrain, serve, tokenizer
 
 COMMANDS = {"embed": embed, "env": env, "finetune": finetune, "evaluate": evaluate, "predict": predict,
-            "glue": glue, "export": export, "serve": serve, "tokenizer": tokenizer, "pretrain": pretrain}
+            "glue": glue, "export": export, "serve": serve, "tokenizer": tokenizer, "pretrain": pretrain,
+            "generate": generate}
 
 
 def build_parser() -> argparse.ArgumentParser:

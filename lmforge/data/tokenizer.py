@@ -194,6 +194,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (None when it has none), e.g. a chat end marker."""
+        return self._tok.token_to_id(token)
+
     @property
     def pad_token_id(self) -> int:
         if "pad" in self.special_ids_by_role:
