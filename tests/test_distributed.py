@@ -139,9 +139,8 @@ def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model
              "--classifier-dropout", "0.3"]
     two(*finetune_args(tiny_model, tmp_path / "whole", *extra))
     cut = tmp_path / "cut"
-    # its own session, so the whole tree (torchrun's agent and both workers) dies at once
     proc = subprocess.Popen(torchrun_cmd(*finetune_args(tiny_model, cut, *extra)), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = cut / "checkpoint" / "trainer_state.json"
     deadline = time.time() + TIMEOUT
     try:
@@ -151,8 +150,17 @@ def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model
             time.sleep(0.02)
         assert proc.poll() is None, "the run finished before it could be killed"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # the whole tree at once: torchrun starts each worker in a session of its own, so they
+        # are not in its process group
+        tree = [proc.pid, *descendants(proc.pid)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait(timeout=30)
+    assert len(tree) >= 3   # the agent and two workers
+    time.sleep(0.5)
     saved = json.loads(state.read_text())
     assert saved["world_size"] == 2 and len(saved["ranks"]) == 2 and saved["progress"]["step"] < 15
     two(*finetune_args(tiny_model, cut, *extra, "--resume"))
@@ -167,6 +175,25 @@ def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model
     p = subprocess.run([sys.executable, "-m", "lmforge", *finetune_args(tiny_model, cut, *extra, "--resume")],
                        env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 2 and "written by a run of 2 process(es), this run has 1" in p.stderr
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc: Linux)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        out += kids
+        todo += kids
+    return out
 
 
 def free_port() -> int:
