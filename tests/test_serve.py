@@ -482,6 +482,26 @@ def test_generate_equals_offline_generation(dec, gpt2_dir):
     assert error(dec.post("/v1/classify", {"inputs": ["a"]}), 400)
 
 
+def test_generate_with_beams_ngrams_and_stop_strings(dec, gpt2_dir):
+    model = from_pretrained(gpt2_dir).eval()
+    tok = load_tokenizer(gpt2_dir)
+    ids = torch.tensor([tok.encode("once upon a time")])
+    kw = dict(max_new_tokens=12, num_beams=3, length_penalty=0.8, no_repeat_ngram_size=2)
+    out = generate(model, ids, torch.ones_like(ids), **kw)[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in out:
+        out = out[:out.index(tok.eos_token_id)]
+    want = tok.decode(out)
+    body = dec.post("/v1/generate", {"prompt": "once upon a time", **kw}).json()
+    assert body["text"] == want, body
+    stop = want.split()[1]
+    body = dec.post("/v1/generate", {"prompt": "once upon a time", **kw, "stop": ["zzzq", stop]}).json()
+    assert body["text"] == want[:want.index(stop)] and body["finish_reason"] == "stop"
+    r = dec.post("/v1/generate", {"prompt": "x", "num_beams": 2, "do_sample": True})
+    assert "does not sample" in error(r, 422)["message"]
+    assert error(dec.post("/v1/generate", {"prompt": "x", "num_beams": 0}), 422)["field"] == "num_beams"
+    assert error(dec.post("/v1/generate", {"prompt": "x", "stop": ["a"] * 9}), 422)["field"] == "stop"
+
+
 def test_full_queue_answers_429_with_retry_after(dec):
     """--max-queue 4 sequences, a 1.5 s batching window: 3 queued + 2 more do not fit."""
     with ThreadPoolExecutor(1) as pool:

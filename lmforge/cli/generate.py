@@ -21,6 +21,7 @@ from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import non_negative_int, positive_int, ranged
 from lmforge.errors import ConfigError, DataError
 from lmforge.utils import checks
+from lmforge.utils.stops import cut_at_stop
 
 
 def add_parser(p) -> None:
@@ -58,12 +59,6 @@ def _prompts(args) -> list[str]:
     if not prompts:
         raise DataError(f"{args.input if args.input != '-' else '<stdin>'}: no prompts (expected one per line)")
     return prompts
-
-
-def cut_at_stop(text: str, stops) -> tuple[str, bool]:
-    """text up to the first stop string (and whether one was found)."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
 
 
 class Session:

@@ -249,13 +249,15 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
                 "embeddings": [v.tolist() for v in vectors]}
 
     @app.post("/v1/generate", response_model=S.GenerateResponse, **v1,
-              summary="Continue a prompt (decoder models): greedy, or sampling with temperature/top-k/top-p")
+              summary="Continue a prompt (decoder models): greedy, sampling with temperature/top-k/top-p, "
+                      "or beam search; no-repeat n-grams and stop strings")
     async def generate(req: S.GenerateRequest):
         if not engine.can_generate:
-            raise InputError(400, f"generation needs a decoder model (gpt2 with a causal-lm head); this server "
+            raise InputError(400, f"generation needs a decoder model (gpt2 or llama with a causal-lm head); this server "
                              f"runs {engine.name}, a {engine.model_type} encoder: use /v1/classify or /v1/embed")
         ids = await run_in_threadpool(engine.encode_prompt, req.prompt, req.max_new_tokens)
-        job = GenJob(ids, req.max_new_tokens, req.do_sample, req.temperature, req.top_k, req.top_p, req.seed)
+        job = GenJob(ids, req.max_new_tokens, req.do_sample, req.temperature, req.top_k, req.top_p, req.seed,
+                     req.num_beams, req.length_penalty, req.no_repeat_ngram_size, tuple(req.stop))
         (result,) = await submit("generate", [job])
         count("generate", None, 1)
         return {"model": engine.name, **result}

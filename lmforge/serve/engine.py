@@ -29,6 +29,7 @@ from lmforge.models.checkpoint import load_config
 from lmforge.models.generate import generate
 from lmforge.models.hub import resolve
 from lmforge.models.packing import Packed
+from lmforge.utils.stops import cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class GenJob:
     top_k: int
     top_p: float
     seed: int | None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] = ()
 
 
 class ReadWriteLock:
@@ -128,6 +133,11 @@ class Engine:
         self.lock = ReadWriteLock()            # forward passes (shared) vs adapter-table changes (exclusive)
         self.quantized = None
         self.precision = precision
+        # generation ends at the model's end token, and at a chat turn's end where the tokenizer has one
+        ends = {self.model.config.eos_token_id}
+        if self.can_generate and self.tokenizer.chat_template:
+            ends.add(self.tokenizer.token_to_id("<|im_end|>"))
+        self.end_ids = sorted(e for e in ends if e is not None)
         self._info: dict = {}                  # head_info per adapter, cleared when adapters change
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -312,12 +322,14 @@ class Engine:
             g.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         out = generate(self.model, ids, torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
                        do_sample=job.do_sample, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
-                       generator=g)
+                       generator=g, num_beams=job.num_beams, length_penalty=job.length_penalty,
+                       no_repeat_ngram_size=job.no_repeat_ngram_size, eos_token_id=self.end_ids or None)
         new = out[0, len(job.input_ids):].tolist()
-        eos = self.model.config.eos_token_id
         finish = "length"
-        if eos is not None and eos in new:
-            new = new[:new.index(eos)]
+        end = next((i for i, t in enumerate(new) if t in self.end_ids), None)
+        if end is not None:
+            new = new[:end]
             finish = "eos"
-        return {"text": self.tokenizer.decode(new), "completion_tokens": len(new),
-                "prompt_tokens": len(job.input_ids), "finish_reason": finish}
+        text, stopped = cut_at_stop(self.tokenizer.decode(new), job.stop)
+        return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(job.input_ids),
+                "finish_reason": "stop" if stopped else finish}

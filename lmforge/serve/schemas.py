@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_INPUTS = 256          # inputs per request
 MAX_CHARS = 100_000       # characters per text (tokens are limited by --max-input-tokens)
@@ -70,6 +70,17 @@ class GenerateRequest(Strict):
     top_k: int = Field(0, ge=0, le=1_000_000)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    num_beams: int = Field(1, ge=1, le=16, description="beam search when > 1 (not with do_sample)")
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0, description="beam search: log p / length ** this")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=16, description="never repeat an n-gram of this size (0: off)")
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=8)] = Field(
+        default_factory=list, description="the text ends before the first of these strings")
+
+    @model_validator(mode="after")
+    def _beams_do_not_sample(self):
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("num_beams > 1 is beam search, which does not sample: set do_sample false")
+        return self
 
 
 class GenerateResponse(BaseModel):
@@ -77,7 +88,7 @@ class GenerateResponse(BaseModel):
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["eos", "length"]
+    finish_reason: Literal["eos", "stop", "length"]
 
 
 class AdapterInfo(BaseModel):
