@@ -31,6 +31,9 @@ def run_glue(base: FinetuneConfig, tasks: list[str], seeds: list[int], out: str 
     label names the table row (default "model (method)")."""
     out = Path(out)
     task_epochs = {get_task(k).name: v for k, v in (task_epochs or {}).items()}
+    from lmforge.kernels import resolve_device
+
+    distributed.init(resolve_device(base.train.device))   # under torchrun, rank 0 decides what is done
     runs = []
     for name in tasks:
         task = get_task(name)
