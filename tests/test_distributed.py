@@ -177,6 +177,19 @@ def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model
     assert p.returncode == 2 and "written by a run of 2 process(es), this run has 1" in p.stderr
 
 
+def test_glue_table_on_two_processes(tmp_path, tiny_model, data_dir):
+    # rank 0's run directory decides which runs are done, for both ranks: a second launch skips them
+    args = ["glue", "--model", str(tiny_model), "--tasks", "rte", "--seeds", "1", "--max-train-samples", "32",
+            "--max-eval-samples", "16", "--max-seq-len", "32", "--batch-size", "8", "--max-steps", "2",
+            "--no-progress", "--out", str(tmp_path / "g")]
+    first = two(*args)
+    assert first.stdout.count("| RTE |") == 1   # one table, from rank 0
+    assert (tmp_path / "g" / "results.json").is_file() and (tmp_path / "g" / "rte" / "seed1" / "best").is_dir()
+    again = two(*args)
+    assert "== glue/rte seed 1" in first.stdout and "== glue/rte" not in again.stdout
+    assert first.stdout.endswith(again.stdout)   # the same table
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below pid (from /proc: Linux)."""
     parents = {}
