@@ -294,7 +294,7 @@ class Trainer:
             raise NonFiniteError(f"step {step}: weights {bad[0]!r}{more} are not finite, not saved to "
                                  f"{where}; {self._last_good()}")
 
-    def _evaluate(self, progress: Progress, log: MetricsLog) -> dict:
+    def _evaluate(self, progress: Progress, log: MetricsLog, elapsed_s: float) -> dict:
         # With several processes rank 0 evaluates on the whole evaluation set (the others wait for
         # its metrics): the metrics are those of one process, with no gathering of predictions.
         metrics = None
@@ -305,7 +305,8 @@ class Trainer:
                     metrics = self.evaluate(self.model)
             self.model.train()
         metrics = distributed.from_main(metrics)
-        log.write({"step": progress.step, "epoch": progress.epoch, "eval": metrics})
+        # elapsed_s: the run's wall time when the evaluation began (time-to-quality comparisons read it)
+        log.write({"step": progress.step, "epoch": progress.epoch, "elapsed_s": round(elapsed_s, 3), "eval": metrics})
         key = self.main_metric or next(iter(metrics))
         if self._is_better(metrics[key], progress.best_metric):
             if self.on_best is not None:
@@ -479,7 +480,7 @@ class Trainer:
                         progress.epoch, progress.batch = progress.epoch + 1, 0
                     paused = clock()  # evaluation and saving do not count as training time
                     if do_eval:
-                        last_eval, evaluated_at = self._evaluate(progress, log), progress.step
+                        last_eval, evaluated_at = self._evaluate(progress, log, elapsed()), progress.step
                     save_now = (cfg.save_every and progress.step % cfg.save_every == 0) or (
                         not cfg.save_every and evaluated_at == progress.step) or done
                     if save_now:
