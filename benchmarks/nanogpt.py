@@ -130,19 +130,21 @@ def run_nanogpt(tmp: Path, iters: int, log: Path) -> dict:
     return {"command": " ".join(cmd[1:]), "evals": evals, "seconds": ms / 1000, "val_loss": evals[-1]["val_loss"]}
 
 
-def run_lmforge(tmp: Path, prep: dict, steps: int, batch: int, lr: float, eval_every: int, log: Path) -> dict:
+def run_lmforge(tmp: Path, prep: dict, steps: int, batch: int, lr: float, eval_every: int, log: Path,
+                precision: str = "auto") -> dict:
     config = tmp / "gpt.json"
     config.write_text(json.dumps({"arch": "gpt2", "size": "tiny", "num_layers": LAYERS, "num_heads": HEADS,
                                   "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH,
                                   "max_position_embeddings": BLOCK, "linear_bias": False, "hidden_dropout": 0.0,
                                   "attention_dropout": 0.0, "embedding_dropout": 0.0}))
-    out = tmp / f"lmforge-b{batch}"
+    out = tmp / f"lmforge-b{batch}-{precision}"
     args = ["pretrain", "--config", str(config), "--objective", "clm", "--tokenizer", str(prep["tokenizer"]),
             "--corpus", str(prep["train"]), "--valid", str(prep["valid"]), "--max-seq-len", str(BLOCK),
             "--batch-size", str(batch), "--lr", str(lr), "--schedule", "cosine", "--warmup", "0.05",
             "--weight-decay", "0.1", "--max-grad-norm", "1.0", "--max-steps", str(steps),
             "--eval-every", str(eval_every), "--eval-batches", str(max(1, 240 // batch)),
-            "--save-every", str(steps), "--cache-dir", str(tmp / "shards"), "--no-progress", "--out", str(out)]
+            "--save-every", str(steps), "--cache-dir", str(tmp / "shards"), "--no-progress", "--out", str(out),
+            "--precision", precision]
     lmforge(*args, log=log)
     evals = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -188,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="300 nanoGPT iterations (a smoke run)")
     p.add_argument("--batches", default="12,48", help="lmforge batch sizes to try (comma-separated)")
     p.add_argument("--lr", type=float, default=2e-3, help="lmforge's peak learning rate")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="lmforge's --precision")
     p.add_argument("--keep", type=Path, help="keep the working files here")
     args = p.parse_args(argv)
     iters = 300 if args.quick else 2000
@@ -205,12 +208,16 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             steps = max(1, tokens // (batch * BLOCK))
             print(f"lmforge batch {batch}: {steps} steps ...", flush=True)
-            ours.append(run_lmforge(tmp, prep, steps, batch, args.lr, max(1, steps // 16), logs / "nanogpt-lmforge.log"))
+            ours.append(run_lmforge(tmp, prep, steps, batch, args.lr, max(1, steps // 16), logs / "nanogpt-lmforge.log",
+                                    args.precision))
         body, _ = render(prep, ngpt, ours, iters)
     print(body)
-    write_section("Causal LM against nanoGPT" + (" (quick)" if args.quick else ""),
-                  "python -m benchmarks.nanogpt" + (" --quick" if args.quick else ""), body,
-                  precision=trainer_precision("auto"))
+    cmd = "python -m benchmarks.nanogpt" + (" --quick" if args.quick else "") + (
+        f" --batches {args.batches}" if args.batches != "12,48" else "") + (
+        f" --lr {args.lr:g}" if args.lr != 2e-3 else "") + (
+        f" --precision {args.precision}" if args.precision != "auto" else "")
+    write_section("Causal LM against nanoGPT" + (" (quick)" if args.quick else ""), cmd, body,
+                  precision=trainer_precision(args.precision) + "; nanoGPT runs fp32 on a CPU")
     return 0
 
 
