@@ -69,7 +69,7 @@ def records(out):
 
 REFUSED = [
     (["--arch", "bert", "--size", "tiny", "--objective", "clm", "--max-steps", "2"],
-     "--objective clm needs a decoder (--arch gpt2), not bert"),
+     "--objective clm needs a decoder (--arch gpt2 or llama), not bert"),
     (["--arch", "gpt2", "--size", "tiny", "--objective", "mlm", "--max-steps", "2"],
      "--objective mlm needs an encoder (bert, roberta, cramming), not a decoder"),
     (["--arch", "roberta", "--size", "tiny", "--objective", "mlm,nsp", "--max-steps", "2"],
@@ -205,7 +205,8 @@ def test_bert_pretraining_result_loads_in_transformers(tmp_path, plays, cache):
 
 
 @pytest.mark.parametrize("arch,objective,cls", [("roberta", "mlm", "RobertaForMaskedLM"),
-                                                ("gpt2", "clm", "GPT2LMHeadModel")])
+                                                ("gpt2", "clm", "GPT2LMHeadModel"),
+                                                ("llama", "clm", "LlamaForCausalLM")])
 def test_roberta_and_gpt2_results_load_in_transformers(tmp_path, shakespeare, cache, byte_bpe, arch, objective, cls):
     out = tmp_path / arch
     config = write_config(tmp_path, arch=arch)
@@ -234,3 +235,9 @@ def test_init_minilm_continues_with_a_new_mlm_head(tmp_path, shakespeare, cache,
     after = from_pretrained(out / "model", head=None).state_dict()
     assert set(before) == set(after) and not torch.equal(before["transformer.layers.0.attention.query.weight"],
                                                          after["transformer.layers.0.attention.query.weight"])
+
+
+def test_every_preset_is_an_arch_choice():
+    from lmforge.cli.pretrain import ARCHS as CLI_ARCHS
+    from lmforge.models.presets import ARCHS
+    assert set(CLI_ARCHS) == set(ARCHS)   # the CLI keeps its own tuple so that it starts fast

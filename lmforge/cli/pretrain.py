@@ -11,6 +11,7 @@ Architectures (--arch; --size tiny|mini|small|base, or --config FILE with ModelC
   bert      post-LayerNorm, biases, GELU, learned positions (mlm, nsp, mlm,nsp)
   roberta   BERT's network with RoBERTa's conventions (mlm; give a byte-bpe --tokenizer)
   gpt2      a pre-LayerNorm decoder (clm; give a --tokenizer)
+  llama     pre-RMSNorm, SwiGLU, rotary positions, no biases (clm; give a --tokenizer)
   cramming  pre-LayerNorm, no linear biases, gated FFN, scaled sinusoidal positions, no dropout,
             fully packed blocks (saved in lmforge's format: transformers has no such class);
             a triangular one-cycle schedule as Cramming's: --schedule linear --warmup 0.5 --lr 1e-3
@@ -27,7 +28,7 @@ from lmforge.kernels.precision import DEVICES, PRECISIONS
 from lmforge.train.trainer import SCHEDULES, TrainConfig
 from lmforge.utils import checks
 
-ARCHS = ("bert", "roberta", "gpt2", "cramming")   # models/presets.py (not imported: the CLI starts fast)
+ARCHS = ("bert", "roberta", "gpt2", "llama", "cramming")   # models/presets.py (not imported: the CLI starts fast)
 SIZES = ("tiny", "mini", "small", "base")
 
 

@@ -126,7 +126,7 @@ class PretrainConfig:
 
 def check_model(config, objective: str, max_seq_len: int) -> None:
     if objective == "clm" and not config.causal:
-        raise ConfigError(f"--objective clm needs a decoder (--arch gpt2), not {config.model_type}")
+        raise ConfigError(f"--objective clm needs a decoder (--arch gpt2 or llama), not {config.model_type}")
     if objective != "clm" and config.causal:
         raise ConfigError(f"--objective {objective} needs an encoder (bert, roberta, cramming), not a decoder")
     room = config.max_position_embeddings - config.position_offset
