@@ -86,10 +86,7 @@ class Session:
             from lmforge.adapters.peft_format import load_adapter
             load_adapter(self.model, args.adapter, "adapter")
             self.adapter = "adapter"
-        ends = {self.model.config.eos_token_id, self.tokenizer.eos_token_id}
-        if self.tokenizer.chat_template and not args.no_chat_template:
-            ends.add(self.tokenizer.token_to_id("<|im_end|>"))   # ChatML's end of a turn (SmolLM2); None elsewhere
-        self.ends = sorted(e for e in ends if e is not None)
+        self.ends = self.tokenizer.end_ids(self.model.config.eos_token_id, chat=not args.no_chat_template)
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
 
     @staticmethod

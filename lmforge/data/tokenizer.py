@@ -194,6 +194,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def end_ids(self, model_eos: int | None, chat: bool) -> list[int]:
+        """The tokens that end a generation: the model's end token, this tokenizer's, and with the
+        chat template in use the end of a turn (ChatML's <|im_end|>, SmolLM2's)."""
+        ends = {model_eos, self.eos_token_id}
+        if chat and self.chat_template is not None:
+            ends.add(self.token_to_id("<|im_end|>"))
+        return sorted(e for e in ends if e is not None)
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token of the vocabulary (None when it has none), e.g. a chat end marker."""
         return self._tok.token_to_id(token)

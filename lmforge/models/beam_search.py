@@ -33,6 +33,17 @@ def banned_by_ngrams(sequence: list[int], n: int) -> list[int]:
             if tuple(sequence[i:i + n - 1]) == prefix]
 
 
+def block_repeated_ngrams(scores: torch.Tensor, histories: list[list[int]], n: int) -> None:
+    """Set to -inf, in place, each row's scores [R, V] of the tokens that would repeat an n-gram of
+    its history (the row's tokens so far)."""
+    if n <= 0:
+        return
+    for r, seq in enumerate(histories):
+        banned = banned_by_ngrams(seq, n)
+        if banned:
+            scores[r, banned] = float("-inf")
+
+
 class _Finished:
     """The best `k` finished hypotheses of one prompt: (score, tokens), best first."""
 
@@ -83,10 +94,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), dim=-1)           # [B*K, V]
         if no_repeat_ngram_size > 0:
-            for r in range(B * K):
-                banned = banned_by_ngrams(prompts[r] + generated[r], no_repeat_ngram_size)
-                if banned:
-                    logp[r, banned] = float("-inf")
+            block_repeated_ngrams(logp, [p + g for p, g in zip(prompts, generated)], no_repeat_ngram_size)
         V = logp.shape[-1]
         total = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
         top, index = total.topk(2 * K, dim=-1)                     # [B, 2K], best first

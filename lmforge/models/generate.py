@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from lmforge.models.beam_search import banned_by_ngrams, beam_search
+from lmforge.models.beam_search import beam_search, block_repeated_ngrams
 from lmforge.models.model import Model
 
 
@@ -75,11 +75,7 @@ def decode_steps(
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             logits = logits.float()
-            if no_repeat_ngram_size > 0:
-                for r in range(B):
-                    banned = banned_by_ngrams(history[r], no_repeat_ngram_size)
-                    if banned:
-                        logits[r, banned] = float("-inf")
+            block_repeated_ngrams(logits, history, no_repeat_ngram_size)
             if do_sample:
                 probs = next_token_scores(logits, temperature, top_k, top_p).softmax(-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

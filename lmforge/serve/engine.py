@@ -134,10 +134,7 @@ class Engine:
         self.quantized = None
         self.precision = precision
         # generation ends at the model's end token, and at a chat turn's end where the tokenizer has one
-        ends = {self.model.config.eos_token_id}
-        if self.can_generate and self.tokenizer.chat_template:
-            ends.add(self.tokenizer.token_to_id("<|im_end|>"))
-        self.end_ids = sorted(e for e in ends if e is not None)
+        self.end_ids = self.tokenizer.end_ids(self.model.config.eos_token_id, chat=True) if self.can_generate else []
         self._info: dict = {}                  # head_info per adapter, cleared when adapters change
 
     # -- adapters ---------------------------------------------------------------------------------
