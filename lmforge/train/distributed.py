@@ -136,10 +136,6 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                find_unused_parameters=False, **{quiet: False})
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
-
-
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """The sum over ranks of each value (float64; the values as given in a world of one)."""
     if not world().active:
