@@ -1,7 +1,9 @@
 """Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021): a small down-projection,
 nonlinearity and up-projection added to a sublayer's output, h + up(act(down(h))), before the
 residual connection. Houlsby places one after attention and one after the FFN; Pfeiffer only after
-the FFN. The up-projection starts at zero, so training starts from the base model.
+the FFN. "lin" is the LoRA paper's AdapterL (Lin et al., 2020): one adapter after the FFN whose input
+goes through a LayerNorm of its own first, h + up(act(down(LN(h)))). The up-projection starts at
+zero, so training starts from the base model.
 
 BottleneckAdapter wraps the sublayer's output projection (it does not subclass it) and keeps
 adapters in dicts keyed by name, like LoRA. Which adapters apply is an argument of the forward pass
@@ -21,7 +23,8 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.models import routing
 
-PLACEMENT = {"houlsby": ("attention.output", "output"), "pfeiffer": ("output",)}
+PLACEMENT = {"houlsby": ("attention.output", "output"), "pfeiffer": ("output",), "lin": ("output",)}
+NORMED = ("lin",)   # kinds whose adapter normalises its input (a LayerNorm inside the adapter)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class BottleneckConfig:
 class Bottleneck(nn.Module):
     def __init__(self, d: int, config: BottleneckConfig):
         super().__init__()
+        self.norm = nn.LayerNorm(d) if config.kind in NORMED else None
         self.down = nn.Linear(d, config.size)
         self.up = nn.Linear(config.size, d)
         self.act = getattr(F, config.activation)
@@ -51,7 +55,8 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):
-        return h + self.up(self.act(self.down(h)))
+        x = h if self.norm is None else self.norm(h)
+        return h + self.up(self.act(self.down(x)))
 
 
 class BottleneckAdapter(nn.Module):

@@ -7,9 +7,13 @@ bitfit            only the biases train (Ben Zaken et al., 2021)
 lora              LoRA on lora_targets (rank lora_r, scaling lora_alpha / lora_r)
 adapter-houlsby   bottleneck adapters (adapter_size) after attention and after the FFN
 adapter-pfeiffer  one bottleneck adapter (adapter_size) after the FFN
+adapter-l         the LoRA paper's AdapterL (Lin et al., 2020): one adapter after the FFN, with a
+                  LayerNorm of its own on its input
 prefix-embedding  prefix_length trainable virtual tokens at the input
 prefix-layer      trainable keys and values of prefix_length virtual tokens in every layer
-In every method but `features`, the task head trains too.
+In every method but `features`, the task head trains too. A language-model head (causal-lm, mlm) is
+not a task head: it is the model's own output layer, so only full and freeze train it, and LoRA gives
+its adapter no copy of it (an untied LM head is a vocabulary-sized matrix).
 
 Each family is one `Method` object in REGISTRY (attach, save, load, export, the adapter its runs
 route to, whether it mixes in a batch, whether the server can hot-load it): callers dispatch through
@@ -27,8 +31,9 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-METHODS = ("full", "freeze", "features", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer",
+METHODS = ("full", "freeze", "features", "bitfit", "lora", "adapter-houlsby", "adapter-pfeiffer", "adapter-l",
            "prefix-embedding", "prefix-layer")
+LM_HEADS = ("causal-lm", "mlm")   # heads that are the model's output layer, not a task's
 ADAPTER = "default"  # the adapter a single-task run trains
 
 
@@ -155,14 +160,15 @@ class Bottleneck(Method):
     """adapter-houlsby / adapter-pfeiffer: bottleneck adapters named ADAPTER in every layer; runs route
     to ADAPTER, and rows of different bottleneck (or LoRA) adapters mix in one batch (each row's tokens
     through its own adapter). Saved as a delta, which the server does not hot-load."""
-    names = ("adapter-houlsby", "adapter-pfeiffer")
+    names = ("adapter-houlsby", "adapter-pfeiffer", "adapter-l")
     adapter = ADAPTER
     mixable = True
+    KINDS = {"adapter-houlsby": "houlsby", "adapter-pfeiffer": "pfeiffer", "adapter-l": "lin"}
 
     def attach(self, model, m: MethodConfig) -> None:
         from lmforge.adapters.bottleneck import BottleneckConfig, add_bottleneck
         self._freeze_trunk(model)
-        add_bottleneck(model, ADAPTER, BottleneckConfig(kind=m.method.removeprefix("adapter-"),
+        add_bottleneck(model, ADAPTER, BottleneckConfig(kind=self.KINDS[m.method],
                                                         size=m.adapter_size, activation=m.adapter_activation))
 
     def export(self, model, adapter=None):
@@ -201,26 +207,47 @@ class Lora(Method):
         from lmforge.adapters.manager import add_adapter, mark_trainable
 
         targets = tuple(t.strip() for t in m.lora_targets.split(",") if t.strip())
+        lm = model.config.head in LM_HEADS   # the adapter answers through the model's own LM head
         add_adapter(model, ADAPTER, LoraConfig(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                               target_modules=targets), head_config=head_config(model))
+                                               target_modules=targets), head=not lm,
+                    head_config=None if lm else head_config(model))
         mark_trainable(model, ADAPTER)
+
+    # PEFT has no key map for GPT-2's fused c_attn here (peft_format): its LoRA runs save as a delta
+    NO_PEFT = ("gpt2",)
 
     def save(self, model, directory, m, base_model, tokenizer=None) -> Path:
         from lmforge.adapters.peft_format import save_adapter
+        if model.config.model_type in self.NO_PEFT:
+            return super().save(model, directory, m, base_model, tokenizer)
         return save_adapter(model, ADAPTER, directory, base_model=base_model, tokenizer=tokenizer)
 
     def load(self, directory: Path, device: str = "cpu", name: str = ADAPTER):
         from lmforge.adapters.peft_format import load_adapter, read_adapter_config
         from lmforge.models import from_pretrained
 
+        if (Path(directory) / "delta.json").is_file() and not (Path(directory) / "adapter_config.json").is_file():
+            return super().load(directory, device)   # a LoRA run saved as a delta (GPT-2)
         directory = Path(directory).resolve()   # files are read confined to it (peft_format)
         base = read_adapter_config(directory).get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"{directory / 'adapter_config.json'}: no base_model_name_or_path to load the "
                               "adapter onto")
-        model = from_pretrained(base, head="classification", device=device).eval()
+        model = from_pretrained(base, head=self._head_kind(directory), device=device).eval()
         load_adapter(model, directory, name)
         return model.eval(), name
+
+    @staticmethod
+    def _head_kind(directory: Path) -> str:
+        """The head the adapter was trained on (lmforge_head.json); classification when not said."""
+        if not (directory / "lmforge_head.json").is_file():
+            return "classification"
+        from lmforge.utils.confine import Confined
+        try:
+            kind = Confined(directory).read_json(directory / "lmforge_head.json").get("head")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{directory / 'lmforge_head.json'}: cannot be read ({e})") from None
+        return kind if isinstance(kind, str) and kind else "classification"
 
     def export(self, model, adapter=None):
         from lmforge.adapters.manager import merged_model
@@ -269,6 +296,9 @@ def apply_method(model, m: MethodConfig) -> Method:
         p.requires_grad_(True)
     method = get_method(m)
     method.attach(model, m)
+    if model.config.head in LM_HEADS and not isinstance(method, WholeModel) and model.head is not None:
+        for p in model.head.parameters():   # the output layer stays the base model's
+            p.requires_grad_(False)
     return method
 
 

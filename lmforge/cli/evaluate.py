@@ -2,11 +2,14 @@
 
   lmforge evaluate --run runs/sst2-full --task glue/sst2 --split dev
   lmforge evaluate --task e2e --split dev --predictions outputs.txt
+  lmforge evaluate --task e2e --split dev --run runs/e2e-lora --beams 10 --length-penalty 0.8 --no-repeat-ngram 4
 
-Data-to-text tasks (e2e, webnlg, dart) score an existing output file: one output per line, in the
-order of the split's unique inputs (lmforge.data.nlg.eval_set), each against all its references,
-with the official E2E script's metrics (BLEU, NIST, METEOR, ROUGE_L, CIDEr; needs Java). Their data
-is read from --data-dir or $LMFORGE_DATA (the folder holding e2e-nlg/, webnlg/, dart/).
+Data-to-text tasks (e2e, webnlg, dart) score an output file: one output per line, in the order of
+the split's unique inputs (lmforge.data.nlg.eval_set), each against all its references, with the
+official E2E script's metrics (BLEU, NIST, METEOR, ROUGE_L, CIDEr; needs Java). With --run (a
+`finetune --task e2e|webnlg|dart` run) the outputs are generated first, one per unique input
+(--max-eval-samples: the first N), and written to --output (default: RUN/predictions-SPLIT.txt).
+Their data is read from --data-dir or $LMFORGE_DATA (the folder holding e2e-nlg/, webnlg/, dart/).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def run_files(run: str):
 
 
 def add_parser(p) -> None:
-    from lmforge.cli.finetune import add_data_args
+    from lmforge.cli.finetune import add_data_args, add_decoding_args
 
     p.add_argument("--run", help="run directory (its best/ model is used) or model directory")
     p.add_argument("--predictions", help="e2e/webnlg/dart: a file of outputs to score, one per line in the "
@@ -39,8 +42,11 @@ def add_parser(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--max-seq-len", type=seq_len, default=128)
     p.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantization of the base model (CPU)")
+    p.add_argument("--output", help="e2e/webnlg/dart with --run: where to write the generated outputs "
+                                    "(default: RUN/predictions-SPLIT.txt)")
     add_runtime_args(p)
     add_data_args(p)
+    add_decoding_args(p)
 
 
 def nlg_task(args) -> str | None:
@@ -51,9 +57,9 @@ def nlg_task(args) -> str | None:
         raise ConfigError("--run and --predictions: give one (--predictions scores an existing output file)")
     if args.predictions and task is None:
         raise ConfigError(f"--predictions needs --task {' | '.join(TASKS)}, got {args.task or 'no --task'}")
-    if task and not args.predictions:
-        raise ConfigError(f"--task {task} scores an output file: pass --predictions FILE "
-                          "(one output per unique input of the split)")
+    if task and not args.predictions and not args.run:
+        raise ConfigError(f"--task {task} scores an output file: pass --predictions FILE (one output per unique "
+                          "input of the split), or --run DIR to generate them with a trained decoder")
     if not args.run and not args.predictions:
         raise ConfigError("--run is required (or --predictions FILE with --task e2e | webnlg | dart)")
     return task
@@ -79,10 +85,34 @@ def run_nlg(args, task: str) -> int:
     if args.split not in ("dev", "test"):
         raise ConfigError(f"--split for {task} must be dev or test, got {args.split!r}")
     data = eval_set(task, args.split, args.data_dir, references=args.references)
+    if args.run:
+        return generate_and_score(args, task, data)
     outputs = read_predictions(args.predictions, len(data), f"{task} {args.split}")
     scores = nlg_scores(outputs, data.references)
     print(json.dumps({"task": task, "split": args.split, "inputs": len(data), "references": data.n_references,
                       "reference_set": args.references, **scores}))
+    return 0
+
+
+def generate_and_score(args, task: str, data) -> int:
+    """--run with a data-to-text task: the run's decoder generates one output per unique input."""
+    from pathlib import Path
+
+    from lmforge.cli.finetune import decoding_from_args
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.train.data_to_text import capped, end_token, evaluate_generation, load_run_model
+
+    decoding = decoding_from_args(args)
+    data = capped(data, args.max_eval_samples)
+    device, precision = resolve_runtime(args, quiet=True)
+    model, adapter, settings = load_run_model(args.run, device)
+    if settings["task"] != task:
+        raise ConfigError(f"{args.run}: the run was trained on {settings['task']}, not {task}")
+    tokenizer = load_tokenizer(settings["model"])
+    output = Path(args.output) if args.output else Path(args.run) / f"predictions-{args.split}.txt"
+    result = evaluate_generation(model, tokenizer, data, decoding, end_token(tokenizer), output, adapter, precision,
+                                 reference_set=args.references)
+    print(json.dumps(result))
     return 0
 
 

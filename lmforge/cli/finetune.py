@@ -1,7 +1,9 @@
-"""Fine-tune a pretrained encoder on a GLUE task or your own labelled CSV/TSV/JSONL files.
+"""Fine-tune a pretrained encoder on a GLUE task or your own labelled CSV/TSV/JSONL files, or a decoder
+on a data-to-text task (e2e, webnlg, dart), evaluated by generation.
 
   lmforge finetune --model minilm --task glue/sst2 --method full --out runs/sst2-full
   lmforge finetune --train train.csv --dev dev.csv --text-col review --label-col stars --out runs/mine
+  lmforge finetune --model smollm2-135m --task e2e --method lora --lora-r 4 --lora-alpha 32 --out runs/e2e
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from lmforge.cli.validate import field_type, ranged, writable_dir
 from lmforge.train.finetune import LABEL_TYPES, METHOD_RULES, FinetuneConfig
 from lmforge.kernels.precision import DEVICES, PRECISIONS
+from lmforge.train.data_to_text import DecodingConfig
 from lmforge.train.trainer import SCHEDULES, TrainConfig
 
 
@@ -25,9 +28,38 @@ def M(name: str, base: type = int):
     return ranged(base, METHOD_RULES[name])
 
 
+def D(name: str):
+    return field_type(DecodingConfig, name)
+
+
+def add_decoding_args(p) -> None:
+    """How data-to-text evaluation decodes (defaults: the LoRA paper's beam 10, length penalty 0.8,
+    no-repeat-n-gram 4)."""
+    d = DecodingConfig()
+    p.add_argument("--beams", type=D("beams"), default=d.beams, help="e2e/webnlg/dart: beam search width")
+    p.add_argument("--length-penalty", type=D("length_penalty"), default=d.length_penalty,
+                   help="beam search: a hypothesis scores log p / length ** this")
+    p.add_argument("--no-repeat-ngram", type=D("no_repeat_ngram"), default=d.no_repeat_ngram,
+                   help="never repeat an n-gram of this size (0: off)")
+    p.add_argument("--max-new-tokens", type=D("max_new_tokens"), default=d.max_new_tokens,
+                   help="longest output, in tokens")
+    p.add_argument("--gen-batch-size", type=D("batch_size"), default=d.batch_size,
+                   help="inputs decoded together (each with --beams rows)")
+
+
+def decoding_from_args(args) -> DecodingConfig:
+    d = DecodingConfig()   # commands without these options (lmforge glue) keep the defaults
+    return DecodingConfig(beams=getattr(args, "beams", d.beams),
+                          length_penalty=getattr(args, "length_penalty", d.length_penalty),
+                          no_repeat_ngram=getattr(args, "no_repeat_ngram", d.no_repeat_ngram),
+                          max_new_tokens=getattr(args, "max_new_tokens", d.max_new_tokens),
+                          batch_size=getattr(args, "gen_batch_size", d.batch_size))
+
+
 def add_data_args(p) -> None:
     p.add_argument("--model", default="minilm", help="model directory, alias or hub id (default: minilm)")
-    p.add_argument("--task", help="GLUE task, e.g. glue/sst2 (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
+    p.add_argument("--task", help="GLUE task, e.g. glue/sst2 (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), "
+                                  "or a data-to-text task for a decoder: e2e, webnlg, dart")
     p.add_argument("--data-dir", help="GLUE-layout directory (default: $LMFORGE_DATA/glue, else the datasets hub)")
     p.add_argument("--train", dest="train_file", help="your training file (.csv, .tsv, .jsonl)")
     p.add_argument("--dev", dest="dev_file", help="your dev file, same columns")
@@ -38,12 +70,18 @@ def add_data_args(p) -> None:
                    help="float = regression; auto = float when every label parses as a number with a fraction")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     p.add_argument("--max-train-samples", type=F("max_train_samples"))
-    p.add_argument("--max-eval-samples", type=F("max_eval_samples"))
+    p.add_argument("--max-eval-samples", type=F("max_eval_samples"),
+                   help="evaluate on the first N dev examples (e2e/webnlg/dart: the first N unique inputs)")
 
 
 def add_parser(p) -> None:
     add_data_args(p)
     add_train_args(p)
+    add_decoding_args(p)
+    p.add_argument("--label-smoothing", type=F("label_smoothing"), default=0.0,
+                   help="e2e/webnlg/dart: label smoothing of the reference tokens' loss (the LoRA paper: 0.1)")
+    p.add_argument("--lm-aux-weight", type=F("lm_aux_weight"), default=0.0,
+                   help="e2e/webnlg/dart: lambda of GPT's auxiliary LM loss over the prompt tokens (L2 + lambda L1)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 
@@ -51,7 +89,7 @@ def add_train_args(p) -> None:
     d = TrainConfig(out_dir="")
     p.add_argument("--method", default="full",
                    help="full | freeze | features | bitfit | lora | adapter-houlsby | adapter-pfeiffer | "
-                        "prefix-embedding | prefix-layer")
+                        "adapter-l | prefix-embedding | prefix-layer")
     p.add_argument("--freeze-layers", type=M("freeze_layers"), default=0, help="with --method freeze: bottom layers to freeze")
     p.add_argument("--feature-pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--feature-pairs", choices=["separate", "joint"], default="separate",
@@ -117,7 +155,8 @@ def config_from_args(args):
                            adapter_size=args.adapter_size, prefix_length=args.prefix_length),
         packed=not args.padded, batch_tokens=args.batch_tokens,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        classifier_dropout=args.classifier_dropout, train=train)
+        classifier_dropout=args.classifier_dropout, label_smoothing=getattr(args, "label_smoothing", 0.0),
+        lm_aux_weight=getattr(args, "lm_aux_weight", 0.0), decoding=decoding_from_args(args), train=train)
 
 
 def run(args) -> int:

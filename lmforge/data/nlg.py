@@ -405,3 +405,74 @@ def train_examples(task: str, data_dir=None, split: str = "train") -> list[Examp
         name = {"dev": "devset.csv", "test": "testset_w_refs.csv"}[split]
         return [Example(src, ref) for _, src, ref in read_e2e_csv(root / "e2e-nlg" / name)]
     return eval_set(task, split, root).examples()
+
+
+# ---------------------------------------------------------------- token ids and batches (decoders)
+
+@dataclass(frozen=True)
+class Encoded:
+    """One training example as token ids: the prompt's, then the target's (" " + reference, then the
+    end-of-text token). The loss belongs on the target ids only."""
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + self.target_ids
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # no special tokens: a decoder's prompt starts with the source itself, as the LoRA paper's does
+    return list(tokenizer([text], padding="none", add_special_tokens=False)["input_ids"][0])
+
+
+def prompt_ids(tokenizer, source: str) -> list[int]:
+    """The token ids of the prompt a decoder continues for `source` (the same in training and generation)."""
+    return _ids(tokenizer, prompt(source))
+
+
+def encode_examples(tokenizer, examples: list[Example], max_len: int, eos_id: int) -> tuple[list[Encoded], int]:
+    """(encoded examples, how many were cut to max_len). A prompt and its target are encoded apart, so
+    the boundary between them never moves; a target that does not fit loses its end (end token
+    included). A prompt that leaves no room for a target token is a DataError."""
+    out, cut = [], 0
+    for i, e in enumerate(examples, 1):
+        p = prompt_ids(tokenizer, e.source)
+        t = _ids(tokenizer, e.completion) + [eos_id]
+        if len(p) >= max_len:
+            raise DataError(f"example {i} ({e.source[:40]!r}...): its prompt has {len(p)} tokens, no room for "
+                            f"the reference within --max-seq-len {max_len}")
+        if len(p) + len(t) > max_len:
+            t, cut = t[:max_len - len(p)], cut + 1
+        out.append(Encoded(tuple(p), tuple(t)))
+    return out, cut
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict:
+    """Right-padded input_ids and attention_mask [B, T], and target_mask [B, T]: True at the target's
+    tokens (the reference and its end token), False at the prompt's and at padding."""
+    import torch
+
+    T = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(items), T, dtype=torch.long)
+    target = torch.zeros(len(items), T, dtype=torch.bool)
+    for b, e in enumerate(items):
+        n, p = len(e.input_ids), len(e.prompt_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        mask[b, :n] = 1
+        target[b, p:n] = True
+    return {"input_ids": ids, "attention_mask": mask, "target_mask": target}
+
+
+def prompt_batch(prompts: list[list[int]], pad_id: int) -> tuple:
+    """Left-padded input_ids and attention_mask [B, T] of token-id prompts, for generation."""
+    import torch
+
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return ids, mask

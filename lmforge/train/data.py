@@ -21,6 +21,12 @@ class TaskData:
         return self.labels is None
 
 
+def is_nlg_task(task: str | None) -> bool:
+    """A data-to-text task (data/nlg.py: e2e, webnlg, dart), which a decoder learns to generate."""
+    from lmforge.data.nlg import TASKS
+    return task in TASKS
+
+
 def _cap(rows: list, n: int | None) -> list:
     return rows if n is None else rows[:n]
 

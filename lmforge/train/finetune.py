@@ -1,4 +1,5 @@
-"""Fine-tune a pretrained encoder on a GLUE task or the user's own labelled file.
+"""Fine-tune a pretrained encoder on a GLUE task or the user's own labelled file; a decoder on a
+data-to-text task (e2e, webnlg, dart: train/data_to_text.py).
 
 A run directory holds:
   run.json        the resolved configuration (everything needed to repeat or resume the run)
@@ -28,7 +29,8 @@ from lmforge.errors import ConfigError
 from lmforge.infer.classify import predict_logits
 from lmforge.kernels import resolve_device, resolve_precision
 from lmforge.models import from_pretrained
-from lmforge.train.data import TaskData, load_task_data
+from lmforge.train.data import TaskData, is_nlg_task, load_task_data
+from lmforge.train.data_to_text import DecodingConfig
 from lmforge.adapters.methods import MethodConfig, apply_method, describe_parameters, parameter_counts
 from lmforge.models import routing
 from lmforge.train.metrics import compute_metrics
@@ -39,7 +41,7 @@ from lmforge.train.state import set_seed
 from lmforge.train.trainer import TrainConfig, Trainer
 from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_file, clean_stale_temps
-from lmforge.utils.checks import AT_LEAST_1, DROPOUT, NON_NEGATIVE, POSITIVE, SEQ_LEN, check_fields, rule
+from lmforge.utils.checks import AT_LEAST_1, DROPOUT, NON_NEGATIVE, POSITIVE, SEQ_LEN, Range, check_fields, rule
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,11 @@ class FinetuneConfig:
     max_eval_samples: int | None = field(default=None, metadata=rule(AT_LEAST_1))
     eval_batch_size: int = field(default=128, metadata=rule(AT_LEAST_1))
     classifier_dropout: float | None = field(default=None, metadata=rule(DROPOUT))
+    # data-to-text (decoders): label smoothing of the target tokens' loss, GPT's auxiliary LM weight
+    # lambda (L3 = L2 + lambda L1, L1 over the prompt tokens), and how evaluation decodes
+    label_smoothing: float = field(default=0.0, metadata=rule(Range(lo=0, hi=1, hi_open=True)))
+    lm_aux_weight: float = field(default=0.0, metadata=rule(NON_NEGATIVE))
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/finetune"))
 
     @classmethod
@@ -79,6 +86,7 @@ class FinetuneConfig:
         d.pop("resolved", None)      # what auto meant on the machine that ran it: a record, not a setting
         d["train"] = TrainConfig(**d["train"])
         d["adapt"] = MethodConfig(**d["adapt"])
+        d["decoding"] = DecodingConfig(**d.get("decoding", {}))
         return cls(**d)
 
     def validate(self) -> None:
@@ -88,6 +96,10 @@ class FinetuneConfig:
             why = r.problem(getattr(self.adapt, name))
             if why:
                 raise ConfigError(f"--{name.replace('_', '-')} {why}")
+        self.decoding.validate()
+        if (self.label_smoothing or self.lm_aux_weight) and not is_nlg_task(self.task):
+            raise ConfigError("--label-smoothing and --lm-aux-weight apply to data-to-text tasks "
+                              f"(--task e2e | webnlg | dart), not {self.task or 'your own files'}")
         if self.label_type not in LABEL_TYPES:
             raise ConfigError(f"--label-type {self.label_type!r} is not one of {', '.join(LABEL_TYPES)}")
         if self.batch_tokens is not None and self.batch_tokens < self.max_seq_len:
@@ -148,6 +160,9 @@ def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: 
 def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     # Everything that can be refused is checked, and all inputs read, before the run directory is
     # touched: a failed command must not rewrite the run.json of the interrupted run it points at.
+    if is_nlg_task(cfg.task):
+        from lmforge.train.data_to_text import run_data_to_text
+        return run_data_to_text(cfg, resume)
     cfg.validate()
     out = Path(cfg.train.out_dir)
     run_file = out / "run.json"

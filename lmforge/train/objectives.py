@@ -223,6 +223,75 @@ class CausalLM(Objective):
         return float(tallies["clm_predicted"])
 
 
+@dataclass
+class DataToText(Objective):
+    """A decoder learning to continue a prompt with its reference (data/nlg.py: E2E, WebNLG, DART).
+
+    The batch is right-padded `input_ids` / `attention_mask` with `target_mask` [B, T]: True at the
+    target's tokens (" " + reference and the end token). The loss is the cross-entropy of predicting
+    each target token from the tokens before it (label smoothing `label_smoothing`, as
+    F.cross_entropy computes it), averaged over the target tokens; nothing of the prompt is scored.
+    `lm_aux_weight` (lambda) adds GPT's auxiliary language-model objective (Radford et al. 2018,
+    L3 = L2 + lambda L1): the plain cross-entropy of predicting each prompt token after its first from
+    the tokens before it, averaged over those tokens, times lambda. Only scored positions go through
+    the vocabulary projection.
+
+    Tallies: the target tokens' summed negative log-likelihood without smoothing (what dev loss and
+    perplexity report), their count and correct argmax predictions, and the prompt term's sum and count."""
+
+    label_smoothing: float = 0.0
+    lm_aux_weight: float = 0.0
+    name: str = "data-to-text"
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not (self.lm_aux_weight >= 0.0 and math.isfinite(self.lm_aux_weight)):
+            raise ConfigError(f"--lm-aux-weight must be a finite number >= 0, got {self.lm_aux_weight}")
+
+    def __call__(self, model, batch):
+        ids, target = batch["input_ids"], batch["target_mask"].bool()        # [B, T]
+        real = batch["attention_mask"].bool()
+        # the logits at position t predict token t + 1
+        predicts_target = torch.zeros_like(target)
+        predicts_target[:, :-1] = target[:, 1:]
+        scored = predicts_target
+        if self.lm_aux_weight:
+            predicts_prompt = torch.zeros_like(target)
+            predicts_prompt[:, :-1] = real[:, 1:] & ~target[:, 1:]
+            scored = predicts_target | predicts_prompt
+        positions = scored.reshape(-1).nonzero().squeeze(-1)                  # [M] rows of the flat [B*T]
+        logits = model(**_padded_inputs(batch), positions=positions).logits.float()
+        labels = ids.reshape(-1).index_select(0, positions + 1)
+        is_target = predicts_target.reshape(-1).index_select(0, positions)
+        t_logits, t_labels = logits[is_target], labels[is_target]
+        m = t_labels.numel()
+        loss_sum = F.cross_entropy(t_logits, t_labels, reduction="sum", label_smoothing=self.label_smoothing)
+        nll_sum = (F.cross_entropy(t_logits.detach(), t_labels, reduction="sum") if self.label_smoothing
+                   else loss_sum.detach())
+        loss = loss_sum / max(m, 1)
+        tallies = {"target_nll_sum": nll_sum, "target_tokens": torch.tensor(m),
+                   "target_correct": (t_logits.detach().argmax(-1) == t_labels).sum(), "tokens": _tokens(batch)}
+        if self.lm_aux_weight:
+            p_logits, p_labels = logits[~is_target], labels[~is_target]
+            k = p_labels.numel()
+            aux_sum = F.cross_entropy(p_logits, p_labels, reduction="sum")
+            loss = loss + self.lm_aux_weight * aux_sum / max(k, 1)
+            tallies.update(prompt_nll_sum=aux_sum.detach(), prompt_tokens=torch.tensor(k))
+        return loss, tallies
+
+    def summarize(self, totals):
+        nll = _ratio(totals, "target_nll_sum", "target_tokens")
+        out = {"target_loss": nll, "perplexity": math.exp(min(nll, 700.0)) if math.isfinite(nll) else nll,
+               "token_accuracy": _ratio(totals, "target_correct", "target_tokens")}
+        if "prompt_tokens" in totals:
+            out["prompt_loss"] = _ratio(totals, "prompt_nll_sum", "prompt_tokens")
+        return out
+
+    def weight(self, tallies, examples):
+        return float(tallies["target_tokens"])
+
+
 def evaluate(objective: Objective, model: torch.nn.Module, batches, device) -> dict[str, float]:
     """The objective's metrics over `batches` (summed tallies, so accuracies weigh every prediction
     alike) and "loss", the mean loss per batch. The caller sets eval mode and no_grad."""
