@@ -10,6 +10,8 @@ log-probabilities are added to its score; of the beams x vocabulary continuation
   (generated length, end token included) ** length_penalty; the best num_beams finished ones are kept;
 - the best num_beams that did not end keep running; the cache rows follow the beams they extend.
 
+Prompts of different lengths need no padding: each cache row has its own length (models/kv_cache.py).
+
 A prompt is done when it holds num_beams finished hypotheses and its best running beam, scored at
 its current length, cannot beat the worst of them (the usual heuristic: with a positive length
 penalty a longer beam could in principle still overtake). The answer is the best finished
@@ -63,72 +65,79 @@ class _Finished:
 
 
 @torch.no_grad()
-def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
                 num_beams: int = 4, max_new_tokens: int = 20, length_penalty: float = 1.0,
                 no_repeat_ngram_size: int = 0, eos_token_id: int | list[int] | None = None,
-                pad_token_id: int | None = None) -> torch.Tensor:
-    """[B, T + n]: each prompt (left-padded when lengths differ) followed by its best hypothesis,
-    padded with the pad id after its end."""
+                pad_token_id: int | None = None):
+    """input_ids [B, T] (left-padded, with attention_mask, when lengths differ) -> [B, T + n]: each
+    prompt followed by its best hypothesis, padded with the pad id after its end. A list of prompts
+    (token-id lists of any lengths) -> a list: each prompt followed by its best hypothesis.
+
+    The prompts are prefilled once each, packed (models/generate.py), and their cache rows copied to
+    their beams; a prompt that is done leaves the batch, so the steps after it compute the others only."""
+    from lmforge.models.generate import decode_step, prefill, prompt_lists   # generate.py imports this module
+
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    B, T = input_ids.shape
-    K = num_beams
+    prompts = prompt_lists(input_ids, attention_mask)
+    B, K, device = len(prompts), num_beams, model.device
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]   # several end tokens
-    end_ids = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+    end_ids = torch.tensor(eos, dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     was_training = model.training
     model.eval()
-    rows = input_ids.repeat_interleave(K, dim=0)                  # [B*K, T]: beams of a prompt adjacent
-    mask = attention_mask.repeat_interleave(K, dim=0)
-    prompts = [[t for t, m in zip(r, mk) if m] for r, mk in zip(rows.tolist(), mask.tolist())]
-    cache = model.new_cache(B * K, T + max_new_tokens)
-    logits = model(rows, attention_mask=mask, cache=cache).logits[:, -1]   # [B*K, V]
-    scores = torch.full((B, K), NEG, device=rows.device)
+    cache, logits = prefill(model, prompts, max_new_tokens)         # [B, V]
+    fan_out = torch.arange(B, device=device).repeat_interleave(K)  # [B K]: beams of a prompt adjacent
+    cache.keep(fan_out)
+    logits = logits[fan_out]                                       # [B K, V]
+    scores = torch.full((B, K), NEG, device=device)
     scores[:, 0] = 0.0                                             # at first all beams are the same
-    generated: list[list[int]] = [[] for _ in range(B * K)]
+    generated: list[list[int]] = [[] for _ in range(B * K)]       # per cache row: its beam's tokens
     finished = [_Finished(K) for _ in range(B)]
-    open_ = [True] * B                                             # may still gain a hypothesis
+    live = list(range(B))          # the prompts still searching, in cache order (K rows each)
     for step in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float(), dim=-1)           # [B*K, V]
+        n = len(live)
+        logp = torch.log_softmax(logits.float(), dim=-1)           # [n K, V]
         if no_repeat_ngram_size > 0:
-            block_repeated_ngrams(logp, [p + g for p, g in zip(prompts, generated)], no_repeat_ngram_size)
+            histories = [prompts[live[i // K]] + g for i, g in enumerate(generated)]
+            block_repeated_ngrams(logp, histories, no_repeat_ngram_size)
         V = logp.shape[-1]
-        total = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
-        top, index = total.topk(2 * K, dim=-1)                     # [B, 2K], best first
+        total = (scores[:, :, None] + logp.view(n, K, V)).view(n, K * V)
+        top, index = total.topk(2 * K, dim=-1)                     # [n, 2K], best first
         beam, token = index // V, index % V
         last = step + 1 == max_new_tokens
         ends = torch.ones_like(token, dtype=torch.bool) if last else torch.isin(token, end_ids)
         gen_len = step + 1
         top_l, beam_l, token_l, ends_l = top.tolist(), beam.tolist(), token.tolist(), ends.tolist()
-        for b in range(B):
-            if not open_[b]:
-                continue
+        for i, b in enumerate(live):
             for j in range(K):                                      # only the best K may finish
-                if ends_l[b][j]:
-                    finished[b].add(top_l[b][j] / gen_len ** length_penalty,
-                                    generated[b * K + beam_l[b][j]] + [token_l[b][j]])
+                if ends_l[i][j]:
+                    finished[b].add(top_l[i][j] / gen_len ** length_penalty,
+                                    generated[i * K + beam_l[i][j]] + [token_l[i][j]])
         # the best K continuations that did not end keep running
-        keep = torch.where(ends, torch.full_like(top, NEG), top).topk(K, dim=-1).indices   # [B, K]
-        src = beam.gather(1, keep)                                 # [B, K] beam each one extends
+        keep = torch.where(ends, torch.full_like(top, NEG), top).topk(K, dim=-1).indices   # [n, K]
+        src = beam.gather(1, keep)                                 # [n, K] beam each one extends
         new_tokens = token.gather(1, keep)
         scores = top.gather(1, keep).masked_fill(ends.gather(1, keep), NEG)
-        rows_from = (src + torch.arange(B, device=src.device)[:, None] * K).view(-1)   # [B*K]
-        generated = [generated[i] + [t] for i, t in zip(rows_from.tolist(), new_tokens.view(-1).tolist())]
-        prompts = [prompts[i] for i in rows_from.tolist()]
-        for b in range(B):                                          # can a running beam still win?
-            best_running = float(scores[b, 0]) / gen_len ** length_penalty
-            if open_[b] and finished[b].full() and best_running <= finished[b].worst():
-                open_[b] = False
-        if last or not any(open_):
+        rows_from = src + torch.arange(n, device=device)[:, None] * K   # [n, K] cache row each extends
+        # a prompt is done when no running beam, scored at this length, can beat its worst finished one
+        best_running = (scores[:, 0] / gen_len ** length_penalty).tolist()
+        still = [i for i, b in enumerate(live) if not (finished[b].full() and best_running[i] <= finished[b].worst())]
+        if last or not still:
             break
-        cache.reorder(rows_from)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(new_tokens.view(-1, 1), attention_mask=mask, cache=cache).logits[:, -1]
+        if len(still) < n:   # done prompts leave the batch: their K rows are not computed again
+            sel = torch.tensor(still, device=device)
+            scores, new_tokens, rows_from = scores[sel], new_tokens[sel], rows_from[sel]
+            live = [live[i] for i in still]
+        rows_from, new_tokens = rows_from.view(-1), new_tokens.view(-1)   # [len(live) K]
+        generated = [generated[r] + [t] for r, t in zip(rows_from.tolist(), new_tokens.tolist())]
+        cache.keep(rows_from)
+        logits = decode_step(model, cache, new_tokens)
     model.train(was_training)
     best = [finished[b].items[0][1] for b in range(B)]
+    if not torch.is_tensor(input_ids):
+        return [p + x for p, x in zip(prompts, best)]
     width = max(len(x) for x in best)
     out = torch.full((B, width), pad, dtype=input_ids.dtype, device=input_ids.device)
     for b, x in enumerate(best):

@@ -1,14 +1,26 @@
 """Decoding for causal LMs with the KV cache: greedy, sampling (temperature, top-k, top-p, seeded), or
-beam search (models/beam_search.py); no-repeat-n-gram blocking and several end (stop) tokens in all."""
+beam search (models/beam_search.py); no-repeat-n-gram blocking and several end (stop) tokens in all.
+
+Prompts of different lengths decode together in the packed layout, without padding: the prefill runs
+them as one packed stream (models/packing.py) into a cache with a length per sequence
+(models/kv_cache.py), then each step feeds one token per live sequence at its own position, which
+attends to its own cached keys only. A sequence that produces an end token leaves the batch, so the
+steps after it compute only the sequences still running. Prompts come as a list of token-id lists of
+any lengths, or as a [B, T] batch, left-padded with its attention_mask when lengths differ (the
+padding is dropped before decoding)."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence, Union
 
 import torch
 
 from lmforge.models.beam_search import beam_search, block_repeated_ngrams
+from lmforge.models.kv_cache import KVCache
 from lmforge.models.model import Model
+from lmforge.models.packing import Packed
+
+Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]   # [B, T] ids, or B token-id lists
 
 
 def next_token_scores(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -37,15 +49,57 @@ def _end_ids(model: Model, eos_token_id) -> list[int]:
 def _check(model: Model, T: int, max_new_tokens: int) -> None:
     if model.config.head != "causal-lm":
         raise ValueError(f"generate needs a causal-lm head, this model has {model.config.head!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = model.config.max_position_embeddings
     if T + max_new_tokens > limit:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
 
 
+def prompt_lists(input_ids: Prompts, attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+    """Each prompt's tokens: a list of prompts as given, or the rows of a [B, T] batch without their
+    (left) padding."""
+    if torch.is_tensor(input_ids):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length] or a list of prompts, got shape {list(input_ids.shape)}")
+        if attention_mask is None:
+            prompts = input_ids.tolist()
+        elif not bool(attention_mask[:, -1].all()):
+            raise ValueError("batched prompts must be left-padded (attention_mask[:, -1] must be all 1)")
+        else:
+            prompts = [[t for t, m in zip(r, mk) if m] for r, mk in zip(input_ids.tolist(), attention_mask.tolist())]
+    else:
+        if attention_mask is not None:
+            raise ValueError("a list of prompts needs no attention_mask (it goes with a padded [B, T] tensor)")
+        prompts = [[int(t) for t in (p.tolist() if torch.is_tensor(p) else p)] for p in input_ids]
+    if not prompts:
+        raise ValueError("no prompts to decode")
+    empty = next((i for i, p in enumerate(prompts) if not p), None)
+    if empty is not None:
+        raise ValueError(f"prompt {empty} has no tokens")
+    return prompts
+
+
+def prefill(model: Model, prompts: list[list[int]], max_new_tokens: int) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts as one packed stream into a new cache (row b: prompt b, with room for
+    max_new_tokens more); return the cache and each prompt's next-token logits [B, V]."""
+    device = model.device
+    packed = Packed.from_lengths([len(p) for p in prompts], device)
+    cache = model.new_cache(len(prompts), packed.max_len + max_new_tokens)
+    stream = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)   # [N]
+    # the LM head scores each prompt's last token only
+    return cache, model(stream, packed=packed, cache=cache, positions=packed.last).logits
+
+
+def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Token b of tokens [R] after cache row b's past, each at its own position -> logits [R, V]."""
+    return model(tokens, packed=Packed.singles(tokens.numel(), tokens.device), cache=cache).logits
+
+
 @torch.no_grad()
 def decode_steps(
     model: Model,
-    input_ids: torch.Tensor,                     # [B, T], left-padded when lengths differ
+    input_ids: Prompts,                          # [B, T], left-padded when lengths differ; or B lists
     attention_mask: torch.Tensor | None = None,  # [B, T]
     max_new_tokens: int = 20,
     do_sample: bool = False,
@@ -57,38 +111,41 @@ def decode_steps(
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy or sampled decoding, one step at a time: yields (tokens [B], finished [B]) per step,
-    `finished` true from the step a row produced an end token (its later tokens are meaningless).
-    Stops when every row has finished or after max_new_tokens steps."""
-    B, T = input_ids.shape
-    _check(model, T, max_new_tokens)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif not bool(attention_mask[:, -1].all()):
-        raise ValueError("batched prompts must be left-padded (attention_mask[:, -1] must be all 1)")
-    ends = torch.tensor(_end_ids(model, eos_token_id), dtype=input_ids.dtype, device=input_ids.device)
-    history = [[t for t, m in zip(r, mk) if m] for r, mk in zip(input_ids.tolist(), attention_mask.tolist())]
+    `finished` true from the step a row produced an end token (after it, the row repeats that token;
+    it is no longer computed). Stops when every row has finished or after max_new_tokens steps."""
+    prompts = prompt_lists(input_ids, attention_mask)
+    _check(model, max(map(len, prompts)), max_new_tokens)
+    B, device = len(prompts), model.device
+    ends = torch.tensor(_end_ids(model, eos_token_id), dtype=torch.long, device=device)
+    history = prompts   # each row's tokens so far, for n-gram blocking (prompt_lists made fresh lists)
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(B, T + max_new_tokens)
-        logits = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        cache, logits = prefill(model, prompts, max_new_tokens)           # [B, V]
+        live = torch.arange(B, device=device)     # the row (prompt) each cache row decodes
+        tokens = torch.zeros(B, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            logits = logits.float()
-            block_repeated_ngrams(logits, history, no_repeat_ngram_size)
+            logits = logits.float()                                        # [R, V], R live rows
+            rows = live.tolist()
+            block_repeated_ngrams(logits, [history[r] for r in rows], no_repeat_ngram_size)
             if do_sample:
                 probs = next_token_scores(logits, temperature, top_k, top_p).softmax(-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
-                token = logits.argmax(-1)
-            finished = finished | torch.isin(token, ends)
-            yield token, finished
-            if bool(finished.all()) or step + 1 == max_new_tokens:
+                token = logits.argmax(-1)                                  # [R]
+            ended = torch.isin(token, ends)
+            tokens[live], finished[live] = token, ended
+            yield tokens.clone(), finished.clone()
+            if step + 1 == max_new_tokens or bool(ended.all()):
                 return
-            for r, t in enumerate(token.tolist()):
+            for r, t in zip(rows, token.tolist()):
                 history[r].append(t)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            logits = model(token[:, None], attention_mask=attention_mask, cache=cache).logits[:, -1]
+            if bool(ended.any()):  # finished rows leave the batch: later steps compute the others only
+                running = (~ended).nonzero().squeeze(1)
+                cache.keep(running)
+                live, token = live[running], token[running]
+            logits = decode_step(model, cache, token)
     finally:
         model.train(was_training)
 
@@ -96,7 +153,7 @@ def decode_steps(
 @torch.no_grad()
 def generate(
     model: Model,
-    input_ids: torch.Tensor,                     # [B, T], left-padded when lengths differ
+    input_ids: Prompts,                          # [B, T], left-padded when lengths differ; or B lists
     attention_mask: torch.Tensor | None = None,  # [B, T]
     max_new_tokens: int = 20,
     do_sample: bool = False,
@@ -109,15 +166,17 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
-) -> torch.Tensor:
-    """Return [B, T + n] with n <= max_new_tokens new tokens; rows that ended early are padded.
+):
+    """A [B, T] batch -> [B, T + n] with n <= max_new_tokens new tokens, rows that ended early padded
+    with pad_token_id after their end token. A list of prompts -> a list: each prompt followed by its
+    new tokens (up to and including its end token; no padding).
     num_beams > 1: beam search (models/beam_search.py; no sampling), else greedy or sampling."""
     ends = _end_ids(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (ends[0] if ends else 0)
     if num_beams > 1:
         if do_sample:
             raise ValueError("beam search does not sample: use num_beams=1 with do_sample")
-        _check(model, input_ids.shape[1], max_new_tokens)
+        _check(model, max(map(len, prompt_lists(input_ids, attention_mask))), max_new_tokens)
         return beam_search(model, input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
                            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                            eos_token_id=ends or None, pad_token_id=pad)
@@ -127,4 +186,11 @@ def generate(
         # a row that had finished before this step gets padding; the end token itself is kept
         new_tokens.append(token if done is None else torch.where(done, torch.full_like(token, pad), token))
         done = finished
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    new = torch.stack(new_tokens, dim=1)                                   # [B, n]
+    if torch.is_tensor(input_ids):
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    out = []   # each prompt and its new tokens up to the first end token (the step it finished)
+    for prompt, row in zip(prompt_lists(input_ids), new.tolist()):
+        end = next((i for i, t in enumerate(row) if t in ends), None)
+        out.append(prompt + (row if end is None else row[:end + 1]))
+    return out

@@ -1,12 +1,34 @@
-"""A preallocated key/value cache for incremental decoding.
+"""A preallocated key/value cache for incremental decoding, with a length per sequence.
 
-Keys and values of every layer live in one buffer per kind, so decoding a token writes in place
-instead of concatenating (which would copy the whole past at every step).
+Keys and values of every layer live in one buffer per kind, [layers, rows, Hkv, max_length, Dh], so
+decoding a token writes in place instead of concatenating (which would copy the whole past at every
+step). Each row (one sequence) has its own length: prompts of different lengths sit in the cache
+without left padding, every decode step appends one token per row at that row's own next slot, and
+a row whose sequence has finished is dropped (`keep`), so the steps after it compute live rows only.
+
+Two ways to fill it:
+- padded (`update`, `advance`): a [B, T] chunk appended to every row alike, so rows keep equal
+  lengths (left padding, if any, is cached too and masked by the caller's attention_mask);
+- packed (`begin`, `write`, `keys`, `end`): whole prompts as one packed stream into empty rows (the
+  prefill), then one token per row per step (models/packing.py's layout; models/generate.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class CacheStep:
+    """Where one packed forward's N tokens go, decided once (begin) and read by every layer."""
+    rows: torch.Tensor       # [N] cache row of each token (its sequence)
+    slots: torch.Tensor      # [N] slot of each token in its row = its position in the sequence
+    prefill: bool            # the rows were empty: the stream attends to itself (no cached keys)
+    lengths: torch.Tensor    # [B] each row's length after this forward
+    longest: int             # max(lengths), a Python int: slicing needs no device sync
+    key_mask: torch.Tensor | None = None   # one token per row: [B, 1, 1, longest], true on the row's own slots
 
 
 class KVCache:
@@ -15,7 +37,10 @@ class KVCache:
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # tokens already cached; advanced once per forward, after every layer
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
+        self._longest = 0        # max(lengths) as a Python int
+        self._uniform = True     # every row has the same length (what the padded path needs)
+        self.step: CacheStep | None = None   # the packed forward in progress
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, dtype=torch.float32, device=None):
@@ -27,19 +52,98 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, H, T, Dh] after the cached ones; return all [B, H, length + T, Dh]."""
-        end = self.length + k.shape[2]
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def _room(self, end: int) -> None:
         if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} tokens; {end} were needed")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+            raise ValueError(f"KV cache holds {self.max_length} tokens per sequence; {end} were needed")
+
+    # -- padded: every row advances together -----------------------------------------------------
+    @property
+    def length(self) -> int:
+        """The length every row has (padded decoding, where rows advance together)."""
+        if not self._uniform:
+            raise ValueError("this cache's rows have different lengths (packed decoding): continue it with "
+                             "packed steps, one token per sequence")
+        return self._longest
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, Hkv, T, Dh] after the cached ones; return all [B, Hkv, length + T, Dh]."""
+        start = self.length
+        end = start + k.shape[2]
+        self._room(end)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
-        self.length += n
+        self.lengths += n
+        self._longest += n
+
+    # -- packed: whole prompts into empty rows, then one token per row -----------------------------
+    def begin(self, packed) -> CacheStep:
+        """Plan a packed forward (a models.packing.Packed stream whose sequence b is row b): either the
+        prefill of empty rows, or one new token per row. Returns the plan (also self.step)."""
+        B = packed.batch_size
+        if B != self.batch_size:
+            raise ValueError(f"the packed batch has {B} sequences but the KV cache {self.batch_size} rows")
+        if self._longest == 0:                       # prefill: each prompt from position 0
+            lengths, longest = packed.lengths, packed.max_len
+            rows, slots, prefill, key_mask = packed.seq_ids, packed.position_ids, True, None
+        elif packed.num_tokens == B:                 # a decode step: each token after its row's past
+            lengths, longest = self.lengths + 1, self._longest + 1
+            rows = torch.arange(B, device=self.lengths.device)
+            slots, prefill = self.lengths, False
+            # row b's keys are its own first lengths[b] slots; the rest are other rows' room or stale
+            key_mask = (torch.arange(longest, device=rows.device) < lengths[:, None])[:, None, None, :]
+        else:
+            raise ValueError("a packed forward with a KV cache takes whole prompts into an empty cache, "
+                             "or one token per sequence")
+        self._room(longest)
+        self.step = CacheStep(rows, slots, prefill, lengths, longest, key_mask)
+        return self.step
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the stream's keys and values [N, Hkv, Dh] at their rows and slots (self.step)."""
+        s = self.step
+        # indexing rows and slots of [B, Hkv, S, Dh] (the heads' slice between them) selects
+        # [N, Hkv, Dh]: the stream's own layout
+        self.k[layer][s.rows, :, s.slots] = k.to(self.k.dtype)
+        self.v[layer][s.rows, :, s.slots] = v.to(self.v.dtype)
+
+    def keys(self, layer: int):
+        """A decode step's keys and values [B, Hkv, S, Dh] (S: the longest row, this token included)
+        and the keep-mask [B, 1, 1, S] of each row's own slots."""
+        S = self.step.longest
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S], self.step.key_mask
+
+    def end(self) -> None:
+        """The packed forward has written every layer: its tokens now count as cached."""
+        s, self.step = self.step, None
+        if s.prefill:   # equal prompt lengths leave the rows uniform (no sync: the stream's size says so)
+            self._uniform = s.longest * self.batch_size == s.rows.numel()
+        self.lengths, self._longest = s.lengths, s.longest
+
+    # -- rows ------------------------------------------------------------------------------------
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep these rows [R], in this order: a finished sequence leaves the batch, and beam search keeps
+        the beams that continue (a row twice where two continuations extend one beam)."""
+        R, S = rows.numel(), self._longest
+        if R > self.batch_size:   # more rows than the buffer has (beams fanning out of their prompt)
+            k = self.k.new_empty(self.k.shape[0], R, *self.k.shape[2:])
+            v = self.v.new_empty(k.shape)
+        else:                     # in place; the rows past R are left behind as a view's unused tail
+            k, v = self.k[:, :R], self.v[:, :R]
+        # only the filled slots are copied; the gather makes its copy before the write, so a row may
+        # move onto a slot another kept row is read from
+        k[:, :, :, :S] = self.k[:, rows, :, :S]
+        v[:, :, :, :S] = self.v[:, rows, :, :S]
+        self.k, self.v = k, v
+        self.lengths = self.lengths[rows]
+        self._longest = int(self.lengths.max()) if R else 0
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        self.keep(index)

@@ -156,7 +156,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # rotary (cos, sin) [B, 1, T, Dh]; packed [N, 1, Dh]
     ) -> torch.Tensor:
         if packed is not None:
-            return self._forward_packed(x, packed, residual, rope)
+            return self._forward_packed(x, packed, residual, rope, cache, layer_idx)
         B, T, _ = x.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         # [B, T, H Dh] -> [B, H, T, Dh]; keys and values with their own Hkv heads
@@ -189,13 +189,22 @@ class Attention(nn.Module):
         return self.output(y) if residual is None else kernels.linear_add(y, self.output, residual)
 
     def _forward_packed(self, x: torch.Tensor, packed: Packed, residual: torch.Tensor | None = None,
-                        rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
+                        layer_idx: int = 0) -> torch.Tensor:
         """x [N, D]: projections on the real tokens only; attention per length bucket, each padded
-        to its own longest sequence (models/packing.py)."""
+        to its own longest sequence (models/packing.py). With a cache (cache.step says where each
+        token goes): a prefill stores the prompts' keys and values and attends as without it; a
+        decode step (one token per sequence) attends to its own row of the cache."""
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self._qkv(x)                                                          # [N, W = (H + 2 Hkv) Dh]
         if rope is not None:  # on the stream, where each token's position is its own
             qkv = self._rotate_stream(qkv, rope)
+        if cache is not None:
+            N = qkv.shape[0]
+            q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+            cache.write(layer_idx, k.view(N, Hkv, Dh), v.view(N, Hkv, Dh))         # rotated keys: as used
+            if not cache.step.prefill:
+                return self._project(self._attend_cached(q, cache, layer_idx), residual)
         W = qkv.shape[1]
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
         if dense:
@@ -220,6 +229,22 @@ class Attention(nn.Module):
             outs.append(y.transpose(1, 2).reshape(g.n * g.T, H * Dh))
         y = outs[0] if len(outs) == 1 else torch.cat(outs)                       # [rows, H Dh]
         return self._project(y if dense else y.index_select(0, packed.attn_index), residual)  # [N, D]
+
+    def _attend_cached(self, q: torch.Tensor, cache: KVCache, layer_idx: int) -> torch.Tensor:
+        """A decode step: the new token of each sequence, q [B, H Dh], attends to its own cache row
+        (its own past, this token included) -> [B, H Dh]."""
+        B, H, Hkv, Dh = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        k, v, keep = cache.keys(layer_idx)                  # [B, Hkv, S, Dh] twice, [B, 1, 1, S]
+        prefix = self._prefix(B)
+        if prefix is not None:                              # prefix keys are visible to every query
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+            keep = torch.cat([keep.new_ones(B, 1, 1, prefix[0].shape[2]), keep], dim=-1)
+        # The H / Hkv query heads of a group read one key/value head: as that many queries of it
+        # ([B, H Dh] -> [B, Hkv, H / Hkv, Dh]; query head h is in group h // (H / Hkv)), attention
+        # reads each cached key once, with none of the copies _shared makes.
+        q = q.reshape(B, Hkv, H // Hkv, Dh)
+        y = attend(q, k, v, keep, self.dropout_p if self.training else 0.0)   # [B, Hkv, H / Hkv, Dh]
+        return y.reshape(B, H * Dh)
 
     def _rotate_stream(self, qkv: torch.Tensor, rope) -> torch.Tensor:
         """Rotary positions on the Q and K columns of a packed stream [N, (H + 2 Hkv) Dh]."""

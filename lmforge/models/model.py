@@ -134,7 +134,7 @@ class Model(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, past + T]; unused with packed
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | None = None,                # padded: rows advance together; packed: see KVCache.begin
         packed: Packed | None = None,                # unpadded batch: see models/packing.py
         positions: torch.Tensor | None = None,       # LM heads: score only these flat token rows
         adapters=_routing.INHERIT,                   # None | "name" | [name or None per row] | Routing

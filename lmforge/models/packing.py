@@ -52,6 +52,14 @@ class Packed:
         return cls(cu.to(device), int(lengths.max()))
 
     @classmethod
+    def singles(cls, n: int, device=None) -> "Packed":
+        """n sequences of one token each (a decode step: one new token per live sequence)."""
+        steps = torch.arange(n + 1, device=device)
+        packed = cls(steps, 1)
+        packed._cache.update(n=n, seq=steps[:n], pos=torch.zeros(n, dtype=torch.long, device=device))
+        return packed
+
+    @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> "Packed":
         """From a right-padded [B, T] mask (1 = token)."""
         return cls.from_lengths(attention_mask.sum(-1).cpu(), attention_mask.device)

@@ -151,7 +151,7 @@ class Transformer(nn.Module):
         packed: Packed | None = None,                 # unpadded: input_ids etc. are [N] streams
     ) -> torch.Tensor:
         if packed is not None:
-            return self._forward_packed(input_ids, token_type_ids, position_ids, packed)
+            return self._forward_packed(input_ids, token_type_ids, position_ids, packed, cache)
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask, past)
@@ -189,18 +189,26 @@ class Transformer(nn.Module):
             x = self.final_norm(x)
         return x  # [B, T, D]
 
-    def _forward_packed(self, input_ids, token_type_ids, position_ids, packed: Packed) -> torch.Tensor:
+    def _forward_packed(self, input_ids, token_type_ids, position_ids, packed: Packed,
+                        cache: KVCache | None = None) -> torch.Tensor:
+        """A packed stream [N]; with a cache, sequence b is cache row b (KVCache.begin: a prefill into
+        empty rows, or one token per row whose position is the row's length so far)."""
+        virtual = self._virtual_tokens()
+        if cache is not None and virtual is not None:
+            raise ValueError("prefix-embedding tuning does not support the KV cache yet; use prefix-layer")
+        step = cache.begin(packed) if cache is not None else None
         if position_ids is None:
-            position_ids = packed.position_ids + self.config.position_offset
+            position_ids = (packed.position_ids if step is None else step.slots) + self.config.position_offset
         x = self.embeddings(input_ids, position_ids, token_type_ids)               # [N, D]
         rope_ids = position_ids
-        virtual = self._virtual_tokens()
         if virtual is not None:
             x, packed, real = self._insert_packed(x, virtual.to(x.dtype), packed)
             rope_ids = packed.position_ids  # the longer sequences' own positions
         rope = self.rope(rope_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, packed=packed, rope=rope)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope)
+        if cache is not None:
+            cache.end()
         if virtual is not None:
             x = x.index_select(0, real)                                          # [N, D] again
         if self.final_norm is not None:
