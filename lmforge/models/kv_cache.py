@@ -132,8 +132,10 @@ class KVCache:
         the beams that continue (a row twice where two continuations extend one beam)."""
         R, S = rows.numel(), self._longest
         if R > self.batch_size:   # more rows than the buffer has (beams fanning out of their prompt)
-            k = self.k.new_empty(self.k.shape[0], R, *self.k.shape[2:])
-            v = self.v.new_empty(k.shape)
+            # zeros, not empty: attention masks the slots past a row's length, but a NaN left in
+            # memory there would still reach the output (0 probability x NaN value = NaN)
+            k = self.k.new_zeros(self.k.shape[0], R, *self.k.shape[2:])
+            v = self.v.new_zeros(k.shape)
         else:                     # in place; the rows past R are left behind as a view's unused tail
             k, v = self.k[:, :R], self.v[:, :R]
         # only the filled slots are copied; the gather makes its copy before the write, so a row may
