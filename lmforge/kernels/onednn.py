@@ -97,11 +97,14 @@ def bucket_rows(m: int) -> int:
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t [m, k] -> [rows, k], zeros below."""
-    if t.shape[0] == rows:
+    """t [m, k] -> [rows, k], zeros below (only the tail is zeroed: a full zero fill first was a
+    twelfth of a bf16 inference pass on an AMX Xeon)."""
+    m = t.shape[0]
+    if m == rows:
         return t
-    out = t.new_zeros(rows, t.shape[1])
-    out[:t.shape[0]] = t
+    out = t.new_empty(rows, t.shape[1])
+    out[:m] = t
+    out[m:] = 0
     return out
 
 
