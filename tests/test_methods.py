@@ -29,6 +29,7 @@ TRAINS = {
     "lora": lambda n: ".lora_" in n or n.startswith("adapter_heads.default."),   # its own head, not the base's
     "adapter-houlsby": lambda n: ".adapters." in n or n.startswith("head."),
     "adapter-pfeiffer": lambda n: ".adapters." in n or n.startswith("head."),
+    "adapter-l": lambda n: (".adapters." in n and ".attention." not in n) or n.startswith("head."),
     "prefix-embedding": lambda n: ".input_prefix." in n or n.startswith("head."),
     "prefix-layer": lambda n: ".kv_prefix." in n or n.startswith("head."),
 }
@@ -81,7 +82,7 @@ def test_table2_adapter_parameter_counts(method, size, bottleneck, paper):
     assert abs(n - paper) / paper < 0.06, n
 
 
-@pytest.mark.parametrize("method", ["bitfit", "adapter-houlsby", "adapter-pfeiffer", "prefix-embedding",
+@pytest.mark.parametrize("method", ["bitfit", "adapter-houlsby", "adapter-pfeiffer", "adapter-l", "prefix-embedding",
                                     "prefix-layer"])
 @torch.no_grad()
 def test_delta_run_roundtrip(tmp_path, method):
