@@ -180,6 +180,12 @@ def test_adapter_l_is_one_layernormed_adapter_after_the_ffn(decoders):
     assert all(".layers." in n and ".output.adapters.default." in n and ".attention." not in n for n in names)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == L * (2 * d * m + m + d + 2 * d)
     assert sum(n.endswith("norm.weight") for n in names) == L
+    # the adapter reads LN(h): its branch up(act(down(LN(h)))) is the same for h and 3 h (Lin et al., 2020)
+    adapter = model.transformer.layers[0].output.adapters["default"]
+    torch.nn.init.normal_(adapter.up.weight)
+    h = torch.randn(5, d, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(3 * h) - 3 * h, adapter(h) - h, atol=1e-5, rtol=1e-5)
 
 
 def test_lm_heads_stay_frozen_and_lora_brings_no_head_copy(tmp_path, e2e):
