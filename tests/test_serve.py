@@ -604,3 +604,108 @@ def test_adapter_unloaded_while_queued_answers_404_for_its_sequences_only(encode
     out = engine.run("classify", items)
     assert all(isinstance(out[i], InputError) and out[i].status == 404 for i in (1, 3))
     assert_same([out[0], out[2]], predict(offline["pos"], [TEXTS[0], TEXTS[2]]))
+
+
+# -- streaming generation (server-sent events) ------------------------------------------------------
+
+def sse_events(response) -> list:
+    """The data of each server-sent event of a streamed response, in order ("[DONE]" as a string)."""
+    assert response.headers["content-type"].startswith("text/event-stream"), response.headers
+    text = "".join(response.iter_text()) if hasattr(response, "iter_text") else response.text
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    assert all(b.startswith("data: ") and "\n" not in b for b in blocks), text
+    return [b[6:] if b[6:] == "[DONE]" else json.loads(b[6:]) for b in blocks]
+
+
+def test_generate_streams_server_sent_events(dec):
+    """Each chunk of text an event as it is decoded, then the non-streamed answer's finish_reason and
+    counts, then [DONE]; the chunks add up to the non-streamed text (greedy, seeded sampling, stop
+    strings, beams)."""
+    base = {"prompt": "once upon a time", "max_new_tokens": 20}
+    for extra in ({}, {"do_sample": True, "top_k": 20, "temperature": 1.5, "seed": 3},
+                  {"num_beams": 3, "no_repeat_ngram_size": 2}):
+        body = {**base, **extra}
+        want = dec.post("/v1/generate", body).json()
+        stop = want["text"][len(want["text"]) // 2:][:2] or "zz"
+        for stops in ([], [stop]):
+            want = dec.post("/v1/generate", {**body, "stop": stops}).json()
+            with dec.client.stream("POST", "/v1/generate", json={**body, "stop": stops, "stream": True}) as r:
+                assert r.status_code == 200
+                events = sse_events(r)
+            assert events[-1] == "[DONE]"
+            *chunks, final = events[:-1]
+            assert all(set(c) == {"text"} and c["text"] for c in chunks), chunks
+            assert "".join(c["text"] for c in chunks) == want["text"], (extra, stops)
+            assert final["finish_reason"] == want["finish_reason"] and final["text"] == ""
+            assert final["prompt_tokens"] == want["prompt_tokens"]
+            if not stops:   # a stream stops decoding at a stop string; the plain answer decodes on
+                assert final["completion_tokens"] == want["completion_tokens"]
+            if not extra.get("num_beams"):   # beam search knows its answer only at the end: one chunk
+                assert len(chunks) > 1 or len(want["text"]) < 2
+    # errors before the stream starts are plain JSON answers
+    assert error(dec.post("/v1/generate", {"prompt": "", "stream": True}), 422)["field"] == "prompt"
+    assert error(dec.post("/v1/generate", {"prompt": "x", "stream": "maybe"}), 422)["field"] == "stream"
+
+
+def add_classifier(engine):
+    """A LoRA adapter with a classification head (on the last token) added to the served GPT-2 decoder
+    in process (PEFT's format has no GPT-2 mapping to load one from)."""
+    cfg = {"head": "classification", "id2label": {0: "no", 1: "yes"}}
+    with engine.changing_adapters():
+        add_adapter(engine.model, "cls", LoraConfig(r=2, alpha=4, target_modules=("query", "value")),
+                    head=build_head(engine.model.config.replace(**cfg)), head_config=cfg)
+
+
+def test_classify_and_embed_run_while_a_stream_decodes(gpt2_dir, tmp_path):
+    """In process (uvicorn on a thread), with the generation held mid-decode by a gate: a classify and
+    an embed request are answered while the stream waits, and then the stream completes."""
+    import uvicorn
+
+    from lmforge.serve.app import ServeSettings, create_app
+    from lmforge.serve.engine import Engine
+
+    engine = Engine(str(gpt2_dir))
+    add_classifier(engine)
+    gate, held, calls = threading.Event(), threading.Event(), []
+
+    def hold_the_generation(module, args):   # the third forward of the generation thread waits
+        if threading.current_thread().name == "lmforge-generate":
+            calls.append(1)
+            if len(calls) == 3:
+                held.set()
+                assert gate.wait(60)
+    hook = engine.model.register_forward_pre_hook(hold_the_generation)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(), engine), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20)
+        body = {"prompt": "once upon a time", "max_new_tokens": 30}
+        with ThreadPoolExecutor(1) as pool:
+            def streamed():
+                with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                    return sse_events(r)
+            stream = pool.submit(streamed)
+            assert held.wait(60), "the generation never started"
+            r = client.post("/v1/classify", json={"adapter": "cls", "inputs": ["the cat", "hello world"]})
+            assert r.status_code == 200, r.text
+            assert [x["label"] in ("no", "yes") for x in r.json()["results"]] == [True, True]
+            assert client.post("/v1/embed", json={"inputs": ["the dog"]}).status_code == 200
+            assert not stream.done()   # still held mid-decode
+            gate.set()
+            events = stream.result(60)
+        assert events[-1] == "[DONE]" and "finish_reason" in events[-2]
+        hook.remove()
+        want = client.post("/v1/generate", json=body).json()
+        assert "".join(e["text"] for e in events[:-2]) == want["text"]
+    finally:
+        gate.set()
+        hook.remove()
+        server.should_exit = True
+        thread.join(30)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -192,23 +194,30 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         if not hmac.compare_digest(given.encode("utf-8", "replace"), settings.api_key.encode()):
             raise InputError(401, "wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def submit(kind: str, items: list) -> list:
+    def enqueue(kind: str, items: list):
+        """Queue a request's items; its future. A request that cannot be queued is answered here."""
         if len(items) > batcher.max_queue:  # would never fit: retrying cannot help, so not a 429
             raise InputError(413, f"{len(items)} inputs in one request, more than the whole queue holds "
                              f"({batcher.max_queue} sequences, --max-queue); split the request", "inputs")
         try:
-            future = batcher.submit(kind, items)
+            return batcher.submit(kind, items)
         except QueueFull as e:
             raise InputError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except ShuttingDown as e:
             raise InputError(503, str(e), headers={"Retry-After": "5"}) from None
+
+    def model_failed(kind: str, e: Exception) -> InputError:
+        log.error("%s request failed in the model: %s", kind, e)
+        return InputError(500, f"the model failed on this request: {type(e).__name__}: {e}")
+
+    async def submit(kind: str, items: list) -> list:
+        future = enqueue(kind, items)
         try:
             return await asyncio.wrap_future(future)
         except InputError:
             raise
         except Exception as e:  # the forward pass failed for this request (and only this one)
-            log.error("%s request failed in the model: %s", kind, e)
-            raise InputError(500, f"the model failed on this request: {type(e).__name__}: {e}") from None
+            raise model_failed(kind, e) from None
 
     async def encode(inputs: list, truncate: bool):
         # short inputs are tokenized right here (microseconds); long ones off the event loop
@@ -248,9 +257,12 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         return {"model": engine.name, "adapter": req.adapter, "dim": engine.model.config.hidden_size,
                 "embeddings": [v.tolist() for v in vectors]}
 
-    @app.post("/v1/generate", response_model=S.GenerateResponse, **v1,
+    @app.post("/v1/generate", response_model=S.GenerateResponse, dependencies=v1["dependencies"],
+              responses={**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                         "description": 'with "stream": true, server-sent events: '
+                                         '`data: {"text"}` per chunk, then one with finish_reason, then `data: [DONE]`'}},
               summary="Continue a prompt (decoder models): greedy, sampling with temperature/top-k/top-p, "
-                      "or beam search; no-repeat n-grams and stop strings")
+                      "or beam search; no-repeat n-grams and stop strings; streamed when asked")
     async def generate(req: S.GenerateRequest):
         if not engine.can_generate:
             raise InputError(400, f"generation needs a decoder model (gpt2 or llama with a causal-lm head); this server "
@@ -258,9 +270,47 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
         ids = await run_in_threadpool(engine.encode_prompt, req.prompt, req.max_new_tokens)
         job = GenJob(ids, req.max_new_tokens, req.do_sample, req.temperature, req.top_k, req.top_p, req.seed,
                      req.num_beams, req.length_penalty, req.no_repeat_ngram_size, tuple(req.stop))
+        if req.stream:
+            return stream_generation(job)
         (result,) = await submit("generate", [job])
         count("generate", None, 1)
         return {"model": engine.name, **result}
+
+    def stream_generation(job: GenJob) -> StreamingResponse:
+        """Server-sent events: the generation thread puts each chunk of text on an asyncio queue (via
+        the event loop), then an end marker once its result is set; the response sends them as
+        they come. Queue-full and shutdown are answered (429, 503) before the stream starts. A client
+        that goes away cancels the job: a queued one never runs, a running one stops decoding."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        end = object()
+        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        job.cancelled = threading.Event()
+        future = enqueue("generate", [job])
+        # after the result is set (so after every chunk the job emitted), from the thread that set it
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, end))
+
+        def sse(event) -> str:
+            return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+        async def events_of_the_job():
+            try:
+                while (event := await events.get()) is not end:
+                    yield sse(event)
+                try:
+                    (result,) = future.result()
+                    count("generate", None, 1)
+                    yield sse({"model": engine.name, **result, "text": ""})   # the text came in the chunks
+                except Exception as e:
+                    error = e if isinstance(e, InputError) else model_failed("generate", e)
+                    yield sse({"error": {"status": error.status, "message": str(error)}})
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled.set()
+                future.cancel()   # still queued: never runs
+
+        return StreamingResponse(events_of_the_job(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def base_info() -> dict:
         return {"name": "(base)", "source": str(engine.directory), **engine.head_info(None)}

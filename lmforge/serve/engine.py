@@ -15,6 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from lmforge.errors import ConfigError
 from lmforge.kernels.precision import Precision
 from lmforge.models import from_pretrained
 from lmforge.models.checkpoint import load_config
-from lmforge.models.generate import generate
+from lmforge.models.generate import decode_steps, generate
 from lmforge.models.hub import resolve
 from lmforge.models.packing import Packed
 from lmforge.utils.stops import cut_at_stop
@@ -62,6 +63,33 @@ class GenJob:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     stop: tuple[str, ...] = ()
+    # streaming: called (on the generation thread) with each chunk of text as it is decoded
+    emit: Callable[[dict], None] | None = None
+    cancelled: threading.Event | None = None   # set when the client has gone: decoding stops
+
+
+class TextStream:
+    """The text of a growing list of tokens, released in chunks. Text that could still be the start
+    of a stop string, or half of a multi-byte character, is held back until later tokens decide it."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) for s in stops), default=0)
+        self.shown = ""          # what has been released
+        self.stopped = False     # a stop string has appeared: the text is complete
+
+    def push(self, tokens: list[int]) -> str:
+        """The chunk the tokens so far add to what was released (maybe empty)."""
+        text, self.stopped = cut_at_stop(self.tokenizer.decode(tokens), self.stops)
+        safe = text if self.stopped else text[:max(len(self.shown), len(text) - self.hold)]
+        if safe.endswith("\ufffd") and not self.stopped:   # half of a multi-byte character
+            safe = safe[:len(self.shown)]
+        chunk, self.shown = safe[len(self.shown):], safe
+        return chunk
+
+    def rest(self, text: str) -> str:
+        """What remains of the final text after the released chunks."""
+        return text[len(self.shown):]
 
 
 class ReadWriteLock:
@@ -312,21 +340,46 @@ class Engine:
         return out
 
     def _generate(self, job: GenJob) -> dict:
-        ids = torch.tensor([job.input_ids], device=self.model.device)
+        """One prompt, greedy or sampled one token at a time (models.generate.decode_steps; streamed
+        through job.emit when it is set), or beam search (its answer is known only at the end)."""
+        if job.num_beams > 1:
+            return self._beam_search(job)
         g = None
         if job.do_sample:
             g = torch.Generator(device=self.model.device)
             g.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        out = generate(self.model, ids, torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
-                       do_sample=job.do_sample, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
-                       generator=g, num_beams=job.num_beams, length_penalty=job.length_penalty,
-                       no_repeat_ngram_size=job.no_repeat_ngram_size, eos_token_id=self.end_ids or None)
-        new = out[0, len(job.input_ids):].tolist()
+        stream = TextStream(self.tokenizer, job.stop) if job.emit is not None else None
+        new: list[int] = []
         finish = "length"
+        for token, finished in decode_steps(self.model, [job.input_ids], max_new_tokens=job.max_new_tokens,
+                                            do_sample=job.do_sample, temperature=job.temperature, top_k=job.top_k,
+                                            top_p=job.top_p, no_repeat_ngram_size=job.no_repeat_ngram_size,
+                                            eos_token_id=self.end_ids or None, generator=g):
+            if bool(finished[0]):
+                finish = "eos"
+                break
+            new.append(int(token[0]))
+            if stream is not None:
+                chunk = stream.push(new)
+                if chunk:
+                    job.emit({"text": chunk})
+                if stream.stopped or (job.cancelled is not None and job.cancelled.is_set()):
+                    break   # the text is complete, or nobody reads it any more
+        return self._answer(job, new, finish, stream)
+
+    def _beam_search(self, job: GenJob) -> dict:
+        out = generate(self.model, [job.input_ids], max_new_tokens=job.max_new_tokens, num_beams=job.num_beams,
+                       length_penalty=job.length_penalty, no_repeat_ngram_size=job.no_repeat_ngram_size,
+                       eos_token_id=self.end_ids or None)[0]
+        new = out[len(job.input_ids):]
         end = next((i for i, t in enumerate(new) if t in self.end_ids), None)
-        if end is not None:
-            new = new[:end]
-            finish = "eos"
+        return self._answer(job, new if end is None else new[:end], "length" if end is None else "eos",
+                            TextStream(self.tokenizer, job.stop) if job.emit is not None else None)
+
+    def _answer(self, job: GenJob, new: list[int], finish: str, stream: TextStream | None) -> dict:
+        """The response for the new tokens (end token excluded); a stream gets what it has not seen."""
         text, stopped = cut_at_stop(self.tokenizer.decode(new), job.stop)
+        if stream is not None and stream.rest(text):
+            job.emit({"text": stream.rest(text)})
         return {"text": text, "completion_tokens": len(new), "prompt_tokens": len(job.input_ids),
                 "finish_reason": "stop" if stopped else finish}

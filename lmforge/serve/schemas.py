@@ -75,6 +75,8 @@ class GenerateRequest(Strict):
     no_repeat_ngram_size: int = Field(0, ge=0, le=16, description="never repeat an n-gram of this size (0: off)")
     stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=8)] = Field(
         default_factory=list, description="the text ends before the first of these strings")
+    stream: bool = Field(False, description='answer with server-sent events (text/event-stream): `data: {"text"}` '
+                         'per chunk of text as it is decoded, then `data: {..., "finish_reason"}`, then `data: [DONE]`')
 
     @model_validator(mode="after")
     def _beams_do_not_sample(self):
