@@ -441,7 +441,7 @@ def encode_examples(tokenizer, examples: list[Example], max_len: int, eos_id: in
         t = _ids(tokenizer, e.completion) + [eos_id]
         if len(p) >= max_len:
             raise DataError(f"example {i} ({e.source[:40]!r}...): its prompt has {len(p)} tokens, no room for "
-                            f"the reference within --max-seq-len {max_len}")
+                            f"the reference within --max-seq-len {max_len} (raise it)")
         if len(p) + len(t) > max_len:
             t, cut = t[:max_len - len(p)], cut + 1
         out.append(Encoded(tuple(p), tuple(t)))
