@@ -4,6 +4,11 @@
 
 For a LoRA run, --merged folds B A into W (no added latency at inference) and keeps the adapter's
 head; the result loads in `transformers` with AutoModelForSequenceClassification.
+
+A sharded checkpoint (a `--fsdp` run under torchrun: RUN/checkpoint/shards/, one file per process)
+is consolidated in one process into an ordinary model directory:
+
+  lmforge export --run runs/pretrain-fsdp --out runs/pretrain-fsdp-model
 """
 
 from __future__ import annotations
@@ -20,7 +25,48 @@ def add_parser(p) -> None:
     p.add_argument("--merged", action="store_true", help="fold the LoRA adapter into the weights")
 
 
+def sharded_checkpoint(run: str) -> Path | None:
+    """RUN/checkpoint (or RUN itself) when it is a sharded training checkpoint, else None."""
+    import json
+
+    for d in (Path(run) / "checkpoint", Path(run)):
+        state = d / "trainer_state.json"
+        if state.is_file() and (d / "shards").is_dir():
+            try:
+                if json.loads(state.read_text()).get("sharded"):
+                    return d
+            except ValueError:
+                raise ConfigError(f"{state}: not valid JSON") from None
+    return None
+
+
+def consolidate(checkpoint: Path, out: str) -> int:
+    """The shards, whole, in a plain model of the checkpoint's config, saved with the run's tokenizer."""
+    import json
+
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models import Model, ModelConfig, save_pretrained
+    from lmforge.train.pretrain import DEFAULT_TOKENIZER
+    from lmforge.train.state import consolidate as load_shards
+
+    try:
+        config = ModelConfig(**json.loads((checkpoint / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{checkpoint / 'config.json'}: cannot read the model's config ({e})") from None
+    model = Model(config)
+    load_shards(checkpoint, model)
+    run_json = checkpoint.parent / "run.json"   # a pre-training run says which tokenizer it used
+    settings = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    tokenizer = settings.get("tokenizer") or settings.get("init") or DEFAULT_TOKENIZER
+    save_pretrained(model, out, tokenizer=load_tokenizer(tokenizer))
+    print(f"wrote {Path(out)} ({model.config.model_type}, head {model.config.head}), consolidated from {checkpoint}")
+    return 0
+
+
 def run(args) -> int:
+    checkpoint = sharded_checkpoint(args.run)
+    if checkpoint is not None:
+        return consolidate(checkpoint, args.out)
     from lmforge.adapters.methods import method_of_dir
     from lmforge.cli.evaluate import run_files
     from lmforge.data.tokenizer import load_tokenizer

@@ -86,6 +86,10 @@ def add_parser(p) -> None:
                        help="auto: bf16 compute (fp32 master weights) where the hardware has it, else fp32")
     train.add_argument("--device", choices=DEVICES, default="auto")
     train.add_argument("--skip-nonfinite", action="store_true")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard weights, gradients and optimizer state over the processes "
+                            "(FSDP2) instead of replicating them; checkpoints are sharded (`lmforge export` "
+                            "consolidates one)")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     train.add_argument("--no-progress", action="store_true")
 
@@ -101,7 +105,7 @@ def config_from_args(args):
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, save_every=args.save_every,
         log_every=args.log_every, eval_every=args.eval_every, seed=args.seed, precision=args.precision, device=args.device,
-        progress_bar=not args.no_progress, skip_nonfinite=args.skip_nonfinite)
+        progress_bar=not args.no_progress, skip_nonfinite=args.skip_nonfinite, fsdp=args.fsdp)
     packing = args.packing
     if packing is None and args.arch == "cramming" and objective == "mlm":
         packing = "blocks"   # Cramming trains on fully packed blocks

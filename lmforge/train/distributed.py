@@ -18,6 +18,7 @@ What the rest of the code relies on:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -119,12 +120,19 @@ def _plain_kernels() -> None:
         say("distributed: measured CPU kernels off (LMFORGE_KERNELS=plain) so every rank computes alike")
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around the model in a world of several processes, else the model.
     DDP registers its all-reduce hooks on parameters with requires_grad only, so LoRA and the other
-    adapter methods all-reduce just the adapter."""
+    adapter methods all-reduce just the adapter.
+
+    fsdp: shard instead (FSDP2's fully_shard on every Transformer block, then on the rest): each rank
+    keeps 1/N of every parameter, its gradient and its optimizer state, and gathers a block's
+    parameters only while that block runs. The model is sharded in place and returned; build the
+    optimizer after this call (its parameters are the shards)."""
     if not world().active:
         return model
+    if fsdp:
+        return _shard(model)
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -134,6 +142,46 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         else "broadcast_buffers"
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                find_unused_parameters=False, **{quiet: False})
+
+
+def _shard(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.layers:
+        fully_shard(block)
+    fully_shard(model)   # embeddings, final norm and heads: one more unit, gathered for the whole pass
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def accumulating(net: torch.nn.Module, model: torch.nn.Module, syncs: bool):
+    """The context of one micro-batch's forward and backward: gradients are reduced across ranks only
+    on the step's last micro-batch (`syncs`); the others accumulate locally."""
+    if is_sharded(model):   # FSDP2: a flag on the module, not a context
+        model.set_requires_gradient_sync(syncs)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if syncs or net is model else net.no_sync()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's whole state dict on rank 0 (None on the others; every rank must call this).
+    An unsharded model's own state dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if world().is_main else None
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -200,7 +200,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Validate everything, then train; returns the summary (also written to summary.json)."""
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.kernels import resolve_device, resolve_precision
-    from lmforge.models import save_pretrained
+    from lmforge.models import Model, save_pretrained
 
     cfg.validate()
     out = Path(cfg.train.out_dir)
@@ -219,12 +219,14 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                             world.rank, world.world_size, progress=cfg.train.progress_bar and world.is_main)
     objective = pretraining_objective(cfg.objective)
     evaluate = None
-    if cfg.valid and not world.is_main:
+    if cfg.valid and not world.is_main and not cfg.train.fsdp:
         evaluate = _evaluated_on_rank_0   # the trainer evaluates on rank 0 and shares the metrics
     elif cfg.valid:
         # the same packing and masking over the held-out files; masks of epoch 0, so every
         # evaluation scores the same predictions
-        valid = PretrainData(replace(cfg.data, corpus=tuple(cfg.valid)), tokenizer, progress=cfg.train.progress_bar)
+        # (a sharded model evaluates on every rank: its forward pass needs them all)
+        valid = PretrainData(replace(cfg.data, corpus=tuple(cfg.valid)), tokenizer,
+                             progress=cfg.train.progress_bar and world.is_main)
         start = valid.state_dict()
 
         def evaluate(m):
@@ -245,8 +247,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     trainer = Trainer(model, train, data, None, objective, evaluate=evaluate, main_metric="loss",
                       greater_is_better=False)
     result = trainer.train(resume=resume)
+    weights = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
     if not world.is_main:
         return {"steps": result["steps"], "tokens": result["tokens"]}
+    if weights is not None:   # the sharded model, whole again in an ordinary one
+        model = Model(model.config)
+        model.load_state_dict(weights)
     save_pretrained(model, out / "model", tokenizer)
     plot.plot_pretraining(out / "metrics.jsonl", out / "curves.png", f"{_describe(cfg, model)} · {objective.name}")
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]

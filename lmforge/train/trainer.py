@@ -19,7 +19,6 @@ checkpoints) and evaluates, on the full evaluation set; its metrics are sent to 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -36,7 +35,8 @@ from lmforge.train import distributed
 from lmforge.train.objectives import Objective, as_objective
 from lmforge.train.optim import build_optimizer, build_scheduler, lr_lambda
 from lmforge.train.sparse_rows import RowSparseGrads
-from lmforge.train.state import Progress, load_state, rank_state, save_state, set_seed
+from lmforge.train.state import (Progress, load_sharded_state, load_state, rank_state, save_sharded_state,
+                                 save_state, set_seed)
 from lmforge.utils import strict_json
 from lmforge.utils.atomic import atomic_file, clean_stale_temps
 from lmforge.utils.checks import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, check_fields,
@@ -71,6 +71,9 @@ class TrainConfig:
     # A NaN/Inf loss or gradient norm skips that optimizer step (see Trainer.train) instead of
     # stopping the run with NonFiniteError.
     skip_nonfinite: bool = False
+    # Several processes: shard the weights, gradients and optimizer state (FSDP2) instead of
+    # replicating them (DDP); checkpoints are sharded too (`lmforge export` consolidates them).
+    fsdp: bool = False
 
     def validate(self) -> None:
         """ConfigError naming the option when a setting is out of range or the run directory cannot
@@ -211,7 +214,8 @@ class _NoLog:
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     """Names of the trainable tensors holding a NaN or an infinity."""
     with torch.no_grad():
-        return [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        return [n for n, p in model.named_parameters()
+                if p.requires_grad and not torch.isfinite(distributed.local(p)).all()]
 
 
 class Trainer:
@@ -289,6 +293,12 @@ class Trainer:
     def _check_weights(self, step: int, where: Path) -> None:
         """Never write NaN/Inf weights over a good checkpoint or best model."""
         bad = nonfinite_parameters(self.model)
+        if distributed.is_sharded(self.model):
+            # each rank checks its own shards; all decide together, or one would raise and the others hang
+            device = next(self.model.parameters()).device
+            elsewhere = distributed.all_sum([float(len(bad))], device)[0] - len(bad)
+            if elsewhere and not bad:
+                bad = [f"(a shard on another rank; {int(elsewhere)} tensors)"]
         if bad:
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
             raise NonFiniteError(f"step {step}: weights {bad[0]!r}{more} are not finite, not saved to "
@@ -298,7 +308,8 @@ class Trainer:
         # With several processes rank 0 evaluates on the whole evaluation set (the others wait for
         # its metrics): the metrics are those of one process, with no gathering of predictions.
         metrics = None
-        if distributed.world().is_main:
+        # a sharded model's forward pass gathers weights from every rank: all of them evaluate
+        if distributed.world().is_main or distributed.is_sharded(self.model):
             self.model.eval()
             with torch.no_grad():
                 with autocast_context(next(self.model.parameters()).device, self.config.precision):
@@ -320,9 +331,12 @@ class Trainer:
     def _grad_norm(trainable: list[torch.Tensor], max_norm: float | None) -> float:
         """The total gradient norm (clipping to max_norm first when it is set)."""
         if max_norm:
-            return float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-        grads = [p.grad for p in trainable if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        else:
+            grads = [p.grad for p in trainable if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        # sharded gradients give a sharded norm: its whole value (a collective; every rank asks)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
@@ -345,11 +359,25 @@ class Trainer:
             # the same step and a time-driven schedule gives them the same learning rate
             return distributed.from_main(elapsed()) if world.active else elapsed()
 
+        device = next(model.parameters()).device
+        if cfg.fsdp and not world.active:
+            distributed.say("--fsdp: one process, nothing to shard; training as usual")
+        if cfg.fsdp and self.on_best is not None:
+            raise ConfigError("--fsdp: saving the best model during a sharded run is not supported yet; "
+                              "train without --fsdp, or save checkpoints and `lmforge export` them")
+        # what the objective calls: DDP with several processes, or the model sharded in place (FSDP);
+        # before the optimizer, which must hold the shards
+        net = distributed.wrap(model, device, fsdp=cfg.fsdp)
+        sharded = distributed.is_sharded(model)
+        if sharded:
+            distributed.say(f"distributed: FSDP, each process holds 1/{world.world_size} of the weights, "
+                            "gradients and optimizer state")
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         scheduler = self._scheduler(optimizer, total, run_time)
         # rank 0's view of the run directory decides for all (the others may not see it)
         if resume and distributed.from_main(self.checkpoint_dir.is_dir()):
-            progress = load_state(self.checkpoint_dir, model, optimizer, scheduler, world.rank, world.world_size)
+            load = load_sharded_state if sharded else load_state
+            progress = load(self.checkpoint_dir, model, optimizer, scheduler, world.rank, world.world_size)
             self.source.restore(progress.extra.get("data"))
             self.saved_step = progress.step
         resumed_elapsed, segment_start = progress.elapsed_s, clock()
@@ -370,14 +398,13 @@ class Trainer:
         if main:
             with atomic_file(self.out / "train_config.json", "w") as f:
                 strict_json.dump(asdict(cfg), f, indent=1)
-        device = next(model.parameters()).device
         trainable = [p for p in model.parameters() if p.requires_grad]
-        net = distributed.wrap(model, device)   # what the objective calls: DDP with several processes
         model.train()
         bar = tqdm(total=total, initial=progress.step, desc="train", unit="step",
                    disable=not (cfg.progress_bar and main), dynamic_ncols=True)
         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, clock()
         window: dict[str, torch.Tensor] = {}  # the objective's tallies, summed over the log window
+        last_norm = None   # the gradient norm of the window's last step taken (before clipping)
         last_eval: dict = {}
         evaluated_at = -1
         try:
@@ -389,7 +416,7 @@ class Trainer:
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
                     # gradients are all-reduced when the step's last micro-batch goes backward
                     syncs = micro + 1 >= cfg.grad_accum or last
-                    with contextlib.nullcontext() if syncs or net is model else net.no_sync():
+                    with distributed.accumulating(net, model, syncs):
                         with autocast_context(device, cfg.precision):
                             loss, tallies = objective(net, batch)
                         value = loss.detach().item()
@@ -413,8 +440,8 @@ class Trainer:
                             self._nonfinite(progress.step + 1, f"loss is {value}" if not math.isfinite(value)
                                             else "the loss is not finite on another rank")
                             step_ok = False
-                            if net is not model:
-                                # every rank joins DDP's all-reduce all the same; the step is skipped
+                            if world.active:
+                                # every rank joins the gradients' reduction all the same; the step is skipped
                                 # and its gradients cleared
                                 (loss.nan_to_num(0.0, 0.0, 0.0) * 0.0).backward()
                     if "tokens" in tallies:
@@ -428,6 +455,7 @@ class Trainer:
                     micro = 0
                     if step_ok:
                         norm = self._grad_norm(trainable, cfg.max_grad_norm)
+                        last_norm = norm
                         if not math.isfinite(norm):
                             self._nonfinite(progress.step + 1, f"gradient norm is {norm}")
                             step_ok = False
@@ -462,6 +490,8 @@ class Trainer:
                                 for k, v in t.items():
                                     totals[k] = totals.get(k, 0.0) + v
                             record.update(objective.summarize(totals) if totals else {})
+                            if last_norm is not None:
+                                record["grad_norm"] = last_norm
                             record.update(lr=lr, samples_per_s=window_samples / seconds)
                             if "tokens" in totals:
                                 record.update(tokens_per_s=totals["tokens"] / seconds, tokens=progress.extra["tokens"])
@@ -470,7 +500,7 @@ class Trainer:
                             log.write(record)
                             bar.set_postfix(_postfix(record))
                         window_loss, window_n, window_samples, t0 = 0.0, 0, 0, clock()
-                        window = {}
+                        window, last_norm = {}, None
                     ended_epoch = last
                     do_eval = self.evaluate is not None and (
                         (cfg.eval_every and progress.step % cfg.eval_every == 0)
@@ -491,7 +521,9 @@ class Trainer:
                             progress.extra["data"] = position
                         # every rank's RNG states and data position, written by rank 0
                         ranks = distributed.gather(rank_state(position)) if world.active else None
-                        if main:
+                        if sharded:   # every rank writes its shards
+                            save_sharded_state(self.checkpoint_dir, model, optimizer, scheduler, progress, ranks)
+                        elif main:
                             save_state(self.checkpoint_dir, model, optimizer, scheduler, progress, ranks)
                         self.saved_step = progress.step
                     t0 += clock() - paused

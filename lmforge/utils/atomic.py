@@ -81,30 +81,39 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         raise
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `path` as a whole.
-
-    The old directory is only removed after the new one is complete and in place, so at every
-    instant either the old or the new version is whole on disk.
-    """
+def temp_dir_for(path: str | os.PathLike) -> Path:
+    """A fresh temporary directory beside `path` (named so that clean_stale_temps finds it), for
+    commit_dir to put in place; writers in other processes can fill it too (sharded checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
+def commit_dir(tmp: Path, path: str | os.PathLike) -> None:
+    """Put the complete directory `tmp` in place of `path`. The old directory is only removed after
+    the new one is in place, so at every instant either the old or the new version is whole on disk."""
+    path = Path(path)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    backup = None
+    if path.exists():
+        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, backup)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `path` as a whole (commit_dir)."""
+    tmp = temp_dir_for(path)
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        backup = None
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, backup)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
