@@ -15,7 +15,7 @@ Two ways to fill it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,18 @@ class CacheStep:
     prefill: bool            # the rows were empty: the stream attends to itself (no cached keys)
     lengths: torch.Tensor    # [B] each row's length after this forward
     longest: int             # max(lengths), a Python int: slicing needs no device sync
+    index: torch.Tensor      # [N Hkv] where each token's heads go in a layer's [B Hkv S, Dh] view
     key_mask: torch.Tensor | None = None   # one token per row: [B, 1, 1, longest], true on the row's own slots
+    _biases: dict = field(default_factory=dict)
+
+    def key_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """key_mask as an additive mask [B, 1, 1, longest] of this dtype, made once per forward: SDPA
+        would convert a boolean mask in every layer. The most negative finite value, not -inf: no row
+        is without keys (its own token), but finite stays NaN-free whatever the kernel does."""
+        if dtype not in self._biases:
+            bias = torch.zeros(self.key_mask.shape, dtype=dtype, device=self.key_mask.device)
+            self._biases[dtype] = bias.masked_fill(~self.key_mask, torch.finfo(dtype).min)
+        return self._biases[dtype]
 
 
 class KVCache:
@@ -102,22 +113,27 @@ class KVCache:
             raise ValueError("a packed forward with a KV cache takes whole prompts into an empty cache, "
                              "or one token per sequence")
         self._room(longest)
-        self.step = CacheStep(rows, slots, prefill, lengths, longest, key_mask)
+        # a layer's buffer [B, Hkv, S_max, Dh] seen as [B Hkv S_max, Dh]: token n's head h goes to row
+        # (rows[n] Hkv + h) S_max + slots[n]; one index_copy_ per layer then writes every token
+        Hkv, S_max = self.k.shape[2], self.max_length
+        heads = torch.arange(Hkv, device=rows.device)
+        index = ((rows[:, None] * Hkv + heads) * S_max + slots[:, None]).reshape(-1)      # [N Hkv]
+        self.step = CacheStep(rows, slots, prefill, lengths, longest, index, key_mask)
         return self.step
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the stream's keys and values [N, Hkv, Dh] at their rows and slots (self.step)."""
-        s = self.step
-        # indexing rows and slots of [B, Hkv, S, Dh] (the heads' slice between them) selects
-        # [N, Hkv, Dh]: the stream's own layout
-        self.k[layer][s.rows, :, s.slots] = k.to(self.k.dtype)
-        self.v[layer][s.rows, :, s.slots] = v.to(self.v.dtype)
+        index, Dh = self.step.index, k.shape[-1]
+        # [N, Hkv, Dh] -> [N Hkv, Dh] rows, into the layer's [B Hkv S_max, Dh] view (contiguous: a
+        # layer's rows are one block even after keep() left the buffer as a view)
+        self.k[layer].view(-1, Dh).index_copy_(0, index, k.reshape(-1, Dh).to(self.k.dtype))
+        self.v[layer].view(-1, Dh).index_copy_(0, index, v.reshape(-1, Dh).to(self.v.dtype))
 
-    def keys(self, layer: int):
-        """A decode step's keys and values [B, Hkv, S, Dh] (S: the longest row, this token included)
-        and the keep-mask [B, 1, 1, S] of each row's own slots."""
+    def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's keys and values [B, Hkv, S, Dh] (S: the longest row, this token included;
+        step.key_mask says which slots are each row's own)."""
         S = self.step.longest
-        return self.k[layer, :, :, :S], self.v[layer, :, :, :S], self.step.key_mask
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
 
     def end(self) -> None:
         """The packed forward has written every layer: its tokens now count as cached."""

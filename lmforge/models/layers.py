@@ -234,11 +234,12 @@ class Attention(nn.Module):
         """A decode step: the new token of each sequence, q [B, H Dh], attends to its own cache row
         (its own past, this token included) -> [B, H Dh]."""
         B, H, Hkv, Dh = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        k, v, keep = cache.keys(layer_idx)                  # [B, Hkv, S, Dh] twice, [B, 1, 1, S]
+        k, v = cache.keys(layer_idx)                        # [B, Hkv, S, Dh] twice
+        keep = cache.step.key_bias(q.dtype)                 # [B, 1, 1, S] additive
         prefix = self._prefix(B)
         if prefix is not None:                              # prefix keys are visible to every query
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-            keep = torch.cat([keep.new_ones(B, 1, 1, prefix[0].shape[2]), keep], dim=-1)
+            keep = torch.cat([keep.new_zeros(B, 1, 1, prefix[0].shape[2]), keep], dim=-1)
         # The H / Hkv query heads of a group read one key/value head: as that many queries of it
         # ([B, H Dh] -> [B, Hkv, H / Hkv, Dh]; query head h is in group h // (H / Hkv)), attention
         # reads each cached key once, with none of the copies _shared makes.
