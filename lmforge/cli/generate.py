@@ -9,7 +9,8 @@ Decoding: greedy by default; sampling when --temperature, --top-k or --top-p is 
 0.8 --no-repeat-ngram 4). Generation ends at the model's end token, at any --stop string (cut
 from the output) or after --max-new-tokens. A model whose tokenizer has a chat template (SmolLM2)
 gets each prompt as a user message, unless --no-chat-template. --input: one prompt per line, one
-JSON line out per prompt ({"prompt", "text", "finish_reason"}), in batches of --batch-size.
+JSON line out per prompt ({"prompt", "text", "finish_reason"}), in batches of --batch-size (decoded
+together without padding; a prompt that has ended leaves its batch).
 """
 
 from __future__ import annotations
@@ -153,22 +154,18 @@ class Session:
 
         from lmforge.models import generate, routing
 
-        encoded = [self.encode(p) for p in prompts]
-        T = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.ends or [0])[0]
-        ids = torch.tensor([[pad] * (T - len(e)) + e for e in encoded], device=self.device)      # left-padded
-        mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+        encoded = [self.encode(p) for p in prompts]   # of any lengths: decoded packed, without padding
         kw = self._kwargs()
         with torch.inference_mode(), self.precision.autocast(self.device), routing.using(self.adapter):
             if self.args.beams > 1:
                 for k in ("do_sample", "temperature", "top_k", "top_p", "generator"):
                     kw.pop(k)
-                out = generate(self.model, ids, mask, num_beams=self.args.beams,
-                               length_penalty=self.args.length_penalty, pad_token_id=pad, **kw)
+                out = generate(self.model, encoded, num_beams=self.args.beams,
+                               length_penalty=self.args.length_penalty, **kw)
             else:
-                out = generate(self.model, ids, mask, pad_token_id=pad, **kw)
+                out = generate(self.model, encoded, **kw)
         results = []
-        for prompt, row in zip(prompts, out[:, T:].tolist()):
+        for prompt, row in zip(prompts, (o[len(e):] for o, e in zip(out, encoded))):
             end = next((i for i, t in enumerate(row) if t in self.ends), None)
             text, stopped = cut_at_stop(self.tokenizer.decode(row if end is None else row[:end]), self.args.stop)
             results.append({"prompt": prompt, "text": text,
