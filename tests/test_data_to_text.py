@@ -282,3 +282,19 @@ def test_nlg_options_on_a_classification_task_and_evaluate_errors(capsys, tmp_pa
     assert "is not a data-to-text task" in one_error(
         capsys, ["evaluate", "--task", "e2e", "--run", str(tmp_path / "notnlg")], "evaluate")
     assert "no run.json" in one_error(capsys, ["evaluate", "--task", "e2e", "--run", str(decoders["gpt2"])], "evaluate")
+
+
+def test_a_decoder_that_learned_four_examples_decodes_their_references(tmp_path, decoders, e2e):
+    """Training and generation agree on the prompt and on where the output starts and ends: after
+    learning four examples by heart, beam search and greedy decoding (alone and in a left-padded
+    batch) give back exactly their references."""
+    tok = load_tokenizer(decoders["gpt2"])
+    model = from_pretrained(decoders["gpt2"], head="causal-lm")
+    enc, _ = nlg.encode_examples(tok, e2e[:4], 256, tok.eos_token_id)
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=150, batch_size=4, lr=1e-2, warmup_ratio=0.0, weight_decay=0.0,
+                      progress_bar=False, precision="fp32", seed=0)
+    Trainer(model, cfg, enc, collate=lambda items: nlg.collate(items, tok.pad_token_id), objective=DataToText()).train()
+    for beams, batch in ((1, 1), (1, 4), (3, 4)):
+        settings = DecodingConfig(beams=beams, max_new_tokens=120, no_repeat_ngram=0, batch_size=batch)
+        out = generate_outputs(model, tok, [e.source for e in e2e[:4]], settings, tok.eos_token_id)
+        assert out == [e.reference for e in e2e[:4]], (beams, batch)

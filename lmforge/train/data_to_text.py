@@ -11,6 +11,12 @@ batches, and the outputs are written one per line and scored (train/nlg_metrics.
 
   predictions-dev.txt   one output per unique dev input, in the split's order
   eval-dev.json         {"task", "split", "inputs", "references", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", ...}
+
+Decoding goes through models.generate.generate(), whose no-repeat-n-gram blocking covers the prompt
+and the output together (as transformers' does); the LoRA repository's gpt2_beam.py blocks n-grams of
+the output alone. 51.6% of E2E dev references (4,672, SmolLM2's tokenizer) contain a 4-token span of
+their own prompt, which blocking over the prompt forbids: with no_repeat_ngram=4 the decoding here is
+stricter than the paper's.
 """
 
 from __future__ import annotations
