@@ -188,3 +188,22 @@ def test_bad_prompts_and_cache_misuse_are_one_line_errors(models):
         ours(torch.tensor([1, 2, 3]), packed=Packed.from_lengths([2, 1]), cache=cache)
     with pytest.raises(ValueError, match="different lengths"):
         ours(torch.tensor([[1], [2]]), cache=cache)
+
+
+@torch.no_grad()
+def test_beam_search_prefills_each_prompt_once_and_done_prompts_leave(models):
+    """Beam search: each prompt's tokens are embedded once (its beams copy its cache row), then K rows
+    per prompt still searching; a prompt whose search is done stops being computed."""
+    _, ours, V, _ = models
+    prompts, K, new = prompts_of(V, seed=6), 3, 12   # a seed where prompts end at different steps
+    end = frequent_end(ours, prompts, new)
+    sizes = []
+    hook = ours.transformer.embeddings.word_embeddings.register_forward_hook(
+        lambda m, args, out: sizes.append(args[0].numel()))
+    try:
+        beam_search(ours, prompts, num_beams=K, max_new_tokens=new, eos_token_id=end)
+    finally:
+        hook.remove()
+    assert sizes[0] == sum(LENGTHS) and sizes[1] == K * len(prompts)
+    assert all(s % K == 0 for s in sizes[1:]) and sizes == sizes[:1] + sorted(sizes[1:], reverse=True)
+    assert sizes[-1] < K * len(prompts)
