@@ -9,7 +9,7 @@ beam-search decoding: hours on a CPU) runs with --full only.
 
 import sys
 
-from benchmarks import bf16_quality, decode, e2e, embed_bf16, glue, int8, nanogpt, serve, speed
+from benchmarks import bf16_quality, decode, distributed, e2e, embed_bf16, glue, int8, nanogpt, serve, speed
 
 
 def main() -> int:
@@ -17,6 +17,7 @@ def main() -> int:
     quick = [] if full else ["--quick"]
     return (speed.main(quick) or serve.main(quick) or glue.main(quick) or int8.main(quick)
             or embed_bf16.main([]) or bf16_quality.main(quick) or nanogpt.main(quick) or decode.main(quick)
+            or distributed.main(quick)
             or (e2e.main([]) if full else 0))
 
 
