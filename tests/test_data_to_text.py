@@ -132,6 +132,27 @@ def test_lm_aux_weight_adds_the_prompt_tokens_lm_loss(decoders, e2e, arch, lam):
     assert int(tallies["prompt_tokens"]) == sum(len(e.prompt_ids) - 1 for e in enc)
 
 
+@pytest.mark.parametrize("arch, method", [("gpt2", "full"), ("gpt2", "prefix-layer"), ("llama", "lora"),
+                                          ("llama", "adapter-l")])
+def test_packed_equals_padded_loss_and_gradients(decoders, e2e, arch, method):
+    _, _, batch = batch_of(decoders[arch], e2e[30:36])
+    model = from_pretrained(decoders[arch], head="causal-lm")
+    spec = apply_method(model, MethodConfig(method=method, lora_dropout=0.0, adapter_size=4, prefix_length=3))
+    from lmforge.models import routing
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        with routing.using(spec.adapter):
+            loss, _ = DataToText(label_smoothing=0.1, lm_aux_weight=0.5, packed=packed)(Wrapped(model), batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
 # method -> predicate on the names of the parameters it trains
 TRAINS = {
     "full": lambda n: True,

@@ -188,7 +188,7 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
     if cfg.train_file or cfg.dev_file:
         raise ConfigError(f"--task {cfg.task} reads its own files; drop --train/--dev")
     check_method(cfg.adapt.method)
-    objective = DataToText(label_smoothing=cfg.label_smoothing, lm_aux_weight=cfg.lm_aux_weight)
+    objective = DataToText(label_smoothing=cfg.label_smoothing, lm_aux_weight=cfg.lm_aux_weight, packed=cfg.packed)
     out = Path(cfg.train.out_dir)
     run_file = out / "run.json"
     if resume and run_file.is_file():
@@ -224,7 +224,7 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
     pad = tokenizer.pad_token_id
     dev_batches = [nlg.collate(dev_enc[i:i + cfg.eval_batch_size], pad)
                    for i in range(0, len(dev_enc), cfg.eval_batch_size)]
-    plain = DataToText()   # dev loss: the target tokens' plain cross-entropy
+    plain = DataToText(packed=cfg.packed)   # dev loss: the target tokens' plain cross-entropy
 
     def on_best(m, metrics):
         spec.save(m, out / "best", cfg.adapt, cfg.model, tokenizer)

@@ -236,11 +236,15 @@ class DataToText(Objective):
     the tokens before it, averaged over those tokens, times lambda. Only scored positions go through
     the vocabulary projection.
 
+    `packed`: the batch runs unpadded (models/packing.py: its real tokens as one stream), the same
+    numbers as padded with no work on padding.
+
     Tallies: the target tokens' summed negative log-likelihood without smoothing (what dev loss and
     perplexity report), their count and correct argmax predictions, and the prompt term's sum and count."""
 
     label_smoothing: float = 0.0
     lm_aux_weight: float = 0.0
+    packed: bool = False
     name: str = "data-to-text"
 
     def __post_init__(self):
@@ -261,7 +265,13 @@ class DataToText(Objective):
             predicts_prompt[:, :-1] = real[:, 1:] & ~target[:, 1:]
             scored = predicts_target | predicts_prompt
         positions = scored.reshape(-1).nonzero().squeeze(-1)                  # [M] rows of the flat [B*T]
-        logits = model(**_padded_inputs(batch), positions=positions).logits.float()
+        if self.packed:   # every scored position is a real token: its row in the stream of real tokens
+            from lmforge.models.packing import pack_padded
+            stream, layout = pack_padded(ids, batch["attention_mask"])
+            rows = real.reshape(-1).long().cumsum(0) - 1
+            logits = model(stream, packed=layout, positions=rows.index_select(0, positions)).logits.float()
+        else:
+            logits = model(**_padded_inputs(batch), positions=positions).logits.float()
         labels = ids.reshape(-1).index_select(0, positions + 1)
         is_target = predicts_target.reshape(-1).index_select(0, positions)
         t_logits, t_labels = logits[is_target], labels[is_target]
