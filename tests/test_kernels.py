@@ -97,10 +97,11 @@ def test_post_ops_equal_their_formulas(act, force):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stacked_qkv_equals_three_projections(dtype, force, monkeypatch):
+@pytest.mark.parametrize("bias", [True, False])   # Llama's projections have none
+def test_stacked_qkv_equals_three_projections(dtype, bias, force, monkeypatch):
     force("onednn")
     torch.manual_seed(0)
-    layers = tuple(Linear(16, 16) for _ in range(3))
+    layers = tuple(Linear(16, 16, bias=bias) for _ in range(3))
     for m in layers:
         m.requires_grad_(False)
     x = torch.randn(9, 16, requires_grad=True)

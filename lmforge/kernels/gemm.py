@@ -132,7 +132,8 @@ def stacked_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tens
         return int8.stacked_linear(x, layers)
     # a layer is a Linear or a LowRankWrapper of one; anything else (another adapter) runs plain
     bases = tuple(m.base if isinstance(m, LowRankWrapper) else m for m in layers)
-    plain_bases = all(isinstance(b, nn.Linear) and b.bias is not None for b in bases)
+    # plain Linears, all with a bias or all without (Llama's): one stacked bias or none
+    plain_bases = all(isinstance(b, nn.Linear) for b in bases) and len({b.bias is None for b in bases}) == 1
     frozen = plain_bases and (not torch.is_grad_enabled() or not any(
         p.requires_grad for b in bases for p in b.parameters()))
     wrapped = [m for m, b in zip(layers, bases) if m is not b]
