@@ -20,9 +20,9 @@ n-grams over the prompt and the output together, the paper's code over the outpu
 paper's GPT-2 Medium rows are printed beside ours for orientation only: another model, the full
 data, 5 epochs.
 
-Duration: on this project's AMD EPYC, one contended core, LoRA trained at about 4.5 s per step of 8
-examples (bf16) and beam-decoded 3-8 s per dev input, so the default run (250 steps per method) takes
-about 30 minutes per PEFT method and 45 for full fine-tuning: 2-2.5 hours in all.
+Duration: on this project's AMD EPYC, pinned to one (shared) core, LoRA trained at 2.5-5 s per step
+of 8 examples (bf16) and beam-decoded 3-8 s per dev input, so the default run (250 steps per method)
+takes 20-35 minutes per PEFT method and up to 45 for full fine-tuning: 1.5-2.5 hours in all.
 """
 
 from __future__ import annotations
