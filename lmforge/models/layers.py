@@ -209,9 +209,8 @@ class Attention(nn.Module):
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
         if dense:
             rows = qkv
-        else:  # scatter into the bucketed layout [R, W]; only the padding rows need zeros
-            rows = qkv.new_empty(packed.attn_rows, W).index_copy_(0, packed.attn_index, qkv)
-            rows.index_fill_(0, packed.attn_pad_rows, 0.0)
+        else:  # gather into the bucketed layout [R, W] (padding rows repeat a real token: masked)
+            rows = qkv.index_select(0, packed.attn_source)
         drop = self.dropout_p if self.training else 0.0
         outs = []
         # split, not one slice per group: its backward is one concatenation of the groups' gradients,

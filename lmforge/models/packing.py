@@ -149,13 +149,21 @@ class Packed:
         return self._get("attn_index", build)
 
     @property
-    def attn_pad_rows(self) -> torch.Tensor:
-        """The rows of the bucketed layout that hold no token (padding inside each group) [R - N]."""
+    def attn_source(self) -> torch.Tensor:
+        """The stream row each row of the bucketed attention layout reads [R]: its own token, or, for
+        a padding row, the last token of the same sequence. Padding rows only need to be finite:
+        as keys they are masked (probability exactly 0, so no gradient either), as queries their
+        outputs are never gathered back. So the layout is one index_select instead of a scatter into a
+        buffer whose padding is zeroed (bf16, 1,000 x 1,152: 0.14 against 0.42 ms on one core of an
+        AMX Xeon; about 3% of a bf16 inference pass, within that pass's noise)."""
         def build():
-            used = torch.zeros(self.attn_rows, dtype=torch.bool, device=self.cu_seqlens.device)
-            used[self.attn_index] = True
-            return (~used).nonzero().squeeze(1)
-        return self._get("attn_pad_rows", build)
+            parts = []
+            for g in self.groups:
+                pos = torch.arange(g.T, device=self.cu_seqlens.device)
+                last = self.lengths[g.seqs][:, None] - 1                             # [n, 1]
+                parts.append((self.cu_seqlens[g.seqs][:, None] + torch.minimum(pos[None, :], last)).reshape(-1))
+            return torch.cat(parts)                                                  # [R]
+        return self._get("attn_source", build)
 
     @property
     def dense(self) -> bool:
