@@ -58,11 +58,12 @@ OTHER = [
     ("generate", "--max-new-tokens", "0"), ("generate", "--beams", "0"), ("generate", "--length-penalty", "nan"),
     ("generate", "--no-repeat-ngram", "-1"), ("generate", "--temperature", "0"), ("generate", "--top-k", "0"),
     ("generate", "--top-p", "1.5"), ("generate", "--seed", "-1"), ("generate", "--batch-size", "0"),
+    ("generate", "--no-repeat-ngram-scope", "prompt"),
     ("finetune", "--label-smoothing", "1.5"), ("finetune", "--label-smoothing", "-0.1"),
     ("finetune", "--lm-aux-weight", "-1"),
 ] + [(cmd, opt, v) for cmd in ("finetune", "evaluate") for opt, v in (   # data-to-text decoding
     ("--beams", "0"), ("--length-penalty", "nan"), ("--no-repeat-ngram", "-1"), ("--max-new-tokens", "0"),
-    ("--gen-batch-size", "0"))]
+    ("--gen-batch-size", "0"), ("--no-repeat-ngram-scope", "prompt"), ("--no-repeat-ngram-scope", "ALL"))]
 PRETRAIN = [
     ("--eval-every", "0"), ("--eval-batches", "0"), ("--max-seq-len", "2"), ("--mlm-probability", "1.5"),
     ("--workers", "0"), ("--tokens", "0"), ("--minutes", "0"), ("--minutes", "nan"), ("--max-steps", "0"),

@@ -5,6 +5,7 @@ E2E rows, evaluation writes one output per unique input in order and one JSON ob
 options are one-line errors. Tiny random decoders (GPT-2 and Llama presets) with a byte-level BPE
 trained on E2E texts keep every test to seconds."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lmforge.adapters.methods import MethodConfig, apply_method
 from lmforge.cli import main
 from lmforge.data import nlg
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
+from lmforge.errors import ConfigError
 from lmforge.models import Model, from_pretrained, generate, save_pretrained
 from lmforge.models.presets import preset
 from lmforge.train.data_to_text import DecodingConfig, generate_outputs
@@ -221,21 +223,25 @@ def test_lm_heads_stay_frozen_and_lora_brings_no_head_copy(tmp_path, e2e):
     assert all(p.requires_grad for p in model.head.parameters())
 
 
-@pytest.mark.parametrize("beams", [1, 3])
-def test_batched_generation_gives_each_input_its_own_output_in_order(decoders, e2e, beams):
+@pytest.mark.parametrize("beams, scope", [(1, "all"), (3, "all"), (1, "output"), (3, "output")])
+def test_batched_generation_gives_each_input_its_own_output_in_order(decoders, e2e, beams, scope):
     model_dir = decoders["llama"]
     tok = load_tokenizer(model_dir)
     model = from_pretrained(model_dir).eval()
     sources = [e.source for e in e2e[:40:8]]
-    settings = DecodingConfig(beams=beams, length_penalty=0.8, no_repeat_ngram=2, max_new_tokens=6, batch_size=2)
+    settings = DecodingConfig(beams=beams, length_penalty=0.8, no_repeat_ngram=2, no_repeat_ngram_scope=scope,
+                              max_new_tokens=6, batch_size=2)
     batched = generate_outputs(model, tok, sources, settings, tok.eos_token_id)
     one = []
     for s in sources:   # each alone, unpadded, through the public generate()
         ids = torch.tensor([nlg.prompt_ids(tok, s)])
         out = generate(model, ids, max_new_tokens=6, num_beams=beams, length_penalty=0.8, no_repeat_ngram_size=2,
-                       eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+                       no_repeat_ngram_scope=scope, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
         one.append(" ".join(tok.decode(out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out).split()))
     assert batched == one and len(batched) == len(sources)
+    other = dataclasses.replace(settings, no_repeat_ngram_scope="output" if scope == "all" else "all")
+    assert generate_outputs(model, tok, sources, other, tok.eos_token_id) != batched, \
+        "the scopes decode alike: the case tests nothing"
 
 
 def test_finetune_then_evaluate_write_one_line_per_unique_input_and_one_json(tmp_path, decoders, data_dir, capsys):
@@ -257,16 +263,19 @@ def test_finetune_then_evaluate_write_one_line_per_unique_input_and_one_json(tmp
     # the same run through `lmforge evaluate --run`: more inputs, greedy, its own output file
     pred = tmp_path / "greedy.txt"
     assert main(["evaluate", "--task", "e2e", "--split", "dev", "--run", str(out), "--max-eval-samples", "5",
-                 "--beams", "1", "--max-new-tokens", "6", "--output", str(pred), "--precision", "fp32"]) == 0
+                 "--beams", "1", "--max-new-tokens", "6", "--no-repeat-ngram-scope", "output", "--output", str(pred),
+                 "--precision", "fp32"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     got = json.loads(printed[-1])
     assert got["inputs"] == 5 and got["decoding"]["beams"] == 1 and len(pred.read_text().splitlines()) == 5
+    assert got["decoding"]["no_repeat_ngram_scope"] == "output"
     # evaluate's outputs are those the library decodes for the first 5 unique inputs, in that order
     from lmforge.adapters.methods import load_run
     model, adapter = load_run(out / "best")
     tok = load_tokenizer(decoders["gpt2"])
     want = generate_outputs(model, tok, nlg.eval_set("e2e", "dev").sources[:5],
-                            DecodingConfig(beams=1, max_new_tokens=6, no_repeat_ngram=4), tok.eos_token_id, adapter)
+                            DecodingConfig(beams=1, max_new_tokens=6, no_repeat_ngram=4, no_repeat_ngram_scope="output"),
+                            tok.eos_token_id, adapter)
     assert pred.read_text().splitlines() == want
 
 
@@ -284,6 +293,7 @@ def one_error(capsys, argv, command="finetune"):
     (["--lm-aux-weight", "-0.5"], "--lm-aux-weight must be >= 0, got -0.5"),
     (["--beams", "0"], "--beams must be >= 1, got 0"),
     (["--no-repeat-ngram", "-1"], "--no-repeat-ngram must be >= 0, got -1"),
+    (["--no-repeat-ngram-scope", "prompt"], "--no-repeat-ngram-scope invalid choice: 'prompt'"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--method", "adapter-x"], "--method 'adapter-x' is not one of"),
     (["--model", "minilm"], "is not a decoder"),
@@ -319,3 +329,9 @@ def test_a_decoder_that_learned_four_examples_decodes_their_references(tmp_path,
         settings = DecodingConfig(beams=beams, max_new_tokens=120, no_repeat_ngram=0, batch_size=batch)
         out = generate_outputs(model, tok, [e.source for e in e2e[:4]], settings, tok.eos_token_id)
         assert out == [e.reference for e in e2e[:4]], (beams, batch)
+
+
+def test_decoding_config_checks_the_ngram_scope():
+    DecodingConfig(no_repeat_ngram_scope="output").validate()
+    with pytest.raises(ConfigError, match="--no-repeat-ngram-scope must be one of all, output, got 'prompt'"):
+        DecodingConfig(no_repeat_ngram_scope="prompt").validate()

@@ -52,18 +52,19 @@ def left_padded(prompts):
     return ids, mask
 
 
-# (no-repeat n-gram size, beams): greedy and beam search, with and without n-gram blocking
-CASES = [(0, 1), (3, 1), (0, 4), (2, 3)]
+# (no-repeat n-gram size, its scope, beams): greedy and beam search, with and without n-gram blocking
+CASES = [(0, "all", 1), (3, "all", 1), (0, "all", 4), (2, "all", 3), (2, "output", 1), (2, "output", 3)]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("ngram, beams", CASES)
-def test_batched_prompts_of_different_lengths_decode_as_each_alone(models, ngram, beams):
+@pytest.mark.parametrize("ngram, scope, beams", CASES)
+def test_batched_prompts_of_different_lengths_decode_as_each_alone(models, ngram, scope, beams):
     _, ours, V, _ = models
     prompts = prompts_of(V, seed=ngram + beams)
     new = 14
     end = frequent_end(ours, prompts, new)
-    kw = dict(max_new_tokens=new, eos_token_id=[end], no_repeat_ngram_size=ngram, num_beams=beams)
+    kw = dict(max_new_tokens=new, eos_token_id=[end], no_repeat_ngram_size=ngram, no_repeat_ngram_scope=scope,
+              num_beams=beams)
     together = generate(ours, prompts, **kw)
     alone = [generate(ours, [p], **kw)[0] for p in prompts]
     assert together == alone

@@ -61,3 +61,76 @@ def test_generate_with_beams_is_beam_search(models):
     assert generate(ours, prompt, num_beams=4, **kw).tolist() == beam_search(ours, prompt, num_beams=4, **kw).tolist()
     with pytest.raises(ValueError, match="does not sample"):
         generate(ours, prompt, num_beams=4, do_sample=True)
+
+
+class OutputOnlyNoRepeat:
+    """A transformers logits processor blocking repeated n-grams of the output alone (the tokens after
+    the prompt's T), written independently of lmforge's: the reference for no_repeat_ngram_scope="output"."""
+
+    def __init__(self, n: int, T: int):
+        self.n, self.T = n, T
+
+    def __call__(self, input_ids, scores):
+        n = self.n
+        for r, out in enumerate(input_ids[:, self.T:].tolist()):
+            if len(out) < n - 1:
+                continue
+            seen = {tuple(out[i:i + n]) for i in range(len(out) - n + 1)}
+            prefix = tuple(out[len(out) - n + 1:])
+            for gram in seen:
+                if gram[:-1] == prefix:
+                    scores[r, gram[-1]] = float("-inf")
+        return scores
+
+
+def ngrams(seq, n):
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def repeated_after(seq, n, T):
+    """The n-grams of seq that end after position T (in the output) and occurred before."""
+    grams = ngrams(seq, n)
+    return [g for i, g in enumerate(grams) if i + n > T and g in grams[:i]]
+
+
+def looping_prompt(ref, seed, length, n):
+    """A prompt that ends inside a loop of the model's free greedy continuation: the prompt followed
+    by that continuation's first tokens, so the continuation wants to repeat n-grams of the prompt."""
+    start = torch.randint(1, V - 1, (1, length), generator=torch.Generator().manual_seed(seed))
+    free = ref.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=30, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    return free[:, :length + 12]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n, beams", [(2, 1), (3, 1), (2, 4), (3, 3)])
+def test_output_scope_blocks_ngrams_of_the_output_only(models, n, beams):
+    """no_repeat_ngram_scope="output" equals transformers with blocking of the output's n-grams alone,
+    greedy and beam; it generates an n-gram of the prompt (which "all" blocks) and never repeats one
+    of its own."""
+    from transformers import LogitsProcessorList
+
+    ref, ours = models
+    prompt = looping_prompt(ref, seed=n + beams, length=4, n=n)
+    T, new = prompt.shape[1], 16
+    want = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
+                        num_beams=beams, eos_token_id=None, pad_token_id=0, early_stopping=False,
+                        logits_processor=LogitsProcessorList([OutputOnlyNoRepeat(n, T)]))
+    kw = dict(max_new_tokens=new, no_repeat_ngram_size=n, num_beams=beams, eos_token_id=[])
+    got = generate(ours, prompt, no_repeat_ngram_scope="output", **kw)
+    assert got.tolist() == want.tolist()
+    out, prompt_list = got[0, T:].tolist(), prompt[0].tolist()
+    assert not repeated_after(out, n, 0), "an n-gram repeated within the output"
+    assert set(ngrams(out, n)) & set(ngrams(prompt_list, n)), "no n-gram of the prompt generated: the case tests nothing"
+    strict = generate(ours, prompt, no_repeat_ngram_scope="all", **kw)[0].tolist()
+    assert not repeated_after(strict, n, T)   # "all": no n-gram of prompt + output is generated again
+    assert strict[T:] != out
+
+
+@torch.no_grad()
+def test_ngram_scope_is_checked(models):
+    _, ours = models
+    prompt = [[3, 4, 5]]
+    for beams in (1, 3):
+        with pytest.raises(ValueError, match="no_repeat_ngram_scope must be one of 'all', 'output', got 'prompt'"):
+            generate(ours, prompt, num_beams=beams, no_repeat_ngram_size=2, no_repeat_ngram_scope="prompt")

@@ -44,6 +44,21 @@ def test_streamed_prompt_equals_the_library(capsys, gpt):
     assert want and out == want + "\n"
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_no_repeat_ngram_scope_reaches_the_decoder(capsys, gpt, tmp_path, beams):
+    """--no-repeat-ngram-scope output: "sat on the" of the prompt may come again (all blocks it)."""
+    prompt, kw = "the cat sat on the", dict(max_new_tokens=12, no_repeat_ngram_size=3, num_beams=beams)
+    want = library(gpt, prompt, no_repeat_ngram_scope="output", **kw)
+    assert want != library(gpt, prompt, **kw), "the scopes decode alike: the case tests nothing"
+    f = tmp_path / "p.txt"
+    f.write_text(prompt + "\n")
+    source = ["--prompt", prompt] if beams == 1 else ["--input", f]   # streamed, or in a batch
+    code, out, _ = run(capsys, "--model", gpt, *source, "--max-new-tokens", 12, "--beams", beams,
+                       "--no-repeat-ngram", 3, "--no-repeat-ngram-scope", "output")
+    assert code == 0
+    assert (out == want + "\n") if beams == 1 else json.loads(out)["text"] == want
+
+
 def test_prompt_file_with_beams_gives_json_lines(capsys, gpt, tmp_path):
     prompts = ["the cat", "a bird in", "to be"]
     f = tmp_path / "p.txt"

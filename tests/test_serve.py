@@ -502,6 +502,29 @@ def test_generate_with_beams_ngrams_and_stop_strings(dec, gpt2_dir):
     assert error(dec.post("/v1/generate", {"prompt": "x", "stop": ["a"] * 9}), 422)["field"] == "stop"
 
 
+def test_generate_with_the_output_ngram_scope(dec, gpt2_dir):
+    """no_repeat_ngram_scope reaches the decoder, greedy and beam; a bad value is a 422."""
+    model = from_pretrained(gpt2_dir).eval()
+    tok = load_tokenizer(gpt2_dir)
+
+    def offline(prompt, **kw):
+        ids = torch.tensor([tok.encode(prompt)])
+        out = generate(model, ids, torch.ones_like(ids), **kw)[0, ids.shape[1]:].tolist()
+        return tok.decode(out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out)
+
+    for beams in (1, 3):
+        kw = dict(max_new_tokens=16, num_beams=beams, no_repeat_ngram_size=2)
+        # a prompt whose continuation the two scopes decode differently (else the case tests nothing)
+        prompt = next(p for p in ("once upon a time", "the cat sat on the mat", "a b c a b c a b c", "hello hello")
+                      if offline(p, no_repeat_ngram_scope="output", **kw) != offline(p, **kw))
+        want = offline(prompt, no_repeat_ngram_scope="output", **kw)
+        body = dec.post("/v1/generate", {"prompt": prompt, **kw, "no_repeat_ngram_scope": "output"}).json()
+        assert body["text"] == want, body
+        assert dec.post("/v1/generate", {"prompt": prompt, **kw}).json()["text"] == offline(prompt, **kw)
+    r = dec.post("/v1/generate", {"prompt": "x", "no_repeat_ngram_scope": "prompt"})
+    assert error(r, 422)["field"] == "no_repeat_ngram_scope"
+
+
 def test_full_queue_answers_429_with_retry_after(dec):
     """--max-queue 4 sequences, a 1.5 s batching window: 3 queued + 2 more do not fit."""
     with ThreadPoolExecutor(1) as pool:

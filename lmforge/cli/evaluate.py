@@ -3,6 +3,7 @@
   lmforge evaluate --run runs/sst2-full --task glue/sst2 --split dev
   lmforge evaluate --task e2e --split dev --predictions outputs.txt
   lmforge evaluate --task e2e --split dev --run runs/e2e-lora --beams 10 --length-penalty 0.8 --no-repeat-ngram 4
+  lmforge evaluate --task e2e --split dev --run runs/e2e-lora --no-repeat-ngram-scope output   # as the paper decodes
 
 Data-to-text tasks (e2e, webnlg, dart) score an output file: one output per line, in the order of
 the split's unique inputs (lmforge.data.nlg.eval_set), each against all its references, with the

@@ -11,6 +11,7 @@ from __future__ import annotations
 from lmforge.cli.validate import field_type, ranged, writable_dir
 from lmforge.train.finetune import LABEL_TYPES, METHOD_RULES, FinetuneConfig
 from lmforge.kernels.precision import DEVICES, PRECISIONS
+from lmforge.models.beam_search import NGRAM_SCOPES
 from lmforge.train.data_to_text import DecodingConfig
 from lmforge.train.trainer import SCHEDULES, TrainConfig
 
@@ -34,13 +35,17 @@ def D(name: str):
 
 def add_decoding_args(p) -> None:
     """How data-to-text evaluation decodes (defaults: the LoRA paper's beam 10, length penalty 0.8,
-    no-repeat-n-gram 4)."""
+    no-repeat-n-gram 4; its n-grams over prompt and output, where the paper's code blocks the output's
+    alone: --no-repeat-ngram-scope output)."""
     d = DecodingConfig()
     p.add_argument("--beams", type=D("beams"), default=d.beams, help="e2e/webnlg/dart: beam search width")
     p.add_argument("--length-penalty", type=D("length_penalty"), default=d.length_penalty,
                    help="beam search: a hypothesis scores log p / length ** this")
     p.add_argument("--no-repeat-ngram", type=D("no_repeat_ngram"), default=d.no_repeat_ngram,
                    help="never repeat an n-gram of this size (0: off)")
+    p.add_argument("--no-repeat-ngram-scope", choices=NGRAM_SCOPES, default=d.no_repeat_ngram_scope,
+                   help="the n-grams --no-repeat-ngram blocks: the prompt's and the output's (all, as transformers "
+                        "does) or the output's alone (output, as the LoRA paper's gpt2_beam.py does)")
     p.add_argument("--max-new-tokens", type=D("max_new_tokens"), default=d.max_new_tokens,
                    help="longest output, in tokens")
     p.add_argument("--gen-batch-size", type=D("batch_size"), default=d.batch_size,
@@ -52,6 +57,7 @@ def decoding_from_args(args) -> DecodingConfig:
     return DecodingConfig(beams=getattr(args, "beams", d.beams),
                           length_penalty=getattr(args, "length_penalty", d.length_penalty),
                           no_repeat_ngram=getattr(args, "no_repeat_ngram", d.no_repeat_ngram),
+                          no_repeat_ngram_scope=getattr(args, "no_repeat_ngram_scope", d.no_repeat_ngram_scope),
                           max_new_tokens=getattr(args, "max_new_tokens", d.max_new_tokens),
                           batch_size=getattr(args, "gen_batch_size", d.batch_size))
 

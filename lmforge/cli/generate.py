@@ -2,15 +2,18 @@
 
   lmforge generate --model smollm2-135m --prompt "What is a transformer?"
   lmforge generate --model runs/gpt/model --prompt "Once upon" --temperature 0.8 --top-p 0.95 --seed 1
-  lmforge generate --model runs/e2e/best --input mrs.txt --beams 10 --length-penalty 0.8 --no-repeat-ngram 4
+  lmforge generate --model runs/e2e/best --input mrs.txt --beams 10 --no-repeat-ngram 4 --no-repeat-ngram-scope output
 
 Decoding: greedy by default; sampling when --temperature, --top-k or --top-p is given (seeded by
 --seed); beam search with --beams N > 1 (the LoRA paper's NLG setting: --beams 10 --length-penalty
-0.8 --no-repeat-ngram 4). Generation ends at the model's end token, at any --stop string (cut
-from the output) or after --max-new-tokens. A model whose tokenizer has a chat template (SmolLM2)
-gets each prompt as a user message, unless --no-chat-template. --input: one prompt per line, one
-JSON line out per prompt ({"prompt", "text", "finish_reason"}), in batches of --batch-size (decoded
-together without padding; a prompt that has ended leaves its batch).
+0.8 --no-repeat-ngram 4 --no-repeat-ngram-scope output). --no-repeat-ngram blocks repeats of the
+n-grams of the prompt and the output together (--no-repeat-ngram-scope all, the default, as
+transformers does) or of the output alone (output, as the LoRA paper's decoding code does).
+Generation ends at the model's end token, at any --stop string (cut from the output) or after
+--max-new-tokens. A model whose tokenizer has a chat template (SmolLM2) gets each prompt as a user
+message, unless --no-chat-template. --input: one prompt per line, one JSON line out per prompt
+({"prompt", "text", "finish_reason"}), in batches of --batch-size (decoded together without
+padding; a prompt that has ended leaves its batch).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from lmforge.cli.runtime import add_runtime_args, resolve_runtime
 from lmforge.cli.validate import non_negative_int, positive_int, ranged
 from lmforge.errors import ConfigError, DataError
+from lmforge.models.beam_search import NGRAM_SCOPES
 from lmforge.utils import checks
 from lmforge.utils.stops import cut_at_stop
 
@@ -36,6 +40,9 @@ def add_parser(p) -> None:
                    help="beam search: a hypothesis scores log p / length ** this (default 1.0)")
     p.add_argument("--no-repeat-ngram", type=non_negative_int, default=0,
                    help="never repeat an n-gram of this size (0: off)")
+    p.add_argument("--no-repeat-ngram-scope", choices=NGRAM_SCOPES, default="all",
+                   help="the n-grams --no-repeat-ngram blocks: the prompt's and the output's (all, as transformers "
+                        "does) or the output's alone (output, as the LoRA paper's gpt2_beam.py does)")
     p.add_argument("--temperature", type=ranged(float, checks.POSITIVE), help="sample at this temperature")
     p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=ranged(float, checks.UNIT_INTERVAL), help="sample from the nucleus of mass p")
@@ -112,7 +119,7 @@ class Session:
     def _kwargs(self) -> dict:
         a = self.args
         return dict(max_new_tokens=a.max_new_tokens, no_repeat_ngram_size=a.no_repeat_ngram,
-                    eos_token_id=self.ends, do_sample=self._sampling(a), temperature=a.temperature or 1.0,
+                    no_repeat_ngram_scope=a.no_repeat_ngram_scope, eos_token_id=self.ends, do_sample=self._sampling(a), temperature=a.temperature or 1.0,
                     top_k=a.top_k or 0, top_p=1.0 if a.top_p is None else a.top_p, generator=self.generator)
 
     def stream(self, prompt: str, out) -> dict:

@@ -1,6 +1,10 @@
 """Beam search with a length penalty and no-repeat-n-gram blocking (the LoRA paper's NLG decoding:
 beam 10, length penalty 0.8-0.9, no-repeat-n-gram 4), over the model's KV cache.
 
+No-repeat-n-gram blocking looks at the prompt and the output together (no_repeat_ngram_scope="all",
+as `transformers`' no_repeat_ngram_size does), or at the output alone ("output", as the LoRA paper's
+examples/NLG/src/gpt2_beam.py does: an n-gram of the prompt may then be generated once more).
+
 Per prompt, `num_beams` hypotheses run as rows of one batch. At each step every running beam's
 log-probabilities are added to its score; of the beams x vocabulary continuations the best
 2 x num_beams are kept, so that num_beams of them still run after some have ended:
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 
 NEG = -1.0e9   # "never chosen" without the inf - inf = nan of a real -inf
+NGRAM_SCOPES = ("all", "output")   # what no-repeat-n-gram blocking looks at: prompt + output, or output only
 
 
 def banned_by_ngrams(sequence: list[int], n: int) -> list[int]:
@@ -33,6 +38,16 @@ def banned_by_ngrams(sequence: list[int], n: int) -> list[int]:
     prefix = tuple(sequence[len(sequence) - (n - 1):]) if n > 1 else ()
     return [sequence[i + n - 1] for i in range(len(sequence) - n + 1)
             if tuple(sequence[i:i + n - 1]) == prefix]
+
+
+def check_ngram_scope(scope: str) -> None:
+    if scope not in NGRAM_SCOPES:
+        raise ValueError(f"no_repeat_ngram_scope must be one of {', '.join(map(repr, NGRAM_SCOPES))}, got {scope!r}")
+
+
+def ngram_history(prompt: list[int], output: list[int], scope: str) -> list[int]:
+    """The tokens whose n-grams may not be repeated: prompt and output ("all"), or the output alone ("output")."""
+    return prompt + output if scope == "all" else output
 
 
 def block_repeated_ngrams(scores: torch.Tensor, histories: list[list[int]], n: int) -> None:
@@ -67,8 +82,8 @@ class _Finished:
 @torch.no_grad()
 def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
                 num_beams: int = 4, max_new_tokens: int = 20, length_penalty: float = 1.0,
-                no_repeat_ngram_size: int = 0, eos_token_id: int | list[int] | None = None,
-                pad_token_id: int | None = None):
+                no_repeat_ngram_size: int = 0, no_repeat_ngram_scope: str = "all",
+                eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None):
     """input_ids [B, T] (left-padded, with attention_mask, when lengths differ) -> [B, T + n]: each
     prompt followed by its best hypothesis, padded with the pad id after its end. A list of prompts
     (token-id lists of any lengths) -> a list: each prompt followed by its best hypothesis.
@@ -79,6 +94,7 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
 
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    check_ngram_scope(no_repeat_ngram_scope)
     prompts = prompt_lists(input_ids, attention_mask)
     B, K, device = len(prompts), num_beams, model.device
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -100,7 +116,8 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
         n = len(live)
         logp = torch.log_softmax(logits.float(), dim=-1)           # [n K, V]
         if no_repeat_ngram_size > 0:
-            histories = [prompts[live[i // K]] + g for i, g in enumerate(generated)]
+            histories = [ngram_history(prompts[live[i // K]], g, no_repeat_ngram_scope)
+                         for i, g in enumerate(generated)]
             block_repeated_ngrams(logp, histories, no_repeat_ngram_size)
         V = logp.shape[-1]
         total = (scores[:, :, None] + logp.view(n, K, V)).view(n, K * V)

@@ -1,5 +1,7 @@
 """Decoding for causal LMs with the KV cache: greedy, sampling (temperature, top-k, top-p, seeded), or
 beam search (models/beam_search.py); no-repeat-n-gram blocking and several end (stop) tokens in all.
+No-repeat-n-gram blocking covers the prompt and the output together (no_repeat_ngram_scope="all", the
+default, as `transformers` does) or the output alone ("output", the LoRA paper's decoding code).
 
 Prompts of different lengths decode together in the packed layout, without padding: the prefill runs
 them as one packed stream (models/packing.py) into a cache with a length per sequence
@@ -15,7 +17,7 @@ from typing import Iterator, Sequence, Union
 
 import torch
 
-from lmforge.models.beam_search import beam_search, block_repeated_ngrams
+from lmforge.models.beam_search import beam_search, block_repeated_ngrams, check_ngram_scope
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.model import Model
 from lmforge.models.packing import Packed
@@ -109,15 +111,18 @@ def decode_steps(
     no_repeat_ngram_size: int = 0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    no_repeat_ngram_scope: str = "all",          # "all": prompt + output; "output": the output alone
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy or sampled decoding, one step at a time: yields (tokens [B], finished [B]) per step,
     `finished` true from the step a row produced an end token (after it, the row repeats that token;
     it is no longer computed). Stops when every row has finished or after max_new_tokens steps."""
+    check_ngram_scope(no_repeat_ngram_scope)
     prompts = prompt_lists(input_ids, attention_mask)
     _check(model, max(map(len, prompts)), max_new_tokens)
     B, device = len(prompts), model.device
     ends = torch.tensor(_end_ids(model, eos_token_id), dtype=torch.long, device=device)
-    history = prompts   # each row's tokens so far, for n-gram blocking (prompt_lists made fresh lists)
+    # each row's tokens whose n-grams may not be repeated: its prompt and output so far, or its output
+    history = [list(p) if no_repeat_ngram_scope == "all" else [] for p in prompts]
     was_training = model.training
     model.eval()
     try:
@@ -166,11 +171,15 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    no_repeat_ngram_scope: str = "all",
 ):
     """A [B, T] batch -> [B, T + n] with n <= max_new_tokens new tokens, rows that ended early padded
     with pad_token_id after their end token. A list of prompts -> a list: each prompt followed by its
     new tokens (up to and including its end token; no padding).
-    num_beams > 1: beam search (models/beam_search.py; no sampling), else greedy or sampling."""
+    num_beams > 1: beam search (models/beam_search.py; no sampling), else greedy or sampling.
+    no_repeat_ngram_scope: the n-grams no_repeat_ngram_size forbids repeating are those of the prompt
+    and the output ("all", transformers' no_repeat_ngram_size) or of the output alone ("output", the
+    LoRA paper's gpt2_beam.py: the output may repeat a span of its prompt, e.g. a restaurant's name)."""
     ends = _end_ids(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (ends[0] if ends else 0)
     if num_beams > 1:
@@ -179,10 +188,12 @@ def generate(
         _check(model, max(map(len, prompt_lists(input_ids, attention_mask))), max_new_tokens)
         return beam_search(model, input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
                            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                           eos_token_id=ends or None, pad_token_id=pad)
+                           no_repeat_ngram_scope=no_repeat_ngram_scope, eos_token_id=ends or None,
+                           pad_token_id=pad)
     new_tokens, done = [], None
     for token, finished in decode_steps(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                        top_k, top_p, no_repeat_ngram_size, ends, generator):
+                                        top_k, top_p, no_repeat_ngram_size, ends, generator,
+                                        no_repeat_ngram_scope=no_repeat_ngram_scope):
         # a row that had finished before this step gets padding; the end token itself is kept
         new_tokens.append(token if done is None else torch.where(done, torch.full_like(token, pad), token))
         done = finished

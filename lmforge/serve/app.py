@@ -269,7 +269,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
                              f"runs {engine.name}, a {engine.model_type} encoder: use /v1/classify or /v1/embed")
         ids = await run_in_threadpool(engine.encode_prompt, req.prompt, req.max_new_tokens)
         job = GenJob(ids, req.max_new_tokens, req.do_sample, req.temperature, req.top_k, req.top_p, req.seed,
-                     req.num_beams, req.length_penalty, req.no_repeat_ngram_size, tuple(req.stop))
+                     req.num_beams, req.length_penalty, req.no_repeat_ngram_size, stop=tuple(req.stop),
+                     no_repeat_ngram_scope=req.no_repeat_ngram_scope)
         if req.stream:
             return stream_generation(job)
         (result,) = await submit("generate", [job])

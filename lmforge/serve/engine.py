@@ -62,6 +62,7 @@ class GenJob:
     num_beams: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    no_repeat_ngram_scope: str = "all"   # "all": the prompt's and the output's n-grams; "output": the output's
     stop: tuple[str, ...] = ()
     # streaming: called (on the generation thread) with each chunk of text as it is decoded
     emit: Callable[[dict], None] | None = None
@@ -354,6 +355,7 @@ class Engine:
         for token, finished in decode_steps(self.model, [job.input_ids], max_new_tokens=job.max_new_tokens,
                                             do_sample=job.do_sample, temperature=job.temperature, top_k=job.top_k,
                                             top_p=job.top_p, no_repeat_ngram_size=job.no_repeat_ngram_size,
+                                            no_repeat_ngram_scope=job.no_repeat_ngram_scope,
                                             eos_token_id=self.end_ids or None, generator=g):
             if bool(finished[0]):
                 finish = "eos"
@@ -370,7 +372,7 @@ class Engine:
     def _beam_search(self, job: GenJob) -> dict:
         out = generate(self.model, [job.input_ids], max_new_tokens=job.max_new_tokens, num_beams=job.num_beams,
                        length_penalty=job.length_penalty, no_repeat_ngram_size=job.no_repeat_ngram_size,
-                       eos_token_id=self.end_ids or None)[0]
+                       no_repeat_ngram_scope=job.no_repeat_ngram_scope, eos_token_id=self.end_ids or None)[0]
         new = out[len(job.input_ids):]
         end = next((i for i, t in enumerate(new) if t in self.end_ids), None)
         return self._answer(job, new if end is None else new[:end], "length" if end is None else "eos",

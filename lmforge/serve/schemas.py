@@ -73,6 +73,9 @@ class GenerateRequest(Strict):
     num_beams: int = Field(1, ge=1, le=16, description="beam search when > 1 (not with do_sample)")
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0, description="beam search: log p / length ** this")
     no_repeat_ngram_size: int = Field(0, ge=0, le=16, description="never repeat an n-gram of this size (0: off)")
+    no_repeat_ngram_scope: Literal["all", "output"] = Field(
+        "all", description="the n-grams no_repeat_ngram_size blocks: the prompt's and the output's (all, as "
+                           "transformers does) or the output's alone (output, as the LoRA paper's decoding does)")
     stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=8)] = Field(
         default_factory=list, description="the text ends before the first of these strings")
     stream: bool = Field(False, description='answer with server-sent events (text/event-stream): `data: {"text"}` '
