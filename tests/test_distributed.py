@@ -439,3 +439,20 @@ def test_fsdp_killed_and_resumed_is_bit_identical(tmp_path, shakespeare):
                                                    "--save-every", "3", "--resume")),
                        env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode != 0 and "written with --fsdp, this run is without it" in p.stderr
+
+
+@pytest.mark.parametrize("extra, saved", [
+    (["--method", "full", "--max-steps", "5", "--grad-accum", "2"], "model.safetensors"),
+    (["--method", "lora", "--lora-dropout", "0", "--lora-r", "4", "--max-steps", "6", "--lr", "1e-2"],
+     "adapter_model.safetensors"),
+], ids=["full-accum", "lora"])
+def test_fsdp_finetuning_saves_the_best_model_one_process_would(tmp_path, tiny_model, data_dir, extra, saved):
+    # the best model of a sharded run is gathered whole to rank 0 and saved as the method saves it
+    one(*finetune_args(tiny_model, tmp_path / "one", *extra))
+    p = two(*finetune_args(tiny_model, tmp_path / "fsdp", *extra, "--fsdp"))
+    assert "FSDP, each process holds 1/2" in p.stderr
+    best = [load_file(str(tmp_path / d / "best" / saved)) for d in ("one", "fsdp")]
+    assert_close(*best)
+    metrics = [json.loads((tmp_path / d / "best" / "metrics.json").read_text()) for d in ("one", "fsdp")]
+    assert metrics[0] == pytest.approx(metrics[1], abs=1e-6)
+    assert (tmp_path / "fsdp" / "checkpoint" / "shards").is_dir()

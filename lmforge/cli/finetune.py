@@ -137,6 +137,9 @@ def add_train_args(p) -> None:
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) an optimizer step whose loss or gradient norm is NaN/Inf "
                         "instead of stopping the run")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) "
+                        "instead of replicating them; checkpoints are sharded, the best model is gathered whole")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -149,7 +152,7 @@ def config_from_args(args):
         warmup_ratio=args.warmup_ratio, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
         precision=args.precision, device=args.device, progress_bar=not args.no_progress,
-        skip_nonfinite=args.skip_nonfinite)
+        skip_nonfinite=args.skip_nonfinite, fsdp=args.fsdp)
     return FinetuneConfig(
         model=args.model, task=args.task, data_dir=args.data_dir, train_file=args.train_file,
         dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,

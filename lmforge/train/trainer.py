@@ -19,6 +19,7 @@ checkpoints) and evaluates, on the full evaluation set; its metrics are sent to 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -248,6 +249,7 @@ class Trainer:
         self.objective = as_objective(objective)
         self.evaluate, self.main_metric = evaluate, main_metric
         self.greater_is_better, self.on_best = greater_is_better, on_best
+        self._whole = None   # a sharded run's unsharded twin for on_best (train() makes it)
         self.out = Path(config.out_dir)
         self.checkpoint_dir = self.out / "checkpoint"
         self.saved_step: int | None = None  # the step of the checkpoint on disk, once there is one
@@ -322,8 +324,14 @@ class Trainer:
         if self._is_better(metrics[key], progress.best_metric):
             if self.on_best is not None:
                 self._check_weights(progress.step, self.out / "best")
+                model = self.model
+                if distributed.is_sharded(model):   # gathered whole on rank 0 (every rank takes part)
+                    weights = distributed.full_state_dict(model)
+                    if weights is not None:
+                        self._whole.load_state_dict(weights)
+                        model = self._whole
                 if distributed.world().is_main:
-                    self.on_best(self.model, metrics)
+                    self.on_best(model, metrics)
             progress.best_metric, progress.best_step = metrics[key], progress.step
         return metrics
 
@@ -362,9 +370,8 @@ class Trainer:
         device = next(model.parameters()).device
         if cfg.fsdp and not world.active:
             distributed.say("--fsdp: one process, nothing to shard; training as usual")
-        if cfg.fsdp and self.on_best is not None:
-            raise ConfigError("--fsdp: saving the best model during a sharded run is not supported yet; "
-                              "train without --fsdp, or save checkpoints and `lmforge export` them")
+        # a sharded run hands on_best a whole copy: rank 0 keeps an unsharded twin to load it into
+        self._whole = copy.deepcopy(model) if cfg.fsdp and world.active and main and self.on_best else None
         # what the objective calls: DDP with several processes, or the model sharded in place (FSDP);
         # before the optimizer, which must hold the shards
         net = distributed.wrap(model, device, fsdp=cfg.fsdp)
