@@ -133,19 +133,14 @@ def test_mlm_pretraining_on_two_processes(tmp_path, shakespeare):
     assert last[0]["loss"] == pytest.approx(last[1]["loss"], abs=1e-5)
 
 
-def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model, data_dir):
-    # classifier dropout on: each rank's RNG state must come back as it was, its own
-    extra = ["--max-steps", "15", "--save-every", "3", "--eval-every", "9", "--grad-accum", "2",
-             "--classifier-dropout", "0.3"]
-    two(*finetune_args(tiny_model, tmp_path / "whole", *extra))
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(torchrun_cmd(*finetune_args(tiny_model, cut, *extra)), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = cut / "checkpoint" / "trainer_state.json"
+def kill_after_checkpoint(cmd, state: Path, step: int) -> list[int]:
+    """Start `cmd` (torchrun), SIGKILL its whole process tree once `state` (a checkpoint's
+    trainer_state.json) records at least `step`; the pids killed."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + TIMEOUT
     try:
         while time.time() < deadline and proc.poll() is None:
-            if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 6:
+            if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= step:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -159,6 +154,17 @@ def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+    return tree
+
+
+def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model, data_dir):
+    # classifier dropout on: each rank's RNG state must come back as it was, its own
+    extra = ["--max-steps", "15", "--save-every", "3", "--eval-every", "9", "--grad-accum", "2",
+             "--classifier-dropout", "0.3"]
+    two(*finetune_args(tiny_model, tmp_path / "whole", *extra))
+    cut = tmp_path / "cut"
+    state = cut / "checkpoint" / "trainer_state.json"
+    tree = kill_after_checkpoint(torchrun_cmd(*finetune_args(tiny_model, cut, *extra)), state, step=6)
     assert len(tree) >= 3   # the agent and two workers
     time.sleep(0.5)
     saved = json.loads(state.read_text())
@@ -406,23 +412,8 @@ def test_fsdp_killed_and_resumed_is_bit_identical(tmp_path, shakespeare):
     extra = ("--max-steps", "12", "--save-every", "3", "--fsdp")
     two(*pretrain_args(tmp_path, shakespeare, tmp_path / "whole", *extra))
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(torchrun_cmd(*pretrain_args(tmp_path, shakespeare, cut, *extra)), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = cut / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + TIMEOUT
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if state.is_file() and json.loads(state.read_text())["progress"]["step"] >= 3:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
-    finally:
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
+    kill_after_checkpoint(torchrun_cmd(*pretrain_args(tmp_path, shakespeare, cut, *extra)), state, step=3)
     saved = json.loads(state.read_text())
     assert saved["sharded"] and saved["progress"]["step"] < 12
     two(*pretrain_args(tmp_path, shakespeare, cut, *extra, "--resume"))

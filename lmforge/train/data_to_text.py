@@ -181,12 +181,11 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
     """`lmforge finetune --task e2e|webnlg|dart`: train, keep the best dev-loss model, generate, score."""
     from lmforge.adapters.methods import apply_method, describe_parameters, parameter_counts
     from lmforge.data import nlg
-    from lmforge.data.batches import token_budget_batches
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.kernels import resolve_device, resolve_precision
     from lmforge.models import from_pretrained, routing
     from lmforge.train import distributed
-    from lmforge.train.finetune import _write_json, check_resume
+    from lmforge.train.finetune import _write_json, best_saver, budget_plan, check_resume
     from lmforge.train.objectives import DataToText, evaluate
     from lmforge.train.plot import plot_metrics
     from lmforge.train.state import set_seed
@@ -235,17 +234,10 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
                    for i in range(0, len(dev_enc), cfg.eval_batch_size)]
     plain = DataToText(packed=cfg.packed)   # dev loss: the target tokens' plain cross-entropy
 
-    def on_best(m, metrics):
-        spec.save(m, out / "best", cfg.adapt, cfg.model, tokenizer)
-        _write_json(out / "best" / "metrics.json", metrics)
-
-    batch_plan = None
-    if cfg.batch_tokens:
-        lengths = [len(e.input_ids) for e in train_enc]
-        batch_plan = lambda epoch: token_budget_batches(lengths, cfg.batch_tokens, cfg.train.seed, epoch)
     trainer = Trainer(model, cfg.train, train_enc, collate=lambda items: nlg.collate(items, pad),
                       objective=objective, evaluate=lambda m: evaluate(plain, m, dev_batches, device),
-                      main_metric="target_loss", greater_is_better=False, on_best=on_best, batch_plan=batch_plan)
+                      main_metric="target_loss", greater_is_better=False, on_best=best_saver(spec, out, cfg, tokenizer),
+                      batch_plan=budget_plan(train_enc, cfg))
     with routing.using(spec.adapter):
         result = trainer.train(resume=resume)
     train_s = result["elapsed_s"]   # the training loop's wall time (its dev-loss evaluations included)

@@ -159,10 +159,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def accumulating(net: torch.nn.Module, model: torch.nn.Module, syncs: bool):
+def accumulating(net: torch.nn.Module, model: torch.nn.Module, syncs: bool, sharded: bool):
     """The context of one micro-batch's forward and backward: gradients are reduced across ranks only
-    on the step's last micro-batch (`syncs`); the others accumulate locally."""
-    if is_sharded(model):   # FSDP2: a flag on the module, not a context
+    on the step's last micro-batch (`syncs`); the others accumulate locally. sharded: is_sharded(model),
+    decided once per run by the caller."""
+    if sharded:   # FSDP2: a flag on the module, not a context
         model.set_requires_gradient_sync(syncs)
         return contextlib.nullcontext()
     return contextlib.nullcontext() if syncs or net is model else net.no_sync()

@@ -150,6 +150,23 @@ def _write_json(path: Path, obj) -> None:
         strict_json.dump(obj, f, indent=1)
 
 
+def best_saver(spec, out: Path, cfg, tokenizer):
+    """The trainer's on_best: saves only what the method changed under out/best (megabytes, not the
+    model: full/freeze the model, LoRA its adapter and head) with the metrics that made it best."""
+    def on_best(model, metrics):
+        spec.save(model, out / "best", cfg.adapt, cfg.model, tokenizer)
+        _write_json(out / "best" / "metrics.json", metrics)
+    return on_best
+
+
+def budget_plan(encoded, cfg):
+    """The trainer's batch plan: token-budget batches with --batch-tokens, else None (fixed-size)."""
+    if not cfg.batch_tokens:
+        return None
+    lengths = [len(e.input_ids) for e in encoded]
+    return lambda epoch: token_budget_batches(lengths, cfg.batch_tokens, cfg.train.seed, epoch)
+
+
 def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128,
                    packed: bool = True) -> dict:
     logits = predict_logits(model, encoded_dev, pad_id, batch_size, packed=packed)
@@ -206,23 +223,13 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         dev_enc = encode_examples(tokenizer, data.dev, max_len)
         pad = tokenizer.pad_token_id
 
-        def on_best(m, metrics):
-            # Only what the method changed is saved: megabytes, not the model (full/freeze: the model;
-            # LoRA: the adapter with its head in PEFT's format).
-            spec.save(m, out / "best", cfg.adapt, cfg.model, tokenizer)
-            _write_json(out / "best" / "metrics.json", metrics)
-
-        batch_plan = None
-        if cfg.batch_tokens:
-            lengths = [len(e.input_ids) for e in train_enc]
-            batch_plan = lambda epoch: token_budget_batches(lengths, cfg.batch_tokens, cfg.train.seed, epoch)
         trainer = Trainer(
-            model, cfg.train, train_enc, batch_plan=batch_plan,
+            model, cfg.train, train_enc, batch_plan=budget_plan(train_enc, cfg),
             collate=(lambda items: collate_packed(items, data.regression)) if cfg.packed
             else (lambda items: collate(items, pad, data.regression)),
             objective=SequenceClassification(regression=data.regression),
             evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
-            main_metric=data.main_metric, on_best=on_best,
+            main_metric=data.main_metric, on_best=best_saver(spec, out, cfg, tokenizer),
         )
         with routing.using(spec.adapter):  # every forward pass of the run (and its evaluations) routes to it
             result = trainer.train(resume=resume)

@@ -423,7 +423,7 @@ class Trainer:
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
                     # gradients are all-reduced when the step's last micro-batch goes backward
                     syncs = micro + 1 >= cfg.grad_accum or last
-                    with distributed.accumulating(net, model, syncs):
+                    with distributed.accumulating(net, model, syncs, sharded):
                         with autocast_context(device, cfg.precision):
                             loss, tallies = objective(net, batch)
                         value = loss.detach().item()
