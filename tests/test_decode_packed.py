@@ -80,14 +80,14 @@ def test_each_steps_logits_equal_a_full_forward_of_the_sequence(models):
     prompts = prompts_of(V, seed=11)
     B, steps = len(prompts), 6
     forced = torch.randint(1, V - 1, (B, steps), generator=torch.Generator().manual_seed(2)).tolist()
-    cache, logits = prefill(ours, prompts, steps)
+    state, logits = prefill(ours, prompts, steps)
     got = [[logits[b]] for b in range(B)]
     live = list(range(B))
     for t in range(steps - 1):
         if t == 2:   # rows 1 and 4 finish: the others continue without them
             live = [b for b in live if b not in (1, 4)]
-            cache.keep(torch.tensor([0, 2, 3, 5]))
-        logits = decode_step(ours, cache, torch.tensor([forced[b][t] for b in live]))
+            state.keep(torch.tensor([0, 2, 3, 5]))
+        logits = decode_step(ours, state, torch.tensor([forced[b][t] for b in live]))
         assert logits.shape[0] == len(live)
         for i, b in enumerate(live):
             got[b].append(logits[i])
@@ -183,7 +183,7 @@ def test_bad_prompts_and_cache_misuse_are_one_line_errors(models):
         generate(ours, [[1, 2]], torch.ones(1, 2))
     with pytest.raises(ValueError, match="left-padded"):
         generate(ours, torch.tensor([[1, 2, 0]]), torch.tensor([[1, 1, 0]]))
-    cache, _ = prefill(ours, [[1, 2], [3]], 4)
+    cache = prefill(ours, [[1, 2], [3]], 4)[0].cache
     from lmforge.models.packing import Packed
     with pytest.raises(ValueError, match="one token per sequence"):
         ours(torch.tensor([1, 2, 3]), packed=Packed.from_lengths([2, 1]), cache=cache)

@@ -90,7 +90,7 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
 
     The prompts are prefilled once each, packed (models/generate.py), and their cache rows copied to
     their beams; a prompt that is done leaves the batch, so the steps after it compute the others only."""
-    from lmforge.models.generate import decode_step, prefill, prompt_lists   # generate.py imports this module
+    from lmforge.models.generate import context, decode_step, prefill, prompt_lists   # generate.py imports this module
 
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -103,9 +103,9 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     was_training = model.training
     model.eval()
-    cache, logits = prefill(model, prompts, max_new_tokens)         # [B, V]
+    state, logits = prefill(model, prompts, max_new_tokens)         # [B, V]
     fan_out = torch.arange(B, device=device).repeat_interleave(K)  # [B K]: beams of a prompt adjacent
-    cache.keep(fan_out)
+    state.keep(fan_out)
     logits = logits[fan_out]                                       # [B K, V]
     scores = torch.full((B, K), NEG, device=device)
     scores[:, 0] = 0.0                                             # at first all beams are the same
@@ -116,7 +116,7 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
         n = len(live)
         logp = torch.log_softmax(logits.float(), dim=-1)           # [n K, V]
         if no_repeat_ngram_size > 0:
-            histories = [ngram_history(prompts[live[i // K]], g, no_repeat_ngram_scope)
+            histories = [ngram_history(context(model, prompts[live[i // K]]), g, no_repeat_ngram_scope)
                          for i, g in enumerate(generated)]
             block_repeated_ngrams(logp, histories, no_repeat_ngram_size)
         V = logp.shape[-1]
@@ -149,8 +149,8 @@ def beam_search(model, input_ids, attention_mask: torch.Tensor | None = None, *,
             live = [live[i] for i in still]
         rows_from, new_tokens = rows_from.view(-1), new_tokens.view(-1)   # [len(live) K]
         generated = [generated[r] + [t] for r, t in zip(rows_from.tolist(), new_tokens.tolist())]
-        cache.keep(rows_from)
-        logits = decode_step(model, cache, new_tokens)
+        state.keep(rows_from)
+        logits = decode_step(model, state, new_tokens)
     model.train(was_training)
     best = [finished[b].items[0][1] for b in range(B)]
     if not torch.is_tensor(input_ids):

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 
 from lmforge.errors import ConfigError
 
-MODEL_TYPES = ("bert", "roberta", "gpt2", "llama")
+MODEL_TYPES = ("bert", "roberta", "gpt2", "llama", "encoder-decoder")
 DECODERS = ("gpt2", "llama")   # causal self-attention
+# The original Transformer (Vaswani et al. 2017): an encoder stack (self-attention over the source)
+# and a decoder stack (causal self-attention, then cross-attention to the encoder's output), sharing
+# one embedding table with the output projection. Its recipe (post-norm, no embedding LayerNorm,
+# sinusoidal positions, embeddings times sqrt(D), ReLU) is the default of model_type "encoder-decoder".
+ENCODER_DECODERS = ("encoder-decoder",)
 HEADS = (
     None,                    # the bare trunk: hidden states (and BERT's pooled output)
     "mlm",                   # masked LM: transform + LayerNorm + tied decoder + bias
@@ -52,7 +57,8 @@ class ModelConfig:
     model_type: str = "bert"
     vocab_size: int = 30522
     hidden_size: int = 768
-    num_layers: int = 12
+    num_layers: int = 12                  # an encoder-decoder's encoder layers
+    num_decoder_layers: int | None = None # an encoder-decoder's decoder layers (None = num_layers)
     num_heads: int = 12
     num_kv_heads: int | None = None       # key/value heads, shared by num_heads / num_kv_heads query heads
                                           # each (grouped-query attention); None = num_heads
@@ -79,6 +85,9 @@ class ModelConfig:
     position_embedding: str = "learned"   # one of POSITIONS
     rope_theta: float = 10000.0           # rotary base: wavelengths 2pi .. rope_theta * 2pi
     norm: str = "layernorm"               # one of NORMS
+    scale_embedding: bool | None = None   # word embeddings times sqrt(hidden_size) (Vaswani et al. 3.4);
+                                          # None: true for encoder-decoder, false otherwise
+    decoder_start_token_id: int | None = None  # encoder-decoder: the decoder's first input (None = bos)
     # Head
     head: str | None = None
     num_labels: int = 2
@@ -107,13 +116,29 @@ class ModelConfig:
                               "(each key/value head serves a whole group of query heads)")
         if self.position_embedding == "rope" and self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary positions (they rotate pairs)")
+        if self.is_encoder_decoder:
+            if self.head not in (None, "causal-lm"):
+                raise ConfigError(f"an encoder-decoder has no {self.head!r} head (it has causal-lm: next-token "
+                                  "prediction in the decoder)")
+            if self.num_decoder_layers is None:
+                self.num_decoder_layers = self.num_layers
+            if self.num_decoder_layers < 1:
+                raise ConfigError(f"num_decoder_layers must be >= 1, got {self.num_decoder_layers}")
+            if self.decoder_start_token_id is None:
+                self.decoder_start_token_id = self.bos_token_id
+        elif self.num_decoder_layers is not None:
+            raise ConfigError(f"num_decoder_layers is for encoder-decoder models, not {self.model_type}")
+        if self.scale_embedding is None:
+            self.scale_embedding = self.is_encoder_decoder
         if self.pre_norm is None:
             self.pre_norm = self.causal
         if self.embedding_norm is None:
-            self.embedding_norm = not self.pre_norm
+            # BERT normalises its embeddings; the original Transformer, post-norm too, does not
+            self.embedding_norm = not self.pre_norm and not self.is_encoder_decoder
         if self.final_norm is None:
             self.final_norm = self.pre_norm
-        for name in ("pre_norm", "embedding_norm", "final_norm", "linear_bias", "tie_word_embeddings"):
+        for name in ("pre_norm", "embedding_norm", "final_norm", "linear_bias", "tie_word_embeddings",
+                     "scale_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.ffn not in FFNS:
@@ -126,8 +151,9 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not one of {list(ACTIVATIONS)}")
         if self.head in ("nsp", "pretraining") and self.model_type != "bert":
             raise ConfigError(f"head {self.head!r} exists only for bert, not {self.model_type}")
-        if self.head == "causal-lm" and not self.causal:
-            raise ConfigError(f"head 'causal-lm' needs a decoder ({', '.join(DECODERS)}), not {self.model_type}")
+        if self.head == "causal-lm" and not (self.causal or self.is_encoder_decoder):
+            raise ConfigError(f"head 'causal-lm' needs a decoder ({', '.join(DECODERS + ENCODER_DECODERS)}), "
+                              f"not {self.model_type}")
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
@@ -136,6 +162,10 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return self.model_type in DECODERS
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.model_type in ENCODER_DECODERS
 
     @property
     def position_offset(self) -> int:

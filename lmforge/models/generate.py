@@ -9,16 +9,24 @@ them as one packed stream (models/packing.py) into a cache with a length per seq
 attends to its own cached keys only. A sequence that produces an end token leaves the batch, so the
 steps after it compute only the sequences still running. Prompts come as a list of token-id lists of
 any lengths, or as a [B, T] batch, left-padded with its attention_mask when lengths differ (the
-padding is dropped before decoding)."""
+padding is dropped before decoding).
+
+An encoder-decoder reads each prompt as its source: the sources are encoded once (one padded batch),
+and the decoder starts every row from the decoder start token, so its rows advance together; the
+cross-attention keys and values of the encoded sources are made once (models/memory.py) and follow
+the rows the cache keeps. Its no-repeat-n-gram history is the decoder's own tokens (the start token
+and the output), as `transformers` has it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
 import torch
 
 from lmforge.models.beam_search import beam_search, block_repeated_ngrams, check_ngram_scope
 from lmforge.models.kv_cache import KVCache
+from lmforge.models.memory import Memory
 from lmforge.models.model import Model
 from lmforge.models.packing import Packed
 
@@ -49,13 +57,40 @@ def _end_ids(model: Model, eos_token_id) -> list[int]:
 
 
 def _check(model: Model, T: int, max_new_tokens: int) -> None:
-    if model.config.head != "causal-lm":
-        raise ValueError(f"generate needs a causal-lm head, this model has {model.config.head!r}")
+    c = model.config
+    if c.head != "causal-lm":
+        raise ValueError(f"generate needs a causal-lm head, this model has {c.head!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    limit = model.config.max_position_embeddings
-    if T + max_new_tokens > limit:
+    limit = c.max_position_embeddings
+    if c.is_encoder_decoder:   # the source and the output have positions of their own
+        if c.decoder_start_token_id is None:
+            raise ValueError("this encoder-decoder has no decoder_start_token_id (nor bos_token_id) to start from")
+        if T > limit or 1 + max_new_tokens > limit:
+            raise ValueError(f"a source of {T} tokens or 1 + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's {limit} positions")
+    elif T + max_new_tokens > limit:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
+
+
+def context(model: Model, prompt: list[int]) -> list[int]:
+    """The tokens before a row's output in its decoder: its prompt (a decoder), or the decoder start
+    token (an encoder-decoder, whose prompt is the source). No-repeat-n-gram blocking's "all" scope."""
+    return [model.config.decoder_start_token_id] if model.config.is_encoder_decoder else prompt
+
+
+@dataclass
+class DecodeState:
+    """What decoding continues from: the decoder's KV cache and, for an encoder-decoder, its encoded
+    sources; row b of each is the same sequence."""
+    cache: KVCache
+    memory: Memory | None = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep these rows [R] in this order (finished sequences leave; beams follow their parents)."""
+        self.cache.keep(rows)
+        if self.memory is not None:
+            self.memory.keep(rows)
 
 
 def prompt_lists(input_ids: Prompts, attention_mask: torch.Tensor | None = None) -> list[list[int]]:
@@ -82,20 +117,31 @@ def prompt_lists(input_ids: Prompts, attention_mask: torch.Tensor | None = None)
     return prompts
 
 
-def prefill(model: Model, prompts: list[list[int]], max_new_tokens: int) -> tuple[KVCache, torch.Tensor]:
+def prefill(model: Model, prompts: list[list[int]], max_new_tokens: int) -> tuple[DecodeState, torch.Tensor]:
     """Run the prompts as one packed stream into a new cache (row b: prompt b, with room for
-    max_new_tokens more); return the cache and each prompt's next-token logits [B, V]."""
+    max_new_tokens more); return the state and each prompt's next-token logits [B, V].
+    An encoder-decoder: encode the prompts (its sources), then run the decoder start token."""
     device = model.device
+    if model.config.is_encoder_decoder:
+        B, S = len(prompts), max(map(len, prompts))
+        source = torch.full((B, S), model.config.pad_token_id or 0, dtype=torch.long, device=device)
+        mask = torch.zeros(B, S, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):   # right-padded: the encoder is bidirectional and masks padding
+            source[b, :len(p)], mask[b, :len(p)] = torch.tensor(p, device=device), 1
+        state = DecodeState(model.new_cache(B, 1 + max_new_tokens), model.encode(source, mask))
+        start = torch.full((B,), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+        return state, decode_step(model, state, start)
     packed = Packed.from_lengths([len(p) for p in prompts], device)
-    cache = model.new_cache(len(prompts), packed.max_len + max_new_tokens)
+    state = DecodeState(model.new_cache(len(prompts), packed.max_len + max_new_tokens))
     stream = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)   # [N]
     # the LM head scores each prompt's last token only
-    return cache, model(stream, packed=packed, cache=cache, positions=packed.last).logits
+    return state, model(stream, packed=packed, cache=state.cache, positions=packed.last).logits
 
 
-def decode_step(model: Model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(model: Model, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
     """Token b of tokens [R] after cache row b's past, each at its own position -> logits [R, V]."""
-    return model(tokens, packed=Packed.singles(tokens.numel(), tokens.device), cache=cache).logits
+    return model(tokens, packed=Packed.singles(tokens.numel(), tokens.device), cache=state.cache,
+                 memory=state.memory).logits
 
 
 @torch.no_grad()
@@ -122,11 +168,11 @@ def decode_steps(
     B, device = len(prompts), model.device
     ends = torch.tensor(_end_ids(model, eos_token_id), dtype=torch.long, device=device)
     # each row's tokens whose n-grams may not be repeated: its prompt and output so far, or its output
-    history = [list(p) if no_repeat_ngram_scope == "all" else [] for p in prompts]
+    history = [context(model, p) if no_repeat_ngram_scope == "all" else [] for p in prompts]
     was_training = model.training
     model.eval()
     try:
-        cache, logits = prefill(model, prompts, max_new_tokens)           # [B, V]
+        state, logits = prefill(model, prompts, max_new_tokens)           # [B, V]
         live = torch.arange(B, device=device)     # the row (prompt) each cache row decodes
         tokens = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -148,9 +194,9 @@ def decode_steps(
                 history[r].append(t)
             if bool(ended.any()):  # finished rows leave the batch: later steps compute the others only
                 running = (~ended).nonzero().squeeze(1)
-                cache.keep(running)
+                state.keep(running)
                 live, token = live[running], token[running]
-            logits = decode_step(model, cache, token)
+            logits = decode_step(model, state, token)
     finally:
         model.train(was_training)
 

@@ -56,7 +56,8 @@ class KVCache:
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, dtype=torch.float32, device=None):
         # grouped-query attention caches its Hkv key/value heads, not the H query heads they serve
-        return cls(config.num_layers, batch_size, config.num_kv_heads, config.head_dim,
+        layers = config.num_decoder_layers if config.is_encoder_decoder else config.num_layers
+        return cls(layers, batch_size, config.num_kv_heads, config.head_dim,
                    max_length, dtype, device)
 
     @property

@@ -17,6 +17,7 @@ from lmforge.models.kv_cache import KVCache
 from lmforge import kernels
 from lmforge.kernels import attend, keep_mask
 from lmforge.models.linear import Linear
+from lmforge.models.memory import Memory
 from lmforge.models.packing import Packed
 from lmforge.models.prefixes import AttentionPrefix, checked
 
@@ -98,13 +99,17 @@ class Dropout(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Multi-head attention: self-attention (forward), or cross-attention from a decoder's tokens to
+    an encoder's output (cross). causal: each query sees the keys up to its own position only
+    (default: as the config's model is a decoder; an encoder-decoder's decoder stack says so itself)."""
+
+    def __init__(self, config: ModelConfig, causal: bool | None = None):
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads  # fewer than num_heads: grouped-query attention
         self.head_dim = config.head_dim
-        self.causal = config.causal
+        self.causal = config.causal if causal is None else causal
         self.dropout_p = config.attention_dropout
         bias = config.linear_bias
         inner, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -246,6 +251,33 @@ class Attention(nn.Module):
         y = attend(q, k, v, keep, self.dropout_p if self.training else 0.0)   # [B, Hkv, H / Hkv, Dh]
         return y.reshape(B, H * Dh)
 
+    def cross(self, x: torch.Tensor, memory: Memory, layer_idx: int, packed: Packed | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention: queries from x [B, T, D] (or a packed stream [N, D] whose sequence b is
+        memory row b) to keys and values of the encoder's output, made once per layer (Memory)."""
+        H, Dh = self.num_heads, self.head_dim
+        k, v = memory.keys_values(layer_idx, self._memory_kv)                  # [B, Hkv, S, Dh] twice
+        q = self.query(x)                                                      # [B, T, H Dh] or [N, H Dh]
+        if packed is None:
+            B, T = q.shape[:2]
+        else:  # the stream into a padded [B, T] grid (a decode step: one token per row, T = 1)
+            B, T = packed.batch_size, packed.max_len
+            if packed.num_tokens != B * T:
+                q = q.new_zeros(B * T, H * Dh).index_copy(0, packed.pad_index, q)
+        q = q.reshape(B, T, H, Dh).transpose(1, 2)                             # [B, H, T, Dh]
+        y = attend(q, self._shared(k), self._shared(v), memory.bias(q.dtype), self.dropout_p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B * T, H * Dh) if packed is not None else y.transpose(1, 2).reshape(B, T, H * Dh)
+        if packed is not None and packed.num_tokens != B * T:
+            y = y.index_select(0, packed.pad_index)                            # [N, H Dh]
+        return self._project(y, residual)
+
+    def _memory_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's output [B, S, D] -> this layer's keys and values [B, Hkv, S, Dh]."""
+        B, S, _ = states.shape
+        k = self.key(states).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.value(states).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
     def _rotate_stream(self, qkv: torch.Tensor, rope) -> torch.Tensor:
         """Rotary positions on the Q and K columns of a packed stream [N, (H + 2 Hkv) Dh]."""
         N, H, Hkv, Dh = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -259,17 +291,22 @@ class Block(nn.Module):
     """One layer. BERT (post-norm): x = LN(x + f(x)). GPT-2, Llama (pre-norm): x = x + f(LN(x)),
     LN being a LayerNorm or an RMSNorm (config.norm).
 
+    An encoder-decoder's decoder layer (cross_attention=True) has a third sublayer between the two,
+    in the same style: cross-attention from its tokens to the encoder's output (the Memory).
+
     The FFN is out(act(in(x))), or gated (config.ffn == "glu"): `intermediate` computes the gate
     and the up projection as one [2I, D] matrix, and out(act(gate) * up); Llama's SwiGLU is this with
     SiLU (its gate_proj and up_proj are the two halves of `intermediate`)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool | None = None, cross_attention: bool = False):
         super().__init__()
         d, i, bias = config.hidden_size, config.intermediate_size, config.linear_bias
         self.pre_norm = config.pre_norm
         self.gated = config.ffn == "glu"
-        self.attention = Attention(config)
+        self.attention = Attention(config, causal)
         self.attention_norm = norm_layer(config)
+        self.crossattention = Attention(config, causal=False) if cross_attention else None
+        self.crossattention_norm = norm_layer(config) if cross_attention else None
         self.intermediate = Linear(d, 2 * i if self.gated else i, bias=bias)
         self.output = Linear(i, d, bias=bias)
         self.ffn_norm = norm_layer(config)
@@ -292,6 +329,12 @@ class Block(nn.Module):
             return residual + self.dropout(self.attention(h, mask, cache, layer_idx, packed, rope=rope))
         return self.attention(h, mask, cache, layer_idx, packed, residual=residual, rope=rope)
 
+    def cross_residual(self, h, residual, memory: Memory, layer_idx: int, packed) -> torch.Tensor:
+        """residual + dropout(cross-attention(h)), as attention_residual."""
+        if self.training and self.dropout.p > 0:
+            return residual + self.dropout(self.crossattention.cross(h, memory, layer_idx, packed))
+        return self.crossattention.cross(h, memory, layer_idx, packed, residual=residual)
+
     def ffn_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + dropout(ffn(x)); at inference the activation and the residual add can be
         post-ops of the GEMMs before them (kernels.linear_act / linear_add)."""
@@ -303,9 +346,17 @@ class Block(nn.Module):
         return kernels.linear_add(h, self.output, residual)
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
-                packed: Packed | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+                packed: Packed | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                memory: Memory | None = None):
+        if (memory is None) != (self.crossattention is None):
+            raise ValueError("a decoder layer with cross-attention needs the encoder's output (memory=), "
+                             "and only such a layer takes one")
         if self.pre_norm:
             x = self.attention_residual(self.attention_norm(x), x, mask, cache, layer_idx, packed, rope)
+            if memory is not None:
+                x = self.cross_residual(self.crossattention_norm(x), x, memory, layer_idx, packed)
             return self.ffn_residual(self.ffn_norm(x), x)
         x = self.attention_norm(self.attention_residual(x, x, mask, cache, layer_idx, packed, rope))
+        if memory is not None:
+            x = self.crossattention_norm(self.cross_residual(x, x, memory, layer_idx, packed))
         return self.ffn_norm(self.ffn_residual(x, x))

@@ -18,6 +18,7 @@ from lmforge.models import routing as _routing
 from lmforge.models.config import ModelConfig
 from lmforge.models.heads import build_head
 from lmforge.models.kv_cache import KVCache
+from lmforge.models.memory import Memory
 from lmforge.models.packing import Packed
 from lmforge.models.transformer import Transformer, init_weights
 
@@ -37,7 +38,10 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config)
+        # an encoder-decoder: `transformer` is its decoder (the heads read its word table, as for any
+        # decoder) and `encoder` reads the source with that same table
+        self.transformer = Transformer(config, "decoder" if config.is_encoder_decoder else "whole")
+        self.encoder = Transformer(config, "encoder") if config.is_encoder_decoder else None
         self.head = build_head(config)
         init_weights(self, config)
         # heads by adapter name, and each one's label settings (a partial ModelConfig): add_head()
@@ -128,6 +132,14 @@ class Model(nn.Module):
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache.for_model(self.config, batch_size, max_length, self.dtype, self.device)
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Memory:
+        """An encoder-decoder's source [B, S] (1 = token in attention_mask) -> the encoder's output,
+        which every decoder call of this batch may reuse (forward's memory=)."""
+        if self.encoder is None:
+            raise ValueError(f"a {self.config.model_type} model has no encoder (encode is for encoder-decoders)")
+        states = self.encoder(input_ids, attention_mask, words=self.transformer.embeddings.word_embeddings)
+        return Memory(states, attention_mask)
+
     def forward(
         self,
         input_ids: torch.Tensor,                     # [B, T], or [N] with packed
@@ -138,6 +150,9 @@ class Model(nn.Module):
         packed: Packed | None = None,                # unpadded batch: see models/packing.py
         positions: torch.Tensor | None = None,       # LM heads: score only these flat token rows
         adapters=_routing.INHERIT,                   # None | "name" | [name or None per row] | Routing
+        encoder_input_ids: torch.Tensor | None = None,       # encoder-decoder: the source [B, S]
+        encoder_attention_mask: torch.Tensor | None = None,  # [B, S]
+        memory: Memory | None = None,                # encoder-decoder: the source already encoded
     ) -> ModelOutput:
         """Padded ([B, T] inputs and mask) or packed ([N] streams and a Packed layout) execution;
         both give the same numbers. Sequence-level heads return [B, ...] either way; token-level
@@ -147,7 +162,10 @@ class Model(nn.Module):
 
         `adapters`: None runs the base model; a name runs that adapter (and its head) on every row; a
         list gives each row its adapter (None: the base model), all in this one forward pass. Left
-        out, the routing of an enclosing `routing.using(...)` block applies (default: none)."""
+        out, the routing of an enclosing `routing.using(...)` block applies (default: none).
+
+        An encoder-decoder's input_ids are the decoder's (the target so far, from the decoder start
+        token); the source comes as encoder_input_ids (+ mask), or encoded once (`encode`) as memory."""
         B = packed.batch_size if packed is not None else input_ids.shape[0]
         r = _routing.current() if adapters is _routing.INHERIT else _routing.Routing.of(adapters, B)
         if r.mixed and len(r.per_row) != B:
@@ -155,7 +173,16 @@ class Model(nn.Module):
         self.check_routing(r)
         r = r.with_tokens(packed.seq_ids if packed is not None else None)
         with _routing.using(r):
-            h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, packed)
+            if self.encoder is not None:
+                if memory is None:
+                    if encoder_input_ids is None:
+                        raise ValueError("an encoder-decoder needs its source: encoder_input_ids (or memory=encode(...))")
+                    memory = self.encode(encoder_input_ids, encoder_attention_mask)
+                if memory.batch_size != B:
+                    raise ValueError(f"the source has {memory.batch_size} rows but the decoder batch {B}")
+            elif memory is not None or encoder_input_ids is not None:
+                raise ValueError(f"a {self.config.model_type} model has no encoder: it takes no source or memory")
+            h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, packed, memory)
             out = ModelOutput(hidden_states=h)
             if self.transformer.pooler is not None:
                 out.pooled = self.transformer.pool(h, packed)

@@ -1,7 +1,12 @@
 """The trunk shared by every model: embeddings, a stack of blocks, and (by configuration) a final
 norm (GPT-2, Llama, pre-norm variants) or a tanh pooler over the first token (BERT). Rotary
 positions (Llama) are not embeddings: the trunk computes each token's rotation once per forward
-and every layer's attention applies it to its queries and keys."""
+and every layer's attention applies it to its queries and keys.
+
+An encoder-decoder (the original Transformer) is two trunks of this one class: stack="encoder"
+(bidirectional, no word table of its own: it reads the decoder's, passed as `words`, because source
+and target share one vocabulary and one embedding matrix) and stack="decoder" (causal, with
+cross-attention to the encoder's output in every layer)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from torch import nn
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.layers import Block, Dropout, RMSNorm, norm_layer, rotary_angles
+from lmforge.models.memory import Memory
 from lmforge.models.packing import Packed
 from lmforge.models.prefixes import InputPrefix, checked
 
@@ -43,10 +49,15 @@ class SinusoidalPositions(nn.Module):
 
 
 class Embeddings(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Word + position (+ token type) vectors. own_words=False: no word table here; the caller passes
+    the one to read (`words`), so two trunks can share one (an encoder-decoder's source and target)."""
+
+    def __init__(self, config: ModelConfig, own_words: bool = True):
         super().__init__()
         d = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, d)
+        self.word_embeddings = nn.Embedding(config.vocab_size, d) if own_words else None
+        # Vaswani et al. 3.4: embeddings times sqrt(d_model), next to fixed sinusoids of unit scale
+        self.scale = math.sqrt(d) if config.scale_embedding else None
         if config.position_embedding == "learned":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
         elif config.position_embedding == "rope":
@@ -62,8 +73,13 @@ class Embeddings(nn.Module):
         p = config.hidden_dropout if config.embedding_dropout is None else config.embedding_dropout
         self.dropout = Dropout(p)
 
-    def forward(self, input_ids, position_ids, token_type_ids=None):
-        x = self.word_embeddings(input_ids)
+    def forward(self, input_ids, position_ids, token_type_ids=None, words: nn.Embedding | None = None):
+        words = self.word_embeddings if words is None else words
+        if words is None:
+            raise ValueError("these embeddings share another trunk's word table: pass it as words=")
+        x = words(input_ids)
+        if self.scale is not None:
+            x = x * self.scale
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
         if self.token_type_embeddings is not None:
@@ -96,15 +112,28 @@ def attention_bias(attention_mask: torch.Tensor, q_len: int, causal: bool,
     return bias.masked_fill(~keep, torch.finfo(dtype).min)
 
 
+STACKS = (
+    "whole",     # the model is this one stack: an encoder (BERT) or a decoder (GPT-2, Llama)
+    "encoder",   # an encoder-decoder's encoder: bidirectional, reads the decoder's word table
+    "decoder",   # an encoder-decoder's decoder: causal, cross-attention to the encoder's output
+)
+
+
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, stack: str = "whole"):
         super().__init__()
+        if stack not in STACKS:
+            raise ValueError(f"stack {stack!r} is not one of {STACKS}")
         self.config = config
-        self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.stack = stack
+        self.causal = config.causal or stack == "decoder"
+        self.embeddings = Embeddings(config, own_words=stack != "encoder")
+        n = config.num_decoder_layers if stack == "decoder" else config.num_layers
+        self.layers = nn.ModuleList(Block(config, causal=self.causal, cross_attention=stack == "decoder")
+                                    for _ in range(n))
         d = config.hidden_size
         self.final_norm = norm_layer(config) if config.final_norm else None
-        self.pooler = nn.Linear(d, d) if config.has_pooler else None
+        self.pooler = nn.Linear(d, d) if config.has_pooler and stack == "whole" else None
         # Prefix-embedding tuning (attach_input_prefix): P virtual-token vectors [P, D], inserted
         # after the first token (encoders keep [CLS] first) or at the start (decoders), and dropped
         # from the output, so heads and callers see their own tokens only.
@@ -121,7 +150,7 @@ class Transformer(nn.Module):
 
     @property
     def _insert_at(self) -> int:
-        return 0 if self.config.causal else 1
+        return 0 if self.causal else 1
 
     def position_ids(self, input_ids, attention_mask, past: int) -> torch.Tensor:
         """Positions count tokens, not pads: left- and right-padded batches embed alike."""
@@ -149,13 +178,18 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,     # [B, T]
         cache: KVCache | None = None,
         packed: Packed | None = None,                 # unpadded: input_ids etc. are [N] streams
+        memory: Memory | None = None,                 # stack "decoder": the encoder's output
+        words: nn.Embedding | None = None,            # stack "encoder": the word table it reads
     ) -> torch.Tensor:
+        if (memory is not None) != (self.stack == "decoder"):
+            raise ValueError("an encoder-decoder's decoder stack needs the encoder's output (memory=); "
+                             "no other stack takes one")
         if packed is not None:
-            return self._forward_packed(input_ids, token_type_ids, position_ids, packed, cache)
+            return self._forward_packed(input_ids, token_type_ids, position_ids, packed, cache, memory, words)
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask, past)
-        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        x = self.embeddings(input_ids, position_ids, token_type_ids, words)
         B, T = input_ids.shape
         rope_ids = position_ids
         virtual = self._virtual_tokens()
@@ -172,15 +206,15 @@ class Transformer(nn.Module):
             T = T + P
             # rotary positions count the virtual tokens too, as the sequence the layers see
             rope_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if attention_mask is None and self.config.causal and past and T > 1:
+        if attention_mask is None and self.causal and past and T > 1:
             # a chunk after cached tokens needs an explicit causal mask with an offset
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         mask = None
         if attention_mask is not None:
-            mask = attention_bias(attention_mask, T, self.config.causal, x.dtype)
+            mask = attention_bias(attention_mask, T, self.causal, x.dtype)
         rope = self.rope(rope_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache, i, rope=rope)
+            x = layer(x, mask, cache, i, rope=rope, memory=memory)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if virtual is not None:  # drop the virtual tokens again
@@ -190,7 +224,8 @@ class Transformer(nn.Module):
         return x  # [B, T, D]
 
     def _forward_packed(self, input_ids, token_type_ids, position_ids, packed: Packed,
-                        cache: KVCache | None = None) -> torch.Tensor:
+                        cache: KVCache | None = None, memory: Memory | None = None,
+                        words: nn.Embedding | None = None) -> torch.Tensor:
         """A packed stream [N]; with a cache, sequence b is cache row b (KVCache.begin: a prefill into
         empty rows, or one token per row whose position is the row's length so far)."""
         virtual = self._virtual_tokens()
@@ -199,14 +234,14 @@ class Transformer(nn.Module):
         step = cache.begin(packed) if cache is not None else None
         if position_ids is None:
             position_ids = (packed.position_ids if step is None else step.slots) + self.config.position_offset
-        x = self.embeddings(input_ids, position_ids, token_type_ids)               # [N, D]
+        x = self.embeddings(input_ids, position_ids, token_type_ids, words)        # [N, D]
         rope_ids = position_ids
         if virtual is not None:
             x, packed, real = self._insert_packed(x, virtual.to(x.dtype), packed)
             rope_ids = packed.position_ids  # the longer sequences' own positions
         rope = self.rope(rope_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope)
+            x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope, memory=memory)
         if cache is not None:
             cache.end()
         if virtual is not None:
@@ -248,7 +283,10 @@ def init_weights(module: nn.Module, config: ModelConfig) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
+            # embeddings scaled by sqrt(D) start at std D^-1/2 (as fairseq's Transformer): unit scale
+            # once scaled, and as the tied output matrix, unit-variance logits
+            scaled = config.scale_embedding and name.endswith("word_embeddings")
+            nn.init.normal_(m.weight, 0.0, config.hidden_size ** -0.5 if scaled else std)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
