@@ -44,6 +44,8 @@ def test_fused_adamw_matches_the_per_tensor_reference(layout):
 @pytest.mark.parametrize("schedule, step, expected", [
     ("linear", 0, 1 / 11), ("linear", 9, 10 / 11), ("linear", 10, 1.0), ("linear", 55, 0.5), ("linear", 100, 0.0),
     ("cosine", 55, 0.5), ("cosine", 100, 0.0), ("constant", 90, 1.0),
+    # Vaswani et al.: sqrt(warmup / step) of the peak after the warm-up (steps counted from 1 here)
+    ("inverse-sqrt", 9, 10 / 11), ("inverse-sqrt", 10, 1.0), ("inverse-sqrt", 43, 0.5), ("inverse-sqrt", 1099, 0.1),
 ])
 def test_warmup_then_decay(schedule, step, expected):
     assert lr_lambda(schedule, warmup_steps=10, total_steps=100)(step) == pytest.approx(expected)

@@ -72,6 +72,8 @@ REFUSED = [
      "--objective clm needs a decoder (--arch gpt2 or llama), not bert"),
     (["--arch", "gpt2", "--size", "tiny", "--objective", "mlm", "--max-steps", "2"],
      "--objective mlm needs an encoder (bert, roberta, cramming), not a decoder"),
+    (["--arch", "transformer", "--size", "tiny", "--objective", "mlm", "--max-steps", "2"],
+     "an encoder-decoder (--arch transformer) is trained on sequence pairs: lmforge finetune --arch transformer"),
     (["--arch", "roberta", "--size", "tiny", "--objective", "mlm,nsp", "--max-steps", "2"],
      "head 'pretraining' exists only for bert, not roberta"),
     (["--arch", "bert", "--max-steps", "2"], "--arch and --size go together"),

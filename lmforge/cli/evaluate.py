@@ -109,7 +109,7 @@ def generate_and_score(args, task: str, data) -> int:
     model, adapter, settings = load_run_model(args.run, device)
     if settings["task"] != task:
         raise ConfigError(f"{args.run}: the run was trained on {settings['task']}, not {task}")
-    tokenizer = load_tokenizer(settings["model"])
+    tokenizer = load_tokenizer(settings.get("tokenizer") or settings["model"])   # --arch runs: their --tokenizer
     output = Path(args.output) if args.output else Path(args.run) / f"predictions-{args.split}.txt"
     result = evaluate_generation(model, tokenizer, data, decoding, end_token(tokenizer), output, adapter, precision,
                                  reference_set=args.references)

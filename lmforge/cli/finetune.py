@@ -64,6 +64,10 @@ def decoding_from_args(args) -> DecodingConfig:
 
 def add_data_args(p) -> None:
     p.add_argument("--model", default="minilm", help="model directory, alias or hub id (default: minilm)")
+    p.add_argument("--arch", help="e2e/webnlg/dart: train a new model of this preset from scratch instead "
+                                  "(transformer: the original encoder-decoder; gpt2, llama)")
+    p.add_argument("--size", default="small", help="with --arch: tiny | mini | small | base")
+    p.add_argument("--tokenizer", metavar="DIR", help="with --arch: its vocabulary (default: --model's tokenizer)")
     p.add_argument("--task", help="GLUE task, e.g. glue/sst2 (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), "
                                   "or a data-to-text task for a decoder: e2e, webnlg, dart")
     p.add_argument("--data-dir", help="GLUE-layout directory (default: $LMFORGE_DATA/glue, else the datasets hub)")
@@ -154,7 +158,7 @@ def config_from_args(args):
         precision=args.precision, device=args.device, progress_bar=not args.no_progress,
         skip_nonfinite=args.skip_nonfinite, fsdp=args.fsdp)
     return FinetuneConfig(
-        model=args.model, task=args.task, data_dir=args.data_dir, train_file=args.train_file,
+        model=args.model, arch=args.arch, size=args.size, tokenizer=args.tokenizer, task=args.task, data_dir=args.data_dir, train_file=args.train_file,
         dev_file=args.dev_file, text_col=args.text_col, pair_col=args.pair_col, label_col=args.label_col,
         label_type=args.label_type, skip_bad_rows=args.skip_bad_rows, max_seq_len=args.max_seq_len,
         adapt=MethodConfig(method=args.method, freeze_layers=args.freeze_layers,

@@ -28,7 +28,7 @@ from lmforge.kernels.precision import DEVICES, PRECISIONS
 from lmforge.train.trainer import SCHEDULES, TrainConfig
 from lmforge.utils import checks
 
-ARCHS = ("bert", "roberta", "gpt2", "llama", "cramming")   # models/presets.py (not imported: the CLI starts fast)
+ARCHS = ("bert", "roberta", "gpt2", "llama", "cramming", "transformer")   # models/presets.py (not imported: the CLI starts fast)
 SIZES = ("tiny", "mini", "small", "base")
 
 

@@ -465,6 +465,23 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "target_mask": target}
 
 
+def collate_seq2seq(items: list[Encoded], pad_id: int, start_id: int) -> dict:
+    """An encoder-decoder's batch: each prompt as its source (right-padded encoder_input_ids and
+    encoder_attention_mask [B, S]) and, for the decoder, the decoder start token then the target,
+    laid out as `collate` lays out a decoder's prompt and target (input_ids, attention_mask,
+    target_mask [B, T], True at the target's tokens): the start token is the decoder's whole prompt."""
+    import torch
+
+    decoder = collate([Encoded((start_id,), e.target_ids) for e in items], pad_id)
+    S = max(len(e.prompt_ids) for e in items)
+    src = torch.full((len(items), S), pad_id, dtype=torch.long)
+    src_mask = torch.zeros(len(items), S, dtype=torch.long)
+    for b, e in enumerate(items):
+        src[b, :len(e.prompt_ids)] = torch.tensor(e.prompt_ids)
+        src_mask[b, :len(e.prompt_ids)] = 1
+    return {**decoder, "encoder_input_ids": src, "encoder_attention_mask": src_mask}
+
+
 def prompt_batch(prompts: list[list[int]], pad_id: int) -> tuple:
     """Left-padded input_ids and attention_mask [B, T] of token-id prompts, for generation."""
     import torch

@@ -102,6 +102,9 @@ VARIANT = "lmforge"   # model_type of a saved variant
 def variant_features(config: ModelConfig) -> list[str]:
     """The recipe choices of `config` that transformers' classes for its model_type do not have
     ([]: it saves and loads as a plain BERT, RoBERTa, GPT-2 or Llama checkpoint)."""
+    if config.is_encoder_decoder:   # transformers' Marian lays its sinusoids out differently
+        return ["an encoder-decoder (saved with lmforge's names; tests/test_encoder_decoder.py compares it "
+                "with transformers' MarianMTModel)"]
     if config.model_type == "llama":
         return [f"{name}={getattr(config, name)!r} (Llama has {want!r})"
                 for name, want in LLAMA_RECIPE.items() if getattr(config, name) != want]

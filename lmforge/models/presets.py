@@ -10,6 +10,9 @@ model definition (ModelConfig fields; models/transformer.py, layers.py).
   llama     a causal decoder: pre-RMSNorm, final RMSNorm, no linear biases, SwiGLU FFN, rotary
             positions, no token types, no dropout (Touvron et al. 2023); set num_kv_heads for
             grouped-query attention, tie_word_embeddings=False for Llama's own untied output matrix
+  transformer  the original encoder-decoder (Vaswani et al. 2017): post-LayerNorm encoder and decoder
+            stacks of --size's depth each, cross-attention, ReLU FFN, sinusoidal positions, embeddings
+            times sqrt(D) and one table for source, target and output; sequence-to-sequence tasks
 
 Sizes follow the BERT miniatures (Turc et al. 2019) up to BERT-base. The vocabulary (and padding id)
 come from the tokenizer a run uses, not from here.
@@ -44,6 +47,10 @@ ARCHS: dict[str, dict] = {
                   hidden_act="silu", position_embedding="rope", rope_theta=10000.0, layer_norm_eps=1e-5,
                   max_position_embeddings=2048, hidden_dropout=0.0, attention_dropout=0.0,
                   embedding_dropout=0.0),
+    # dropout 0.1 on the embeddings and every sublayer's output, none on attention weights (their P_drop)
+    "transformer": dict(model_type="encoder-decoder", type_vocab_size=0, hidden_act="relu",
+                        position_embedding="sinusoidal", layer_norm_eps=1e-5, max_position_embeddings=512,
+                        hidden_dropout=0.1, attention_dropout=0.0),
 }
 
 

@@ -81,12 +81,33 @@ def end_token(tokenizer) -> int:
     return int(eos)
 
 
-def check_decoder(model_name: str) -> None:
-    from lmforge.models.checkpoint import load_config
-    saved = load_config(model_name, "auto")
-    if not saved.causal:
-        raise ConfigError(f"{model_name}: a {saved.model_type} model is not a decoder (data-to-text tasks train "
-                          "a causal LM: gpt2 or llama)")
+def check_decoder(config, name: str) -> None:
+    if not (config.causal or config.is_encoder_decoder):
+        raise ConfigError(f"{name}: a {config.model_type} model is not a decoder (data-to-text tasks train a causal "
+                          "LM, gpt2 or llama, or an encoder-decoder: --arch transformer)")
+
+
+def new_model(cfg, tokenizer, device):
+    """A new model of cfg.arch at cfg.size (from scratch) for `tokenizer`'s vocabulary, with a causal-LM head."""
+    from lmforge.models.model import Model
+    from lmforge.models.presets import preset
+
+    eos = end_token(tokenizer)
+    config = preset(cfg.arch, cfg.size, vocab_size=tokenizer.vocab_size, head="causal-lm",
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                    # an encoder-decoder's decoder starts from bos, else from the end token (as Marian from pad)
+                    bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+    return Model(config).to(device)
+
+
+def collate_for(config, pad: int):
+    """The batch layout of a decoder (prompt then target in one sequence) or an encoder-decoder (the
+    prompt as its source)."""
+    from lmforge.data import nlg
+
+    if config.is_encoder_decoder:
+        return lambda items: nlg.collate_seq2seq(items, pad, config.decoder_start_token_id)
+    return lambda items: nlg.collate(items, pad)
 
 
 def one_line(text: str) -> str:
@@ -197,23 +218,29 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
         raise ConfigError(f"--task {cfg.task} reads its own files; drop --train/--dev")
     check_method(cfg.adapt.method)
     objective = DataToText(label_smoothing=cfg.label_smoothing, lm_aux_weight=cfg.lm_aux_weight, packed=cfg.packed)
+    if cfg.arch is None:
+        from lmforge.models.checkpoint import load_config
+        check_decoder(load_config(cfg.model, "auto"), cfg.model)
     out = Path(cfg.train.out_dir)
     run_file = out / "run.json"
     if resume and run_file.is_file():
         check_resume(run_file, cfg)
     started = time.perf_counter()
-    check_decoder(cfg.model)
     train = nlg.train_examples(cfg.task, cfg.data_dir)
     if cfg.max_train_samples is not None:
         train = train[:cfg.max_train_samples]
     dev = capped(nlg.eval_set(cfg.task, "dev", cfg.data_dir), cfg.max_eval_samples)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     eos = end_token(tokenizer)
     device = distributed.init(resolve_device(cfg.train.device))
     main = distributed.world().is_main
     precision = resolve_precision(cfg.train.precision, device)
     set_seed(cfg.train.seed)
-    model = from_pretrained(cfg.model, head="causal-lm", device=device)
+    model = (new_model(cfg, tokenizer, device) if cfg.arch is not None
+             else from_pretrained(cfg.model, head="causal-lm", device=device))
+    if model.config.is_encoder_decoder and cfg.lm_aux_weight:
+        raise ConfigError("--lm-aux-weight scores a decoder's prompt tokens; an encoder-decoder reads its "
+                          "prompt in the encoder (drop --lm-aux-weight)")
     max_len = min(cfg.max_seq_len, model.config.max_position_embeddings)
     train_enc, cut = nlg.encode_examples(tokenizer, train, max_len, eos)
     dev_enc, _ = nlg.encode_examples(tokenizer, dev.examples(), max_len, eos)
@@ -230,11 +257,11 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
         print(f"{cfg.task}: {len(train_enc):,} training examples ({cut:,} cut to --max-seq-len {max_len}), "
               f"{len(dev):,} dev inputs with {dev.n_references:,} references", flush=True)
     pad = tokenizer.pad_token_id
-    dev_batches = [nlg.collate(dev_enc[i:i + cfg.eval_batch_size], pad)
-                   for i in range(0, len(dev_enc), cfg.eval_batch_size)]
+    collate = collate_for(model.config, pad)
+    dev_batches = [collate(dev_enc[i:i + cfg.eval_batch_size]) for i in range(0, len(dev_enc), cfg.eval_batch_size)]
     plain = DataToText(packed=cfg.packed)   # dev loss: the target tokens' plain cross-entropy
 
-    trainer = Trainer(model, cfg.train, train_enc, collate=lambda items: nlg.collate(items, pad),
+    trainer = Trainer(model, cfg.train, train_enc, collate=collate,
                       objective=objective, evaluate=lambda m: evaluate(plain, m, dev_batches, device),
                       main_metric="target_loss", greater_is_better=False, on_best=best_saver(spec, out, cfg, tokenizer),
                       batch_plan=budget_plan(train_enc, cfg))

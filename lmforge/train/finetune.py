@@ -55,6 +55,11 @@ LABEL_TYPES = ("auto", "class", "float")
 @dataclass
 class FinetuneConfig:
     model: str = "minilm"
+    # data-to-text from scratch: a new model of this preset (models/presets.py) and --size, with
+    # the vocabulary of `tokenizer` (default: --model's), instead of --model's weights
+    arch: str | None = None
+    size: str = "small"
+    tokenizer: str | None = None
     task: str | None = "glue/sst2"        # a GLUE task, or None with train_file/dev_file
     data_dir: str | None = None           # GLUE layout; default $LMFORGE_DATA/glue
     train_file: str | None = None
@@ -107,6 +112,22 @@ class FinetuneConfig:
                               f"{self.max_seq_len}: a budget must hold at least one whole sequence")
         if self.batch_tokens is None:  # a token budget is split as it falls, never refused
             distributed.check_batch_size(self.train.batch_size)
+        if self.arch is not None:
+            from lmforge.models.presets import ARCHS, SIZES
+            if not is_nlg_task(self.task):
+                raise ConfigError(f"--arch trains a new model from scratch for a data-to-text task (--task e2e | "
+                                  f"webnlg | dart), not {self.task or 'your own files'}; fine-tune a --model there")
+            if self.arch not in ARCHS or self.size not in SIZES:
+                raise ConfigError(f"--arch {self.arch!r} --size {self.size!r}: expected one of {', '.join(ARCHS)} "
+                                  f"and one of {', '.join(SIZES)}")
+            from lmforge.models.config import DECODERS, ENCODER_DECODERS
+            if ARCHS[self.arch].get("model_type", "bert") not in DECODERS + ENCODER_DECODERS:
+                raise ConfigError(f"--arch {self.arch}: not a decoder (a data-to-text task trains a causal LM, "
+                                  "--arch gpt2 or llama, or the encoder-decoder, --arch transformer)")
+            if self.adapt.method != "full":
+                raise ConfigError(f"--arch trains every weight of a new model: --method full, not {self.adapt.method}")
+        elif self.tokenizer is not None:
+            raise ConfigError("--tokenizer goes with --arch (a new model); a pretrained --model brings its own")
         if distributed.world().active and self.adapt.method == "features":
             raise ConfigError("--method features fits its probe in one process: run it without torchrun")
         self.train.validate()

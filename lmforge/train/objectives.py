@@ -89,8 +89,15 @@ class SequenceClassification(Objective):
         return {} if self.regression else {"accuracy": _ratio(totals, "correct", "examples")}
 
 
+_SOURCE = ("encoder_input_ids", "encoder_attention_mask")   # an encoder-decoder's source (data/nlg.py)
+
+
 def _padded_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", *_SOURCE) if k in batch}
+
+
+def _source(batch: dict) -> dict:
+    return {k: batch[k] for k in _SOURCE if k in batch}
 
 
 def _tokens(batch: dict) -> torch.Tensor:
@@ -239,6 +246,10 @@ class DataToText(Objective):
     `packed`: the batch runs unpadded (models/packing.py: its real tokens as one stream), the same
     numbers as padded with no work on padding.
 
+    An encoder-decoder's batch (data/nlg.collate_seq2seq) adds the source, encoder_input_ids and its
+    mask; its decoder's input_ids are the start token then the target, so the same positions are
+    scored. Its decoder has no prompt tokens for the auxiliary term.
+
     Tallies: the target tokens' summed negative log-likelihood without smoothing (what dev loss and
     perplexity report), their count and correct argmax predictions, and the prompt term's sum and count."""
 
@@ -269,7 +280,8 @@ class DataToText(Objective):
             from lmforge.models.packing import pack_padded
             stream, layout = pack_padded(ids, batch["attention_mask"])
             rows = real.reshape(-1).long().cumsum(0) - 1
-            logits = model(stream, packed=layout, positions=rows.index_select(0, positions)).logits.float()
+            logits = model(stream, packed=layout, positions=rows.index_select(0, positions),
+                           **_source(batch)).logits.float()
         else:
             logits = model(**_padded_inputs(batch), positions=positions).logits.float()
         labels = ids.reshape(-1).index_select(0, positions + 1)

@@ -52,16 +52,25 @@ def _contiguous_grads(optimizer, args, kwargs) -> None:
                 p.grad = torch.empty_like(p).copy_(p.grad)  # empty_like keeps the parameter's strides
 
 
+SCHEDULES = ("linear", "cosine", "constant", "inverse-sqrt")
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier on the peak learning rate at each optimizer step: linear warm-up, then decay."""
-    if schedule not in ("linear", "cosine", "constant"):
-        raise ValueError(f"schedule {schedule!r} is not one of linear, cosine, constant")
+    """Multiplier on the peak learning rate at each optimizer step: linear warm-up, then decay.
+
+    inverse-sqrt is the original Transformer's (Vaswani et al. 2017, 5.3): after the warm-up the rate
+    falls as 1/sqrt(step), sqrt(warmup / step) of the peak, whatever the total; their
+    d^-0.5 min(step^-0.5, step warmup^-1.5) is this with a peak of (d warmup)^-0.5."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         if schedule == "constant":
             return 1.0
+        if schedule == "inverse-sqrt":
+            return math.sqrt((warmup_steps + 1) / (step + 1))
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         progress = min(progress, 1.0)
         if schedule == "linear":

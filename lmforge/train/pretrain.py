@@ -125,6 +125,9 @@ class PretrainConfig:
 
 
 def check_model(config, objective: str, max_seq_len: int) -> None:
+    if config.is_encoder_decoder:
+        raise ConfigError("an encoder-decoder (--arch transformer) is trained on sequence pairs: "
+                          "lmforge finetune --arch transformer --task e2e|webnlg|dart, not pretrain")
     if objective == "clm" and not config.causal:
         raise ConfigError(f"--objective clm needs a decoder (--arch gpt2 or llama), not {config.model_type}")
     if objective != "clm" and config.causal:

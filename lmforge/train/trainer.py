@@ -34,7 +34,7 @@ from lmforge.errors import ConfigError, NonFiniteError
 from lmforge.kernels.precision import DEVICES, PRECISIONS, resolve_precision
 from lmforge.train import distributed
 from lmforge.train.objectives import Objective, as_objective
-from lmforge.train.optim import build_optimizer, build_scheduler, lr_lambda
+from lmforge.train.optim import SCHEDULES, build_optimizer, build_scheduler, lr_lambda
 from lmforge.train.sparse_rows import RowSparseGrads
 from lmforge.train.state import (Progress, load_sharded_state, load_state, rank_state, save_sharded_state,
                                  save_state, set_seed)
@@ -57,7 +57,7 @@ class TrainConfig:
     lr: float = field(default=2e-5, metadata=rule(POSITIVE))
     weight_decay: float = field(default=0.01, metadata=rule(NON_NEGATIVE))
     warmup_ratio: float = field(default=0.06, metadata=rule(UNIT_INTERVAL))
-    schedule: str = "linear"           # linear | cosine | constant
+    schedule: str = "linear"           # linear | cosine | constant | inverse-sqrt
     max_grad_norm: float | None = field(default=1.0, metadata=rule(NON_NEGATIVE))  # None or 0: no clipping
     # optimizer steps; None = at the end of every epoch
     eval_every: int | None = field(default=None, metadata=rule(AT_LEAST_1))
@@ -88,7 +88,6 @@ class TrainConfig:
         check_writable_dir(self.out_dir, "--out")
 
 
-SCHEDULES = ("linear", "cosine", "constant")
 _GRID = 100_000  # a time-budget schedule is lr_lambda over this many virtual steps
 
 
