@@ -287,7 +287,6 @@ def one_error(capsys, argv, command="finetune"):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "prefix-embedding"], "--method prefix-embedding cannot generate yet"),
     (["--method", "features"], "--method features fits a classifier probe"),
     (["--label-smoothing", "1.0"], "--label-smoothing must be < 1, got 1.0"),
     (["--lm-aux-weight", "-0.5"], "--lm-aux-weight must be >= 0, got -0.5"),
@@ -429,3 +428,30 @@ def test_from_scratch_options_are_one_line_errors(capsys, tmp_path, decoders, ex
     assert message in one_error(capsys, argv)
     assert "--arch trains a new model from scratch for a data-to-text task" in one_error(
         capsys, ["finetune", "--arch", "transformer", "--task", "glue/sst2", "--out", str(tmp_path / "g")])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_prefix_embedding_decodes_with_the_cache_as_without(decoders, arch):
+    """Virtual input tokens are cached as the first tokens of every row: the logits of a packed prefill
+    of prompts of different lengths and of each decode step after it (forced tokens) equal a full
+    forward of each whole sequence without a cache; beam search decodes a batch as each prompt alone."""
+    from lmforge.models import routing
+    from lmforge.models.generate import decode_step, prefill
+    model = from_pretrained(decoders[arch], head="causal-lm").eval()
+    spec = apply_method(model, MethodConfig(method="prefix-embedding", prefix_length=3))
+    prompts, forced = [[5, 17, 33, 8, 90], [41], [7, 7, 200, 3]], [[3, 9, 27], [11, 4, 4], [60, 2, 8]]
+    with routing.using(spec.adapter):
+        state, logits = prefill(model, prompts, 4)
+        got = [[row] for row in logits]
+        for t in range(3):
+            logits = decode_step(model, state, torch.tensor([f[t] for f in forced]))
+            for b, row in enumerate(logits):
+                got[b].append(row)
+        for b, p in enumerate(prompts):
+            want = model(torch.tensor([p + forced[b]])).logits[0, len(p) - 1:]
+            torch.testing.assert_close(torch.stack(got[b]), want, rtol=0, atol=1e-5)
+        beams = generate(model, prompts, max_new_tokens=5, num_beams=3, eos_token_id=-1)
+        assert beams == [generate(model, [p], max_new_tokens=5, num_beams=3, eos_token_id=-1)[0] for p in prompts]
+    plain = model(torch.tensor([prompts[0] + forced[0]])).logits[0, len(prompts[0]) - 1:]
+    assert not torch.allclose(plain, torch.stack(got[0]), atol=1e-3)   # the prefix is in there

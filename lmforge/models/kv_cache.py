@@ -61,6 +61,11 @@ class KVCache:
                    max_length, dtype, device)
 
     @property
+    def empty(self) -> bool:
+        """Nothing cached yet: the next packed forward is a prefill."""
+        return self._longest == 0
+
+    @property
     def max_length(self) -> int:
         return self.k.shape[3]
 

@@ -130,7 +130,11 @@ class Model(nn.Module):
         return self.transformer.embeddings.word_embeddings.weight.dtype
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return KVCache.for_model(self.config, batch_size, max_length, self.dtype, self.device)
+        """Room for max_length tokens per sequence, and the virtual input tokens of prefix-embedding
+        tuning when the current routing has them (they are cached as the first tokens of every row)."""
+        virtual = self.transformer.virtual_tokens()
+        room = max_length + (0 if virtual is None else virtual.shape[0])
+        return KVCache.for_model(self.config, batch_size, room, self.dtype, self.device)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Memory:
         """An encoder-decoder's source [B, S] (1 = token in attention_mask) -> the encoder's output,

@@ -145,7 +145,7 @@ class Transformer(nn.Module):
             self.input_prefix = checked(prefix, InputPrefix, "Transformer.attach_input_prefix")
         return self.input_prefix
 
-    def _virtual_tokens(self) -> torch.Tensor | None:
+    def virtual_tokens(self) -> torch.Tensor | None:
         return None if self.input_prefix is None else self.input_prefix()
 
     @property
@@ -192,10 +192,11 @@ class Transformer(nn.Module):
         x = self.embeddings(input_ids, position_ids, token_type_ids, words)
         B, T = input_ids.shape
         rope_ids = position_ids
-        virtual = self._virtual_tokens()
+        virtual = self.virtual_tokens()
         if virtual is not None:
             if cache is not None:
-                raise ValueError("prefix-embedding tuning does not support the KV cache yet; use prefix-layer")
+                raise ValueError("prefix-embedding tuning decodes with a KV cache in the packed layout "
+                                 "(models/generate.py), not the padded one")
             at, P = self._insert_at, virtual.shape[0]
             # [B, T, D] -> [B, at + P + T - at, D]; the virtual tokens are always attended to
             x = torch.cat([x[:, :at], virtual.to(x.dtype).expand(B, -1, -1), x[:, at:]], dim=1)
@@ -227,18 +228,31 @@ class Transformer(nn.Module):
                         cache: KVCache | None = None, memory: Memory | None = None,
                         words: nn.Embedding | None = None) -> torch.Tensor:
         """A packed stream [N]; with a cache, sequence b is cache row b (KVCache.begin: a prefill into
-        empty rows, or one token per row whose position is the row's length so far)."""
-        virtual = self._virtual_tokens()
-        if cache is not None and virtual is not None:
-            raise ValueError("prefix-embedding tuning does not support the KV cache yet; use prefix-layer")
-        step = cache.begin(packed) if cache is not None else None
-        if position_ids is None:
-            position_ids = (packed.position_ids if step is None else step.slots) + self.config.position_offset
-        x = self.embeddings(input_ids, position_ids, token_type_ids, words)        # [N, D]
-        rope_ids = position_ids
-        if virtual is not None:
-            x, packed, real = self._insert_packed(x, virtual.to(x.dtype), packed)
+        empty rows, or one token per row whose position is the row's length so far).
+
+        Prefix-embedding tuning (P virtual tokens at the start of each decoder sequence) with a cache:
+        the prefill inserts them and caches them as the first P tokens of every row; a decode step
+        then inserts nothing, and its token's position embedding counts the real tokens (its slot
+        minus P) while its rotary position counts the virtual ones too (its slot), as without a cache."""
+        virtual = self.virtual_tokens()
+        P = 0 if virtual is None else virtual.shape[0]
+        if cache is not None and P and not self.causal:
+            raise ValueError("virtual input tokens with a KV cache: only decoders decode")
+        offset = self.config.position_offset
+        if P and (cache is None or cache.empty):   # insert the virtual tokens (training, or a prefill)
+            if position_ids is None:
+                position_ids = packed.position_ids + offset
+            x = self.embeddings(input_ids, position_ids, token_type_ids, words)    # [N, D]
+            x, packed, real = self._insert_packed(x, virtual.to(x.dtype), packed)  # [N + B P, D]
+            step = cache.begin(packed) if cache is not None else None
             rope_ids = packed.position_ids  # the longer sequences' own positions
+        else:
+            step = cache.begin(packed) if cache is not None else None
+            if position_ids is None:
+                position_ids = (packed.position_ids if step is None else step.slots - P) + offset
+            x = self.embeddings(input_ids, position_ids, token_type_ids, words)    # [N, D]
+            rope_ids = position_ids if not P else step.slots
+            virtual = None  # cached already: nothing to insert or drop
         rope = self.rope(rope_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope, memory=memory)

@@ -39,8 +39,6 @@ from lmforge.utils.checks import AT_LEAST_1, NON_NEGATIVE, Range, check_fields, 
 # Methods that cannot train a decoder for generation here, and why (one line each).
 UNSUPPORTED = {
     "features": "fits a classifier probe on frozen features; a data-to-text model must generate",
-    "prefix-embedding": "cannot generate yet: the KV cache does not hold virtual input tokens "
-                        "(models/transformer.py); use prefix-layer",
 }
 
 
