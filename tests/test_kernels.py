@@ -308,7 +308,7 @@ def test_unmeasured_choices_are_not_cached(cache, monkeypatch):
 @needs_onednn
 def test_real_calibration_picks_a_known_kernel_with_reasons(cache):
     out = calibrate.measure("linear", torch.float32, False, (32, 48), "p")
-    assert set(out) == {"p|s", "p|m", "p|l"}
+    assert set(out) == {"p|t", "p|s", "p|m", "p|l"}
     assert all(v["kernel"] in calibrate.KERNELS and "plain" in v["why"] for v in out.values())
 
 
@@ -367,10 +367,11 @@ def test_a_margin_within_noise_is_measured_once_more(monkeypatch, durations, bud
     runs = fake_kernels(monkeypatch, clock, durations)
     monkeypatch.setattr(calibrate, "BUDGET_S", budget)
     out = calibrate.measure("linear", torch.float32, False, (32, 48), "p")
-    first = out["p|s"]
+    b0 = next(iter(calibrate.SIZES))   # the first size measured
+    first = out[f"p|{b0}"]
     assert first["kernel"] == kernel, first
     assert ("measured twice" in first["why"]) == twice, first
-    assert [n for rows, n in runs if rows == calibrate.SIZES["s"]] == ([0, 1] if twice else [0])
+    assert [n for rows, n in runs if rows == calibrate.SIZES[b0]] == ([0, 1] if twice else [0])
     if twice:   # each kernel's best over both measurements decided
         best = {k: min(d[k] for d in durations) for k in calibrate.KERNELS}
         assert f"onednn {best['onednn'] * 1e3:.3f} ms" in first["why"]
@@ -452,3 +453,9 @@ def test_manual_attention_path_equals_sdpa(kind):
     # p below 1/65536 rounds to "keep everything": the manual path with no element dropped
     got = attend(q, k, v, mask, 1e-9, is_causal=kind == "causal")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, size", [(1, "t"), (3, "t"), (4, "s"), (63, "s"), (64, "m"), (511, "m"), (512, "l")])
+def test_one_row_is_a_size_of_its_own(rows, size):
+    # a decode step of one sequence is a matrix-vector product: its kernel is measured at one row
+    assert calibrate.bucket(rows) == size and calibrate.SIZES["t"] == 1

@@ -1,8 +1,11 @@
 """Which kernel runs each op, chosen by measuring the candidates on this machine, and remembered.
 
 The first time an op meets a weight shape (per device, compute dtype, and inference or training),
-every candidate kernel is timed on that shape at three token counts (16, 128 and 1,024 rows: batch-1
-latency, a short batch, a full batch) and the fastest is kept for each size bucket. A fast path must
+every candidate kernel is timed on that shape at four token counts (1, 16, 128 and 1,024 rows: a decode
+step of one sequence, batch-1 latency or a decode step of a batch, a short batch, a full batch) and the
+fastest is kept for each size bucket. One row is a bucket of its own because a GEMM of one row is a
+matrix-vector product, bound by reading the weight: packed oneDNN, ahead from 16 rows up, took 1.3-2x
+plain's time at one row on the AMX Xeon (SmolLM2's shapes, one thread). A fast path must
 beat plain PyTorch by MARGIN to be chosen, so noise never picks a slower kernel. Timing one shape
 takes tens of milliseconds (bounded by BUDGET_S); a model has a handful of shapes.
 
@@ -30,10 +33,10 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1                  # bump when the file's meaning changes: older files are rebuilt
+FORMAT = 2                  # bump when the file's meaning changes: older files are rebuilt (2: bucket "t")
 KERNELS = ("plain", "onednn")
 OPS = ("linear", "stacked")
-SIZES = {"s": 16, "m": 128, "l": 1024}   # bucket -> rows timed
+SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows timed
 MARGIN = 0.97               # a fast path must take at most 97% of plain's time
 BUDGET_S = 1.0              # per (op, shape): stop timing and keep plain past this
 NOISE = 0.05                # a ratio to plain this close to MARGIN is measured once more (budget allowing)
@@ -41,7 +44,7 @@ clock = time.perf_counter   # the timer (tests inject their own)
 
 
 def bucket(rows: int) -> str:
-    return "s" if rows < 64 else "m" if rows < 512 else "l"
+    return "t" if rows < 4 else "s" if rows < 64 else "m" if rows < 512 else "l"
 
 
 def cache_path() -> Path:
