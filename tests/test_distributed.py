@@ -1,8 +1,9 @@
 """Training on two processes (torch.distributed, gloo, CPU) as torchrun launches it: the same
 weights as one process with the same global batch (full fine-tuning with gradient accumulation,
-LoRA on token-budget batches, MLM pre-training), a SIGKILLed two-process run resumed to the same
-bits, rank 1 writing nothing, a stalled rank ending its peer instead of hanging it, and the options a
-world of several processes refuses.
+LoRA on token-budget batches, MLM pre-training; MLM+NSP not yet, marked), FSDP equal to one process
+and to DDP, SIGKILLed two-process runs (DDP and FSDP, fine-tuning and pre-training) resumed to the
+same bits, sharded checkpoints consolidated, rank 1 writing nothing, a stalled rank ending its peer
+instead of hanging it, and the options a world of several processes refuses.
 
 Every subprocess has a timeout, so a hang fails the test instead of stalling the suite. Dropout is
 off in the tiny models: the ranks draw different masks (as they should), which one process cannot
@@ -84,25 +85,62 @@ def finetune_args(model, out, *extra):
             "--precision", "fp32", "--out", str(out), *extra]
 
 
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tiny_model, data_dir):
+    """finetuned(how, extra): the run directory of `finetune_args(tiny_model, DIR, *extra)` in one
+    process ("one"), two with DDP ("ddp") or two with --fsdp ("fsdp"). Each run is made once per
+    module, when a test first asks for it: the tests comparing one with DDP, one with FSDP and DDP
+    with FSDP share the runs."""
+    root, made = tmp_path_factory.mktemp("finetuned"), {}
+
+    def get(how: str, extra: list[str]) -> Path:
+        key = (how, tuple(extra))
+        if key not in made:
+            out = root / f"{how}-{len(made)}"
+            args = finetune_args(tiny_model, out, *extra)
+            if how == "one":
+                one(*args)
+            else:
+                p = two(*args, *(["--fsdp"] if how == "fsdp" else []))
+                assert ("FSDP, each process holds 1/2" in p.stderr) == (how == "fsdp")
+            made[key] = out
+        return made[key]
+    return get
+
+
+def metrics_log(run) -> list[dict]:
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_log(a: list[dict], b: list[dict], grad_norm_rel: float = 1e-5) -> None:
+    """Two runs' metrics logs: the same records, the logged loss, accuracy and gradient norm (those of
+    the global batch) and every evaluation within 1e-5."""
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for r1, r2 in zip(a, b):
+        for k in ("loss", "accuracy"):
+            if k in r1:
+                assert r1[k] == pytest.approx(r2[k], abs=1e-5, rel=1e-5), (k, r1, r2)
+        if "grad_norm" in r1:
+            assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=grad_norm_rel), (r1, r2)
+        if "eval" in r1:
+            assert r1["eval"] == pytest.approx(r2["eval"], abs=1e-5), (r1, r2)
+
+
+FULL_ACCUM = ["--method", "full", "--max-steps", "5", "--grad-accum", "2"]   # no_sync on the first micro-batch
+
+
 @pytest.mark.parametrize("extra", [
-    ["--method", "full", "--max-steps", "5", "--grad-accum", "2"],          # no_sync on the first micro-batch
+    FULL_ACCUM,
     # token-budget batches of uneven sizes: shares of 3 and 2 examples, weighed to the global mean
     ["--method", "lora", "--lora-dropout", "0", "--lora-r", "4", "--max-steps", "6", "--batch-tokens", "160",
      "--lr", "1e-2"],
 ], ids=["full-accum", "lora-tokens"])
-def test_two_processes_train_what_one_does(tmp_path, tiny_model, data_dir, extra):
-    one(*finetune_args(tiny_model, tmp_path / "one", *extra))
-    two(*finetune_args(tiny_model, tmp_path / "two", *extra))
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+def test_two_processes_train_what_one_does(finetuned, extra):
+    a, b = weights(finetuned("one", extra)), weights(finetuned("ddp", extra))
     assert_close(a, b)
     if "lora" in extra:
         assert all("lora_" in k or k.startswith("adapter_heads.") for k in a)   # the adapter alone
-    logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
-    assert [r.keys() for r in logs[0]] == [r.keys() for r in logs[1]]
-    for r1, r2 in zip(*logs):   # the logged loss, accuracy and gradient norm are the global batch's
-        for k in ("loss", "accuracy", "grad_norm"):
-            if k in r1:
-                assert r1[k] == pytest.approx(r2[k], abs=1e-5, rel=1e-5), (k, r1, r2)
+    assert_same_log(metrics_log(finetuned("one", extra)), metrics_log(finetuned("ddp", extra)))
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +161,34 @@ def pretrain_args(tmp_path, corpus, out, *extra):
             "--precision", "fp32", "--no-progress", "--seed", "3", "--log-every", "2", "--out", str(out), *extra]
 
 
-def test_mlm_pretraining_on_two_processes(tmp_path, shakespeare):
+@pytest.fixture(scope="module")
+def plays(shakespeare, tmp_path_factory):
+    """That text as 30 JSONL documents (next-sentence prediction draws its negatives from other ones)."""
+    lines = shakespeare.read_text(encoding="utf-8").splitlines()
+    path = tmp_path_factory.mktemp("plays") / "plays.jsonl"
+    path.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 50])}) + "\n"
+                            for i in range(0, len(lines), 50)))
+    return path
+
+
+@pytest.mark.parametrize("objective", [
+    "mlm",
+    # BERT's MLM + NSP: the MLM half is a mean over masked tokens, the NSP half over examples, and the
+    # trainer weighs a rank's loss by one number (MaskedLMWithNSP.weight: examples), so 2 processes
+    # average the ranks' MLM means instead of taking the global one (about 1e-3 off after 5 steps).
+    # Exact needs the objective to hand the trainer each term with its own count (objectives.py);
+    # strict: this fails once that is done, so the mark comes off.
+    pytest.param("mlm,nsp", marks=pytest.mark.xfail(strict=True, reason="one weight for two means (objectives.py)")),
+])
+def test_mlm_pretraining_on_two_processes(tmp_path, shakespeare, plays, objective):
     # masked-token counts differ between the ranks' halves: the losses are weighed by them
-    one(*pretrain_args(tmp_path, shakespeare, tmp_path / "one", "--max-steps", "5"))
-    two(*pretrain_args(tmp_path, shakespeare, tmp_path / "two", "--max-steps", "5"))
-    assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    corpus, extra = (shakespeare, ()) if objective == "mlm" else (plays, ("--objective", objective))
+    one(*pretrain_args(tmp_path, corpus, tmp_path / "one", "--max-steps", "5", *extra))
+    two(*pretrain_args(tmp_path, corpus, tmp_path / "two", "--max-steps", "5", *extra))
     last = [json.loads((tmp_path / d / "summary.json").read_text())["last"] for d in ("one", "two")]
+    if "nsp" in objective:   # the NSP tallies are summed over the ranks: one process's
+        assert last[0]["nsp_accuracy"] == pytest.approx(last[1]["nsp_accuracy"])
+    assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"))
     assert last[0]["mlm_accuracy"] == pytest.approx(last[1]["mlm_accuracy"])
     assert last[0]["loss"] == pytest.approx(last[1]["loss"], abs=1e-5)
 
@@ -158,8 +218,10 @@ def kill_after_checkpoint(cmd, state: Path, step: int) -> list[int]:
 
 
 def test_sigkill_two_processes_then_resume_is_bit_identical(tmp_path, tiny_model, data_dir):
-    # classifier dropout on: each rank's RNG state must come back as it was, its own
-    extra = ["--max-steps", "15", "--save-every", "3", "--eval-every", "9", "--grad-accum", "2",
+    # classifier dropout on: each rank's RNG state must come back as it was, its own. Logs every 3
+    # steps as it saves: a resumed run's first log window starts at its checkpoint (the window's sums
+    # are not in it), so the logs read as one run whichever checkpoint the kill comes after
+    extra = ["--max-steps", "15", "--save-every", "3", "--log-every", "3", "--eval-every", "9", "--grad-accum", "2",
              "--classifier-dropout", "0.3"]
     two(*finetune_args(tiny_model, tmp_path / "whole", *extra))
     cut = tmp_path / "cut"
@@ -432,18 +494,94 @@ def test_fsdp_killed_and_resumed_is_bit_identical(tmp_path, shakespeare):
     assert p.returncode != 0 and "written with --fsdp, this run is without it" in p.stderr
 
 
-@pytest.mark.parametrize("extra, saved", [
-    (["--method", "full", "--max-steps", "5", "--grad-accum", "2"], "model.safetensors"),
-    (["--method", "lora", "--lora-dropout", "0", "--lora-r", "4", "--max-steps", "6", "--lr", "1e-2"],
-     "adapter_model.safetensors"),
-], ids=["full-accum", "lora"])
-def test_fsdp_finetuning_saves_the_best_model_one_process_would(tmp_path, tiny_model, data_dir, extra, saved):
+LORA = ["--method", "lora", "--lora-dropout", "0", "--lora-r", "4", "--max-steps", "6", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("extra, saved", [(FULL_ACCUM, "model.safetensors"), (LORA, "adapter_model.safetensors")],
+                         ids=["full-accum", "lora"])
+def test_fsdp_finetuning_saves_the_best_model_one_process_would(finetuned, extra, saved):
     # the best model of a sharded run is gathered whole to rank 0 and saved as the method saves it
-    one(*finetune_args(tiny_model, tmp_path / "one", *extra))
-    p = two(*finetune_args(tiny_model, tmp_path / "fsdp", *extra, "--fsdp"))
-    assert "FSDP, each process holds 1/2" in p.stderr
-    best = [load_file(str(tmp_path / d / "best" / saved)) for d in ("one", "fsdp")]
+    runs = finetuned("one", extra), finetuned("fsdp", extra)
+    best = [load_file(str(d / "best" / saved)) for d in runs]
     assert_close(*best)
-    metrics = [json.loads((tmp_path / d / "best" / "metrics.json").read_text()) for d in ("one", "fsdp")]
+    metrics = [json.loads((d / "best" / "metrics.json").read_text()) for d in runs]
     assert metrics[0] == pytest.approx(metrics[1], abs=1e-6)
-    assert (tmp_path / "fsdp" / "checkpoint" / "shards").is_dir()
+    assert (runs[1] / "checkpoint" / "shards").is_dir()
+
+
+def consolidated(run) -> dict[str, torch.Tensor]:
+    """A sharded run's last checkpoint whole (by the names of trainable.safetensors), read in this
+    process as `lmforge export` reads it."""
+    from lmforge.models import Model, ModelConfig
+    from lmforge.train.state import consolidate
+
+    checkpoint = Path(run) / "checkpoint"
+    model = Model(ModelConfig(**json.loads((checkpoint / "config.json").read_text())))
+    consolidate(checkpoint, model)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_fsdp_trains_what_ddp_does(finetuned):
+    # the issue's comparison, on the runs the tests above made: 2 processes sharded (FSDP2's
+    # reduce-scatter of the gradients, weights gathered per block) against 2 replicated (DDP's
+    # all-reduce), full fine-tuning with accumulation (no gradient sync on the first micro-batch):
+    # the last checkpoint's weights within 1e-5, and the logged losses, accuracies, gradient norms
+    # (a summed instead of averaged gradient would double them: PyTorch issue 162338) and evaluations
+    ddp, fsdp = finetuned("ddp", FULL_ACCUM), finetuned("fsdp", FULL_ACCUM)
+    assert_close(weights(ddp), consolidated(fsdp))
+    log = metrics_log(fsdp)
+    assert sum("grad_norm" in r for r in log) == 3 and sum("eval" in r for r in log) == 2
+    assert_same_log(metrics_log(ddp), log)
+
+
+def test_export_of_a_sharded_finetuning_run(finetuned, tmp_path, capsys):
+    # a fine-tuning run exports its best/ model (gathered whole) as it would under DDP, a LoRA run's
+    # merged; its checkpoint, named itself, consolidates for full fine-tuning and is refused in one
+    # line for an adapter method (the shards hold the model with its adapter modules)
+    full, lora = finetuned("fsdp", FULL_ACCUM), finetuned("fsdp", LORA)
+    assert main(["export", "--run", str(full), "--out", str(tmp_path / "best")]) == 0
+    assert_close(load_file(str(tmp_path / "best" / "model.safetensors")),
+                 load_file(str(full / "best" / "model.safetensors")), tol=0.0)
+    assert main(["export", "--run", str(lora), "--merged", "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert main(["export", "--run", str(full / "checkpoint"), "--out", str(tmp_path / "last")]) == 0
+    from lmforge.models import from_pretrained
+
+    last, exported = consolidated(full), dict(from_pretrained(tmp_path / "last").named_parameters())
+    assert last.keys() == exported.keys() and all(torch.equal(last[k], exported[k]) for k in last)
+    capsys.readouterr()
+    assert main(["export", "--run", str(lora / "checkpoint"), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--method lora run holds the model with its adapter modules" in err and "\n" not in err
+    assert not (tmp_path / "no").exists()
+    # shards that do not fit the model: a CheckpointError naming what is missing (torch's
+    # CheckpointException is a BaseException, which `except Exception` would let through)
+    from lmforge.errors import CheckpointError
+    from lmforge.models import Model, ModelConfig
+    from lmforge.train.state import consolidate
+
+    config = json.loads((full / "checkpoint" / "config.json").read_text()) | {"num_layers": 3}
+    with pytest.raises(CheckpointError, match=r"cannot read the sharded checkpoint \(Missing key .*layers\.2\."):
+        consolidate(full / "checkpoint", Model(ModelConfig(**config)))
+
+
+def test_fsdp_finetuning_killed_and_resumed_is_bit_identical(tmp_path, tiny_model, data_dir):
+    # classification, full method, sharded, with accumulation; classifier dropout on: each rank's RNG
+    # state must come back as it was, its own. Evaluations (and best models) at 4, 8 and 12 fall on
+    # either side of the kill; logged at each checkpoint (see the DDP test above)
+    extra = ["--method", "full", "--max-steps", "12", "--save-every", "3", "--log-every", "3", "--eval-every", "4",
+             "--grad-accum", "2", "--classifier-dropout", "0.3", "--fsdp"]
+    two(*finetune_args(tiny_model, tmp_path / "whole", *extra))
+    cut = tmp_path / "cut"
+    state = cut / "checkpoint" / "trainer_state.json"
+    kill_after_checkpoint(torchrun_cmd(*finetune_args(tiny_model, cut, *extra)), state, step=3)
+    saved = json.loads(state.read_text())
+    assert saved["sharded"] and saved["world_size"] == 2 and saved["progress"]["step"] < 12
+    two(*finetune_args(tiny_model, cut, *extra, "--resume"))
+    a, b = consolidated(tmp_path / "whole"), consolidated(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the best model (gathered whole on rank 0), and the metrics log reads as one run
+    best = [load_file(str(d / "best" / "model.safetensors")) for d in (tmp_path / "whole", cut)]
+    assert best[0].keys() == best[1].keys() and all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("samples_per_s", "elapsed_s")} for r in rs]  # noqa: E731  (timings)
+    assert strip(metrics_log(tmp_path / "whole")) == strip(metrics_log(cut))

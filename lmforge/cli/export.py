@@ -9,6 +9,9 @@ A sharded checkpoint (a `--fsdp` run under torchrun: RUN/checkpoint/shards/, one
 is consolidated in one process into an ordinary model directory:
 
   lmforge export --run runs/pretrain-fsdp --out runs/pretrain-fsdp-model
+
+A fine-tuning run exports its best/ model as any other (a --fsdp run gathered it whole); its
+checkpoint is consolidated when named itself (--run RUN/checkpoint), for full, freeze and bitfit runs.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ def add_parser(p) -> None:
 
 
 def sharded_checkpoint(run: str) -> Path | None:
-    """RUN/checkpoint (or RUN itself) when it is a sharded training checkpoint, else None."""
+    """RUN itself, or RUN/checkpoint when RUN has no best/ model (pre-training), when it is a sharded
+    training checkpoint; else None."""
     import json
 
-    for d in (Path(run) / "checkpoint", Path(run)):
+    for d in (Path(run),) if (Path(run) / "best").is_dir() else (Path(run) / "checkpoint", Path(run)):
         state = d / "trainer_state.json"
         if state.is_file() and (d / "shards").is_dir():
             try:
@@ -44,6 +48,7 @@ def consolidate(checkpoint: Path, out: str) -> int:
     """The shards, whole, in a plain model of the checkpoint's config, saved with the run's tokenizer."""
     import json
 
+    from lmforge.adapters.methods import get_method
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models import Model, ModelConfig, save_pretrained
     from lmforge.train.pretrain import DEFAULT_TOKENIZER
@@ -53,11 +58,16 @@ def consolidate(checkpoint: Path, out: str) -> int:
         config = ModelConfig(**json.loads((checkpoint / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{checkpoint / 'config.json'}: cannot read the model's config ({e})") from None
+    run_json = checkpoint.parent / "run.json"   # the run says which tokenizer it used
+    settings = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    method = (settings.get("adapt") or {}).get("method", "full")   # a fine-tuning run's --method
+    if get_method(method).adapter is not None:
+        raise ConfigError(f"{checkpoint}: the checkpoint of a --method {method} run holds the model with its "
+                          f"adapter modules; export the run's best/ instead (--run {checkpoint.parent})")
     model = Model(config)
     load_shards(checkpoint, model)
-    run_json = checkpoint.parent / "run.json"   # a pre-training run says which tokenizer it used
-    settings = json.loads(run_json.read_text()) if run_json.is_file() else {}
-    tokenizer = settings.get("tokenizer") or settings.get("init") or DEFAULT_TOKENIZER
+    # pre-training: --tokenizer, else the --init model's, else the default; fine-tuning: the --model's
+    tokenizer = settings.get("tokenizer") or settings.get("init") or settings.get("model") or DEFAULT_TOKENIZER
     save_pretrained(model, out, tokenizer=load_tokenizer(tokenizer))
     print(f"wrote {Path(out)} ({model.config.model_type}, head {model.config.head}), consolidated from {checkpoint}")
     return 0

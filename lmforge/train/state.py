@@ -199,9 +199,21 @@ def load_state(path: str | Path, model, optimizer, scheduler, rank: int = 0, wor
     return _restored(path, state, rng, scheduler, rank, world_size)
 
 
+def _unreadable_shards(path: Path, e: BaseException) -> CheckpointError:
+    """A one-line CheckpointError for what torch.distributed.checkpoint raised reading `path`: its
+    CheckpointException (a BaseException, so `except Exception` misses it) wraps each rank's own
+    error with a traceback; the first one's first line says what is wrong."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"{path}: cannot read the sharded checkpoint ({first})")
+
+
 def load_sharded_state(path: str | Path, model, optimizer, scheduler, rank: int, world_size: int) -> Progress:
     """Resume a sharded run (every rank calls this with the same number of processes that wrote it)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
@@ -209,8 +221,8 @@ def load_sharded_state(path: str | Path, model, optimizer, scheduler, rank: int,
     weights, opt = get_state_dict(model, optimizer)
     try:
         dcp.load({"model": weights, "optimizer": opt}, checkpoint_id=str(path / "shards"))
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({str(e).splitlines()[0]})") from None
+    except (Exception, CheckpointException) as e:
+        raise _unreadable_shards(path, e) from None
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=opt)
     return _restored(path, state, rng, scheduler, rank, world_size)
 
@@ -219,6 +231,7 @@ def consolidate(path: str | Path, model) -> None:
     """Load a sharded checkpoint's weights whole into `model` (a plain, unsharded one), in one
     process: torch.distributed.checkpoint reassembles the shards into the model's own tensors."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     weights = model.state_dict()
@@ -226,6 +239,6 @@ def consolidate(path: str | Path, model) -> None:
         with warnings.catch_warnings():   # "no process group: loading in one process" is the point here
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": weights}, checkpoint_id=str(path / "shards"), no_dist=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({str(e).splitlines()[0]})") from None
+    except (Exception, CheckpointException) as e:
+        raise _unreadable_shards(path, e) from None
     model.load_state_dict(weights)
