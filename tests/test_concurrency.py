@@ -181,3 +181,52 @@ def test_a_run_the_server_cannot_hot_load_is_named(decoder_dir, tmp_path, method
     engine = Engine(str(decoder_dir))
     with pytest.raises(ConfigError, match="cannot be served"):
         engine.load_adapter("x", run)
+
+
+def test_the_generation_lane_takes_every_queued_request_at_once():
+    """A generation lane waits for nothing (its first request runs at once, whatever max_wait) and,
+    once free, takes all the generation requests queued meanwhile as one pass."""
+    calls, running, release = [], threading.Event(), threading.Event()
+
+    def runner(kind, items):
+        calls.append((kind, list(items)))
+        if len(calls) == 1:
+            running.set()
+            assert release.wait(30)
+        return list(items)
+
+    batcher = Batcher(runner, max_batch_size=8, max_wait_ms=60_000).start()
+    try:
+        first = batcher.submit("generate", ["a"])
+        assert running.wait(30)                       # taken without waiting the minute for company
+        rest = [batcher.submit("generate", [x]) for x in "bcd"]
+        release.set()
+        assert first.result(30) == ["a"] and [f.result(30) for f in rest] == [["b"], ["c"], ["d"]]
+        assert calls == [("generate", ["a"]), ("generate", ["b", "c", "d"])]
+    finally:
+        release.set()
+        batcher.stop(10)
+
+
+def test_generation_requests_decoded_together_answer_as_each_alone(decoder_dir):
+    """The engine decodes a pass's greedy and sampled requests together (a beam search request on its
+    own); each answer, and each stream's chunks, equal that request run alone."""
+    engine = Engine(str(decoder_dir))
+    prompt = engine.encode_prompt("once upon a time", 24)
+
+    def jobs():
+        chunks = []
+        return [GenJob(prompt, 24, False, 1.0, 0, 1.0, None),
+                GenJob(engine.encode_prompt("the dog", 24), 16, True, 0.9, 20, 0.95, 7),
+                GenJob(engine.encode_prompt("hello world", 24), 12, False, 1.0, 0, 1.0, None, num_beams=3),
+                GenJob(engine.encode_prompt("a cat", 24), 20, False, 1.0, 0, 1.0, None, no_repeat_ngram_size=2,
+                       emit=chunks.append)], chunks
+
+    together, chunks = jobs()
+    got = engine.run("generate", together)
+    for i in range(4):
+        alone, alone_chunks = jobs()
+        assert engine.run("generate", [alone[i]]) == [got[i]], i
+        if i == 3:
+            assert alone_chunks == chunks and "".join(c["text"] for c in chunks) == got[3]["text"]
+    assert len({g["text"] for g in got}) == 4

@@ -134,3 +134,49 @@ def test_ngram_scope_is_checked(models):
     for beams in (1, 3):
         with pytest.raises(ValueError, match="no_repeat_ngram_scope must be one of 'all', 'output', got 'prompt'"):
             generate(ours, prompt, num_beams=beams, no_repeat_ngram_size=2, no_repeat_ngram_scope="prompt")
+
+
+# each row its own settings: (max_new_tokens, do_sample, temperature, top_k, top_p, ngram, scope, seed)
+ROWS = [
+    (6, False, 1.0, 0, 1.0, 0, "all", None),
+    (9, True, 0.8, 10, 1.0, 0, "all", 3),
+    (4, False, 1.0, 0, 1.0, 2, "output", None),
+    (7, True, 1.3, 0, 0.9, 2, "all", 5),
+]
+
+
+@torch.no_grad()
+def test_rows_with_their_own_settings_decode_as_each_alone(models):
+    """RowDecoder (a server's requests decoded together): every row's tokens equal that row decoded
+    alone, whatever the other rows' settings, lengths and stops; greedy rows equal generate()."""
+    from lmforge.models.generate import RowDecoder, RowSettings
+    _, ours = models
+    prompts = [torch.randint(1, V - 1, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 2, 7, 3)]
+
+    def settings(row):
+        n, sample, temp, k, p, ngram, scope, seed = ROWS[row]
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        return RowSettings(n, sample, temp, k, p, ngram, scope, g)
+
+    def run(rows, stop_at=None):
+        dec = RowDecoder(ours, [prompts[r] for r in rows], [settings(r) for r in rows], [])
+        out = {r: [] for r in rows}
+        while not dec.done:
+            for i, token, _ in dec.step():
+                out[rows[i]].append(token)
+                if stop_at and rows[i] == stop_at[0] and len(out[rows[i]]) == stop_at[1]:
+                    dec.stop(i)
+        return out
+
+    together = run([0, 1, 2, 3])
+    for r in range(4):
+        assert together[r] == run([r])[r], r
+        assert len(together[r]) == ROWS[r][0]
+    for r in (0, 2):   # greedy rows: what generate() gives (no end token here)
+        n, *_, ngram, scope, _seed = ROWS[r]
+        want = generate(ours, [prompts[r]], max_new_tokens=n, no_repeat_ngram_size=ngram,
+                        no_repeat_ngram_scope=scope, eos_token_id=[])[0][len(prompts[r]):]
+        assert together[r] == want
+    stopped = run([0, 1, 2, 3], stop_at=(1, 2))   # row 1 stopped by its caller after 2 tokens
+    assert stopped[1] == together[1][:2] and all(stopped[r] == together[r] for r in (0, 2, 3))
+    assert prompts[0] == torch.randint(1, V - 1, (5,), generator=torch.Generator().manual_seed(5)).tolist()

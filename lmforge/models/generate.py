@@ -144,6 +144,99 @@ def decode_step(model: Model, state: DecodeState, tokens: torch.Tensor) -> torch
                  memory=state.memory).logits
 
 
+@dataclass
+class RowSettings:
+    """How one row decodes (each row of a RowDecoder may have its own)."""
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_scope: str = "all"          # "all": prompt + output; "output": the output alone
+    generator: torch.Generator | None = None    # sampling: this row's own random stream
+
+
+class RowDecoder:
+    """Greedy or sampled decoding of several prompts together, each row with its own settings (a
+    server's requests): `step()` picks every live row's next token; a row leaves the batch when it
+    produces an end token, reaches its max_new_tokens, or its caller `stop`s it (a stop string, a
+    client that went away). The forward pass for the tokens picked runs at the start of the next
+    step, for the rows still live only. A row decodes exactly as it would alone: its logits do not
+    depend on the other rows (packed layout, a cache row each) and its sampling draws from its own
+    generator."""
+
+    @torch.no_grad()
+    def __init__(self, model: Model, prompts: list[list[int]], settings: list[RowSettings],
+                 end_ids: list[int]):
+        if len(settings) != len(prompts):
+            raise ValueError(f"{len(settings)} settings for {len(prompts)} prompts")
+        for s in settings:
+            check_ngram_scope(s.no_repeat_ngram_scope)
+        _check(model, max(map(len, prompts)), max(s.max_new_tokens for s in settings))
+        self.model, self.settings = model, settings
+        self.ends = set(int(e) for e in end_ids)
+        # each row's tokens whose n-grams may not be repeated: its context and output so far, or its output
+        self.history = [list(context(model, p)) if s.no_repeat_ngram_scope == "all" else []
+                        for p, s in zip(prompts, settings)]
+        self.produced = [0] * len(prompts)
+        self.state, self.logits = prefill(model, prompts, max(s.max_new_tokens for s in settings))
+        self.live = list(range(len(prompts)))     # the row each cache row decodes
+        self._next: list[int] | None = None       # tokens to feed before the next pick
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def stop(self, row: int) -> None:
+        """Take `row` out of the batch (before the next forward pass)."""
+        if row in self.live:
+            keep = [i for i, r in enumerate(self.live) if r != row]
+            self._drop(keep)
+
+    def _drop(self, keep: list[int]) -> None:
+        if len(keep) == len(self.live):
+            return
+        self.state.keep(torch.tensor(keep, dtype=torch.long, device=self.model.device))
+        self.live = [self.live[i] for i in keep]
+        if self._next is not None:
+            self._next = [self._next[i] for i in keep]
+        self.logits = None
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, int, bool]]:
+        """(row, token, finished) for every live row: its next token, and whether the row has ended
+        (an end token, which the caller may drop, or its last allowed token)."""
+        if self.done:
+            return []
+        if self._next is not None:
+            tokens = torch.tensor(self._next, dtype=torch.long, device=self.model.device)
+            self.logits = decode_step(self.model, self.state, tokens)
+        logits = self.logits.float()                                       # [R, V], R live rows
+        picked = []
+        for i, row in enumerate(self.live):
+            s = self.settings[row]
+            scores = logits[i:i + 1]
+            block_repeated_ngrams(scores, [self.history[row]], s.no_repeat_ngram_size)
+            if s.do_sample:
+                probs = next_token_scores(scores, s.temperature, s.top_k, s.top_p).softmax(-1)
+                token = int(torch.multinomial(probs, 1, generator=s.generator))
+            else:
+                token = int(scores.argmax(-1))
+            picked.append(token)
+        out, keep = [], []
+        for i, (row, token) in enumerate(zip(self.live, picked)):
+            self.produced[row] += 1
+            self.history[row].append(token)
+            finished = token in self.ends or self.produced[row] >= self.settings[row].max_new_tokens
+            out.append((row, token, finished))
+            if not finished:
+                keep.append(i)
+        self._next = picked
+        self._drop(keep)
+        return out
+
+
 @torch.no_grad()
 def decode_steps(
     model: Model,
@@ -161,42 +254,30 @@ def decode_steps(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy or sampled decoding, one step at a time: yields (tokens [B], finished [B]) per step,
     `finished` true from the step a row produced an end token (after it, the row repeats that token;
-    it is no longer computed). Stops when every row has finished or after max_new_tokens steps."""
+    it is no longer computed). Stops when every row has finished or after max_new_tokens steps.
+    (Every row the same settings, one generator: RowDecoder with each row's settings alike.)"""
     check_ngram_scope(no_repeat_ngram_scope)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = prompt_lists(input_ids, attention_mask)
-    _check(model, max(map(len, prompts)), max_new_tokens)
     B, device = len(prompts), model.device
-    ends = torch.tensor(_end_ids(model, eos_token_id), dtype=torch.long, device=device)
-    # each row's tokens whose n-grams may not be repeated: its prompt and output so far, or its output
-    history = [context(model, p) if no_repeat_ngram_scope == "all" else [] for p in prompts]
+    ends = _end_ids(model, eos_token_id)
+    # one generator shared by the rows, drawn in row order each step: as a [B, V] multinomial draws
+    settings = [RowSettings(max_new_tokens, do_sample, temperature, top_k, top_p, no_repeat_ngram_size,
+                            no_repeat_ngram_scope, generator) for _ in prompts]
     was_training = model.training
     model.eval()
     try:
-        state, logits = prefill(model, prompts, max_new_tokens)           # [B, V]
-        live = torch.arange(B, device=device)     # the row (prompt) each cache row decodes
+        dec = RowDecoder(model, prompts, settings, ends)
         tokens = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            logits = logits.float()                                        # [R, V], R live rows
-            rows = live.tolist()
-            block_repeated_ngrams(logits, [history[r] for r in rows], no_repeat_ngram_size)
-            if do_sample:
-                probs = next_token_scores(logits, temperature, top_k, top_p).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                token = logits.argmax(-1)                                  # [R]
-            ended = torch.isin(token, ends)
-            tokens[live], finished[live] = token, ended
+        for _ in range(max_new_tokens):
+            for row, token, _last in dec.step():
+                tokens[row] = token
+                finished[row] = token in ends
             yield tokens.clone(), finished.clone()
-            if step + 1 == max_new_tokens or bool(ended.all()):
+            if dec.done:
                 return
-            for r, t in zip(rows, token.tolist()):
-                history[r].append(t)
-            if bool(ended.any()):  # finished rows leave the batch: later steps compute the others only
-                running = (~ended).nonzero().squeeze(1)
-                state.keep(running)
-                live, token = live[running], token[running]
-            logits = decode_step(model, state, token)
     finally:
         model.train(was_training)
 

@@ -2,10 +2,11 @@
 max_batch_size sequences of the same kind (across requests and adapters), waiting at most max_wait
 for a batch to fill, runs one forward pass for them and answers every request.
 
-Kinds that run one request per pass (generation) have a lane of their own: their own queue and
-worker thread (at a lower CPU priority), so a long generation never holds up the classification and
-embedding batches behind it, and they run at the same time (the engine takes no lock another pass
-needs).
+Long-running kinds (generation) have a lane of their own: their own queue and worker thread (at a
+lower CPU priority), so a long generation never holds up the classification and embedding batches
+behind it, and they run at the same time (the engine takes no lock another pass needs). Such a lane
+waits for nothing: it takes whatever requests of its kind are queued when it is free (up to
+max_batch_size), and the engine decodes them together.
 
 The queue is bounded in sequences over all lanes (a request that does not fit is refused at once,
 never queued), a failing batch is retried request by request so that an error answers only the
@@ -101,7 +102,7 @@ class Batcher:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.metrics = metrics or Metrics()
-        self.single_kinds = single_kinds         # kinds that run one request per pass, each in its own lane
+        self.single_kinds = single_kinds         # long-running kinds, each in a lane of its own that never waits
         self.single_nice = single_nice           # their threads' CPU niceness: short batches win a busy core
         self._batched = _Lane("batcher", single=False)
         self._lanes = {kind: _Lane(kind, single=True) for kind in single_kinds}
@@ -172,7 +173,7 @@ class Batcher:
                     break
                 self._cond.wait(left)
             kind = queue[0][0].kind
-            limit = 1 if lane.single else self.max_batch_size
+            limit = self.max_batch_size
             batch, rest = [], collections.deque()
             while queue and len(batch) < limit:
                 work, i = queue.popleft()

@@ -27,7 +27,7 @@ from lmforge.errors import ConfigError
 from lmforge.kernels.precision import Precision
 from lmforge.models import from_pretrained
 from lmforge.models.checkpoint import load_config
-from lmforge.models.generate import decode_steps, generate
+from lmforge.models.generate import RowDecoder, RowSettings, generate
 from lmforge.models.hub import resolve
 from lmforge.models.packing import Packed
 from lmforge.utils.stops import cut_at_stop
@@ -278,7 +278,7 @@ class Engine:
             if kind == "embed":
                 return self._embed(items)
             if kind == "generate":
-                return [self._generate(job) for job in items]
+                return self._generate(items)
         raise ValueError(f"unknown kind {kind!r}")
 
     def _split_gone(self, items: list[Seq]) -> tuple[list[int], list]:
@@ -340,34 +340,53 @@ class Engine:
             out[i] = v
         return out
 
-    def _generate(self, job: GenJob) -> dict:
-        """One prompt, greedy or sampled one token at a time (models.generate.decode_steps; streamed
-        through job.emit when it is set), or beam search (its answer is known only at the end)."""
-        if job.num_beams > 1:
-            return self._beam_search(job)
-        g = None
-        if job.do_sample:
-            g = torch.Generator(device=self.model.device)
-            g.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        stream = TextStream(self.tokenizer, job.stop) if job.emit is not None else None
-        new: list[int] = []
-        finish = "length"
-        for token, finished in decode_steps(self.model, [job.input_ids], max_new_tokens=job.max_new_tokens,
-                                            do_sample=job.do_sample, temperature=job.temperature, top_k=job.top_k,
-                                            top_p=job.top_p, no_repeat_ngram_size=job.no_repeat_ngram_size,
-                                            no_repeat_ngram_scope=job.no_repeat_ngram_scope,
-                                            eos_token_id=self.end_ids or None, generator=g):
-            if bool(finished[0]):
-                finish = "eos"
-                break
-            new.append(int(token[0]))
-            if stream is not None:
-                chunk = stream.push(new)
-                if chunk:
-                    job.emit({"text": chunk})
-                if stream.stopped or (job.cancelled is not None and job.cancelled.is_set()):
-                    break   # the text is complete, or nobody reads it any more
-        return self._answer(job, new, finish, stream)
+    def _generate(self, jobs: list[GenJob]) -> list:
+        """Generation requests: beam search one at a time (its answer is known only at the end); the
+        greedy and sampled ones decoded together (models.generate.RowDecoder: each row with its own
+        settings and random stream, leaving the batch when it ends), streamed through job.emit where
+        it is set. A failure answers only the rows it concerns when it can be pinned to one."""
+        out: list = [None] * len(jobs)
+        rows = [i for i, j in enumerate(jobs) if j.num_beams <= 1]
+        for i, j in enumerate(jobs):
+            if j.num_beams > 1:
+                try:
+                    out[i] = self._beam_search(j)
+                except Exception as e:   # this request's failure, not its neighbours'
+                    out[i] = e
+        if rows:
+            for i, answer in zip(rows, self._decode_together([jobs[i] for i in rows])):
+                out[i] = answer
+        return out
+
+    def _decode_together(self, jobs: list[GenJob]) -> list[dict]:
+        settings = []
+        for job in jobs:
+            g = None
+            if job.do_sample:
+                g = torch.Generator(device=self.model.device)
+                g.manual_seed(job.seed if job.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+            settings.append(RowSettings(job.max_new_tokens, job.do_sample, job.temperature, job.top_k, job.top_p,
+                                        job.no_repeat_ngram_size, job.no_repeat_ngram_scope, g))
+        streams = [TextStream(self.tokenizer, job.stop) if job.emit is not None else None for job in jobs]
+        new: list[list[int]] = [[] for _ in jobs]
+        finish = ["length"] * len(jobs)
+        eos = self.model.config.eos_token_id
+        ends = self.end_ids or ([] if eos is None else [eos])   # the tokenizer's, else the model's
+        dec = RowDecoder(self.model, [job.input_ids for job in jobs], settings, ends)
+        while not dec.done:
+            for row, token, _ in dec.step():
+                job, stream = jobs[row], streams[row]
+                if token in ends:
+                    finish[row] = "eos"
+                    continue            # the row has left the batch
+                new[row].append(token)
+                if stream is not None:
+                    chunk = stream.push(new[row])
+                    if chunk:
+                        job.emit({"text": chunk})
+                    if stream.stopped or (job.cancelled is not None and job.cancelled.is_set()):
+                        dec.stop(row)   # the text is complete, or nobody reads it any more
+        return [self._answer(job, n, f, st) for job, n, f, st in zip(jobs, new, finish, streams)]
 
     def _beam_search(self, job: GenJob) -> dict:
         out = generate(self.model, [job.input_ids], max_new_tokens=job.max_new_tokens, num_beams=job.num_beams,
