@@ -173,18 +173,22 @@ def plays(shakespeare, tmp_path_factory):
 
 @pytest.mark.parametrize("objective", [
     "mlm",
-    # BERT's MLM + NSP: the MLM half is a mean over masked tokens, the NSP half over examples, and the
-    # trainer weighs a rank's loss by one number (MaskedLMWithNSP.weight: examples), so 2 processes
-    # average the ranks' MLM means instead of taking the global one (about 1e-3 off after 5 steps).
-    # Exact needs the objective to hand the trainer each term with its own count (objectives.py);
-    # strict: this fails once that is done, so the mark comes off.
-    pytest.param("mlm,nsp", marks=pytest.mark.xfail(strict=True, reason="one weight for two means (objectives.py)")),
+    # BERT's MLM + NSP: the MLM half is a mean over masked tokens, the NSP half over examples; the
+    # trainer weighs each term by its own count (Objective.terms/weights). One weight for the sum
+    # (examples) was about 1e-3 off after 5 steps.
+    "mlm,nsp",
 ])
 def test_mlm_pretraining_on_two_processes(tmp_path, shakespeare, plays, objective):
     # masked-token counts differ between the ranks' halves: the losses are weighed by them
     corpus, extra = (shakespeare, ()) if objective == "mlm" else (plays, ("--objective", objective))
+    # evaluated on held-out text at steps 3 and 5: each rank scores its share of the 5 batches
+    extra = (*extra, "--valid", str(corpus), "--eval-batches", "5", "--eval-every", "3")
     one(*pretrain_args(tmp_path, corpus, tmp_path / "one", "--max-steps", "5", *extra))
     two(*pretrain_args(tmp_path, corpus, tmp_path / "two", "--max-steps", "5", *extra))
+    evals = [[r["eval"] for r in metrics_log(tmp_path / d) if "eval" in r] for d in ("one", "two")]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for a, b in zip(*evals):
+        assert a == pytest.approx(b, abs=1e-5), (a, b)
     last = [json.loads((tmp_path / d / "summary.json").read_text())["last"] for d in ("one", "two")]
     if "nsp" in objective:   # the NSP tallies are summed over the ranks: one process's
         assert last[0]["nsp_accuracy"] == pytest.approx(last[1]["nsp_accuracy"])

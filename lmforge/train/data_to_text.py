@@ -205,7 +205,8 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
     from lmforge.models import from_pretrained, routing
     from lmforge.train import distributed
     from lmforge.train.finetune import _write_json, best_saver, budget_plan, check_resume
-    from lmforge.train.objectives import DataToText, evaluate
+    from lmforge.train.evaluation import TalliesEvaluation
+    from lmforge.train.objectives import DataToText
     from lmforge.train.plot import plot_metrics
     from lmforge.train.state import set_seed
     from lmforge.train.trainer import Trainer
@@ -260,7 +261,7 @@ def run_data_to_text(cfg, resume: bool = False) -> dict:
     plain = DataToText(packed=cfg.packed)   # dev loss: the target tokens' plain cross-entropy
 
     trainer = Trainer(model, cfg.train, train_enc, collate=collate,
-                      objective=objective, evaluate=lambda m: evaluate(plain, m, dev_batches, device),
+                      objective=objective, evaluate=TalliesEvaluation(plain, dev_batches, device),
                       main_metric="target_loss", greater_is_better=False, on_best=best_saver(spec, out, cfg, tokenizer),
                       batch_plan=budget_plan(train_enc, cfg))
     with routing.using(spec.adapter):

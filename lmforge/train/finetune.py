@@ -190,9 +190,19 @@ def budget_plan(encoded, cfg):
 
 def evaluate_model(model, data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128,
                    packed: bool = True) -> dict:
-    logits = predict_logits(model, encoded_dev, pad_id, batch_size, packed=packed)
-    preds = logits[:, 0] if data.regression else logits.argmax(-1)
-    return compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev])
+    return dev_evaluation(data, encoded_dev, pad_id, batch_size, packed)(model)
+
+
+def dev_evaluation(data: TaskData, encoded_dev, pad_id: int, batch_size: int = 128, packed: bool = True):
+    """The task's dev metrics of a model's predictions; several processes each predict a share."""
+    from lmforge.train.evaluation import PredictionEvaluation
+
+    def predict(model, indices):
+        logits = predict_logits(model, [encoded_dev[i] for i in indices], pad_id, batch_size, packed=packed)
+        return logits[:, 0] if data.regression else logits.argmax(-1)
+
+    return PredictionEvaluation(len(encoded_dev), predict,
+                                lambda preds: compute_metrics(data.metrics, preds.numpy(), [e.label for e in data.dev]))
 
 
 def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
@@ -249,7 +259,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
             collate=(lambda items: collate_packed(items, data.regression)) if cfg.packed
             else (lambda items: collate(items, pad, data.regression)),
             objective=SequenceClassification(regression=data.regression),
-            evaluate=lambda m: evaluate_model(m, data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
+            evaluate=dev_evaluation(data, dev_enc, pad, cfg.eval_batch_size, cfg.packed),
             main_metric=data.main_metric, on_best=best_saver(spec, out, cfg, tokenizer),
         )
         with routing.using(spec.adapter):  # every forward pass of the run (and its evaluations) routes to it

@@ -52,6 +52,18 @@ class Objective(ABC):
         computes it. Examples by default; a per-token loss says its token count."""
         return float(examples)
 
+    def terms(self, model: torch.nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], Tallies]:
+        """The loss as named terms that add up to it, each a mean over a count of its own (weights).
+        Several processes weigh each term by its own count: one weight for a sum of two means over
+        different counts (BERT's masked tokens and its sentence pairs) cannot give the loss one
+        process computes. One term, the loss, by default."""
+        loss, tallies = self(model, batch)
+        return {"loss": loss}, tallies
+
+    def weights(self, tallies: Tallies, examples: int) -> dict[str, float]:
+        """Each term's count in this batch (terms); by default the one term's weight()."""
+        return {"loss": self.weight(tallies, examples)}
+
 
 def _ratio(totals: dict, num: str, den: str) -> float:
     return totals[num] / totals[den] if totals.get(den) else float("nan")
@@ -186,18 +198,22 @@ class MaskedLMWithNSP(Objective):
     name: str = "mlm,nsp"
 
     def __call__(self, model, batch):
+        terms, tallies = self.terms(model, batch)
+        return terms["mlm"] + terms["nsp"], tallies
+
+    def terms(self, model, batch):
         positions = masked_positions(batch["labels"])
         out = model(**_padded_inputs(batch), positions=positions)
         mlm, t1 = _mlm_terms(out.logits, batch["labels"].reshape(-1).index_select(0, positions))
         nsp, t2 = _nsp_terms(_nsp_logits(out), batch["next_sentence_label"])
-        return mlm + nsp, {**t1, **t2, "tokens": _tokens(batch)}
+        return {"mlm": mlm, "nsp": nsp}, {**t1, **t2, "tokens": _tokens(batch)}
 
     def summarize(self, totals):
         return {**_summarize_mlm(totals), **_summarize_nsp(totals)}
 
-    # weight: examples (the default). The MLM half is a mean over masked tokens, the NSP half over
-    # examples, and one weight cannot make both exact: across processes the MLM half is then a mean
-    # of the ranks' means (exact when their masked counts are equal).
+    def weights(self, tallies, examples):
+        # the MLM half is a mean over masked tokens, the NSP half over examples
+        return {"mlm": float(tallies["mlm_predicted"]), "nsp": float(examples)}
 
 
 @dataclass
@@ -265,6 +281,10 @@ class DataToText(Objective):
             raise ConfigError(f"--lm-aux-weight must be a finite number >= 0, got {self.lm_aux_weight}")
 
     def __call__(self, model, batch):
+        terms, tallies = self.terms(model, batch)
+        return sum(terms.values()), tallies
+
+    def terms(self, model, batch):
         ids, target = batch["input_ids"], batch["target_mask"].bool()        # [B, T]
         real = batch["attention_mask"].bool()
         # the logits at position t predict token t + 1
@@ -291,16 +311,16 @@ class DataToText(Objective):
         loss_sum = F.cross_entropy(t_logits, t_labels, reduction="sum", label_smoothing=self.label_smoothing)
         nll_sum = (F.cross_entropy(t_logits.detach(), t_labels, reduction="sum") if self.label_smoothing
                    else loss_sum.detach())
-        loss = loss_sum / max(m, 1)
+        terms = {"target": loss_sum / max(m, 1)}
         tallies = {"target_nll_sum": nll_sum, "target_tokens": torch.tensor(m),
                    "target_correct": (t_logits.detach().argmax(-1) == t_labels).sum(), "tokens": _tokens(batch)}
         if self.lm_aux_weight:
             p_logits, p_labels = logits[~is_target], labels[~is_target]
             k = p_labels.numel()
             aux_sum = F.cross_entropy(p_logits, p_labels, reduction="sum")
-            loss = loss + self.lm_aux_weight * aux_sum / max(k, 1)
+            terms["prompt"] = self.lm_aux_weight * aux_sum / max(k, 1)
             tallies.update(prompt_nll_sum=aux_sum.detach(), prompt_tokens=torch.tensor(k))
-        return loss, tallies
+        return terms, tallies
 
     def summarize(self, totals):
         nll = _ratio(totals, "target_nll_sum", "target_tokens")
@@ -312,6 +332,13 @@ class DataToText(Objective):
 
     def weight(self, tallies, examples):
         return float(tallies["target_tokens"])
+
+    def weights(self, tallies, examples):
+        # the reference term is a mean over target tokens, the auxiliary one over prompt tokens
+        w = {"target": float(tallies["target_tokens"])}
+        if "prompt_tokens" in tallies:
+            w["prompt"] = float(tallies["prompt_tokens"])
+        return w
 
 
 def evaluate(objective: Objective, model: torch.nn.Module, batches, device) -> dict[str, float]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lmforge.data.pretrain import PretrainData, PretrainDataConfig
 from lmforge.errors import ConfigError
-from lmforge.train.objectives import evaluate as evaluate_objective
+from lmforge.train.evaluation import TalliesEvaluation
 from lmforge.train import distributed, plot
 from lmforge.train.objectives import pretraining_objective
 from lmforge.train.state import set_seed
@@ -222,19 +222,19 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                             world.rank, world.world_size, progress=cfg.train.progress_bar and world.is_main)
     objective = pretraining_objective(cfg.objective)
     evaluate = None
-    if cfg.valid and not world.is_main and not cfg.train.fsdp:
-        evaluate = _evaluated_on_rank_0   # the trainer evaluates on rank 0 and shares the metrics
-    elif cfg.valid:
+    if cfg.valid:
         # the same packing and masking over the held-out files; masks of epoch 0, so every
-        # evaluation scores the same predictions
-        # (a sharded model evaluates on every rank: its forward pass needs them all)
-        valid = PretrainData(replace(cfg.data, corpus=tuple(cfg.valid)), tokenizer,
-                             progress=cfg.train.progress_bar and world.is_main)
+        # evaluation scores the same predictions. Every rank reads them: under several processes
+        # each evaluates its share of the batches (train/evaluation.py), or, sharded, all of them.
+        with distributed.main_first():   # rank 0 tokenizes into the shard cache, the others read it
+            valid = PretrainData(replace(cfg.data, corpus=tuple(cfg.valid)), tokenizer,
+                                 progress=cfg.train.progress_bar and world.is_main)
         start = valid.state_dict()
 
-        def evaluate(m):
+        def valid_batches():
             valid.load_state_dict(start)
-            return evaluate_objective(objective, m, islice(valid.batches(0), cfg.eval_batches), device)
+            return islice(valid.batches(0), cfg.eval_batches)
+        evaluate = TalliesEvaluation(objective, valid_batches, device)
     steps = cfg.budget_steps()
     train = TrainConfig(**{**asdict(cfg.train), "max_steps": steps, "sparse_embedding_grads": False})
     resolved = {"device": str(device), "precision": precision.name, "precision_why": precision.why,
@@ -268,10 +268,6 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                "wall_time_s": round(time.perf_counter() - started + result.get("resumed_elapsed_s", 0.0), 1)}
     _write_json(out / "summary.json", summary)
     return summary
-
-
-def _evaluated_on_rank_0(model):
-    raise AssertionError("only rank 0 evaluates (Trainer._evaluate)")
 
 
 def _describe(cfg: PretrainConfig, model) -> str:

@@ -10,11 +10,12 @@ with best-model keeping, logging (the objective's metrics and tokens/s into metr
 Launched as several processes (torchrun; train/distributed.py) the same loop runs on every rank:
 the model is wrapped in DistributedDataParallel for the forward and backward passes only (the
 objective gets the wrapper; the optimizer, checkpoints, evaluation and saving see the module
-itself), each rank takes its share of every global batch, and each loss is weighed by the share of
-the global batch's predictions it covers (Objective.weight), so that DDP's average of the
-gradients is the gradient of the global batch's mean loss. Gradients are all-reduced on the last
+itself), each rank takes its share of every global batch, and each loss term is weighed by the
+share of the global batch's count it covers (Objective.terms and weights), so that DDP's average of
+the gradients is the gradient of the global batch's loss. Gradients are all-reduced on the last
 micro-batch of an accumulation only (no_sync before). Rank 0 alone writes (metrics, progress bar,
-checkpoints) and evaluates, on the full evaluation set; its metrics are sent to the others.
+checkpoints); an evaluation that splits (train/evaluation.py) runs on every rank, each on its share,
+and rank 0 combines the parts into the metrics (sent to the others); any other runs on rank 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from lmforge.errors import ConfigError, NonFiniteError
 from lmforge.kernels.precision import DEVICES, PRECISIONS, resolve_precision
 from lmforge.train import distributed
+from lmforge.train.evaluation import ShardedEvaluation
 from lmforge.train.objectives import Objective, as_objective
 from lmforge.train.optim import SCHEDULES, build_optimizer, build_scheduler, lr_lambda
 from lmforge.train.sparse_rows import RowSparseGrads
@@ -306,16 +308,25 @@ class Trainer:
                                  f"{where}; {self._last_good()}")
 
     def _evaluate(self, progress: Progress, log: MetricsLog, elapsed_s: float) -> dict:
-        # With several processes rank 0 evaluates on the whole evaluation set (the others wait for
-        # its metrics): the metrics are those of one process, with no gathering of predictions.
-        metrics = None
-        # a sharded model's forward pass gathers weights from every rank: all of them evaluate
-        if distributed.world().is_main or distributed.is_sharded(self.model):
+        # With several processes an evaluation that splits (train/evaluation.py) runs on every rank,
+        # each on its share, and rank 0 combines the gathered parts into the metrics one process
+        # computes; any other runs on rank 0 alone. A sharded model's forward pass gathers weights
+        # from every rank: all of them evaluate the whole set.
+        world, sharded = distributed.world(), distributed.is_sharded(self.model)
+        split = isinstance(self.evaluate, ShardedEvaluation) and world.active and not sharded
+        metrics = part = None
+        if split or world.is_main or sharded:
             self.model.eval()
             with torch.no_grad():
                 with autocast_context(next(self.model.parameters()).device, self.config.precision):
-                    metrics = self.evaluate(self.model)
+                    if split:
+                        part = self.evaluate.part(self.model, world.rank, world.world_size)
+                    else:
+                        metrics = self.evaluate(self.model)
             self.model.train()
+        if split:
+            parts = distributed.gather(part)
+            metrics = self.evaluate.combine(parts) if world.is_main else None
         metrics = distributed.from_main(metrics)
         # elapsed_s: the run's wall time when the evaluation began (time-to-quality comparisons read it)
         log.write({"step": progress.step, "epoch": progress.epoch, "elapsed_s": round(elapsed_s, 3), "eval": metrics})
@@ -424,20 +435,27 @@ class Trainer:
                     syncs = micro + 1 >= cfg.grad_accum or last
                     with distributed.accumulating(net, model, syncs, sharded):
                         with autocast_context(device, cfg.precision):
-                            loss, tallies = objective(net, batch)
+                            terms, tallies = objective.terms(net, batch)
+                        loss = sum(terms.values())
                         value = loss.detach().item()
                         tokens = int(tallies["tokens"]) if "tokens" in tallies and n_mine else 0
-                        finite, scale = math.isfinite(value), 1.0
+                        finite = math.isfinite(value)
                         if world.active:
-                            weight = objective.weight(tallies, n_mine) if n_mine else 0.0
-                            total_weight, bad, tokens = distributed.all_sum(
-                                [weight, 0.0 if finite else 1.0, float(tokens)], device)
+                            # each term weighed by its share of the global batch's count (its own:
+                            # masked tokens, examples, target tokens), so the ranks' average is the mean
+                            # one process would compute over the global batch
+                            names = list(terms)
+                            mine = objective.weights(tallies, n_mine) if n_mine else dict.fromkeys(names, 0.0)
+                            *totals, bad, tokens = distributed.all_sum(
+                                [*(mine[k] for k in names), 0.0 if finite else 1.0, float(tokens)], device)
                             finite, tokens = bad == 0, int(tokens)
-                            scale = (weight * world.world_size / total_weight if total_weight
-                                     else float(n_mine > 0))
+                            if finite:
+                                loss = sum(terms[k] * (mine[k] * world.world_size / total if total
+                                                       else float(n_mine > 0)) for k, total in zip(names, totals))
+                                value = loss.detach().item()
                         if finite:
-                            ((loss * scale if world.active else loss) / cfg.grad_accum).backward()
-                            window_loss += value * scale
+                            (loss / cfg.grad_accum).backward()
+                            window_loss += value
                             window_n += 1
                             if n_mine:
                                 for k, v in tallies.items():
