@@ -48,3 +48,14 @@ def minilm_dir() -> Path:
 def read_sst2_dev(data_dir: Path) -> list[tuple[str, int]]:
     rows = (data_dir / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
     return [(r.split("\t")[0], int(r.split("\t")[1])) for r in rows if r]
+
+
+def as_documents(text: Path, out: Path, lines_per_document: int = 50) -> Path:
+    """A text file cut into JSONL documents of `lines_per_document` lines each (next-sentence
+    prediction draws its negatives from other documents)."""
+    import json
+
+    lines = text.read_text(encoding="utf-8").splitlines()
+    out.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + lines_per_document])}) + "\n"
+                           for i in range(0, len(lines), lines_per_document)))
+    return out

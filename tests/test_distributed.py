@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main
+from tests.conftest import as_documents
 
 TIMEOUT = 240   # seconds for any one launch; the runs take a few seconds each
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 48,
@@ -163,12 +164,8 @@ def pretrain_args(tmp_path, corpus, out, *extra):
 
 @pytest.fixture(scope="module")
 def plays(shakespeare, tmp_path_factory):
-    """That text as 30 JSONL documents (next-sentence prediction draws its negatives from other ones)."""
-    lines = shakespeare.read_text(encoding="utf-8").splitlines()
-    path = tmp_path_factory.mktemp("plays") / "plays.jsonl"
-    path.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 50])}) + "\n"
-                            for i in range(0, len(lines), 50)))
-    return path
+    """That text as 30 JSONL documents."""
+    return as_documents(shakespeare, tmp_path_factory.mktemp("plays") / "plays.jsonl")
 
 
 @pytest.mark.parametrize("objective", [

@@ -161,6 +161,8 @@ def test_rows_with_their_own_settings_decode_as_each_alone(models):
     def run(rows, stop_at=None):
         dec = RowDecoder(ours, [prompts[r] for r in rows], [settings(r) for r in rows], [])
         out = {r: [] for r in rows}
+        if stop_at and stop_at[1] == 0:   # stopped before its first token
+            dec.stop(rows.index(stop_at[0]))
         while not dec.done:
             for i, token, _ in dec.step():
                 out[rows[i]].append(token)
@@ -179,4 +181,6 @@ def test_rows_with_their_own_settings_decode_as_each_alone(models):
         assert together[r] == want
     stopped = run([0, 1, 2, 3], stop_at=(1, 2))   # row 1 stopped by its caller after 2 tokens
     assert stopped[1] == together[1][:2] and all(stopped[r] == together[r] for r in (0, 2, 3))
+    stopped = run([0, 1, 2, 3], stop_at=(2, 0))   # row 2 stopped before the first step
+    assert stopped[2] == [] and all(stopped[r] == together[r] for r in (0, 1, 3))
     assert prompts[0] == torch.randint(1, V - 1, (5,), generator=torch.Generator().manual_seed(5)).tolist()

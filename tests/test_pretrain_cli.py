@@ -13,6 +13,7 @@ import transformers as T
 from lmforge.cli import main
 from lmforge.models import from_pretrained
 from lmforge.train import pretrain as pretrain_module
+from tests.conftest import as_documents
 
 # small enough to take a step in well under a second on a busy 2-core machine
 TINY = {"arch": "bert", "size": "tiny", "hidden_size": 64, "num_heads": 2, "intermediate_size": 128,
@@ -35,12 +36,8 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plays(tmp_path_factory, shakespeare):
-    """That text as 60 JSONL documents (next-sentence prediction needs negatives from other documents)."""
-    lines = shakespeare.read_text(encoding="utf-8").splitlines()
-    path = tmp_path_factory.mktemp("plays") / "plays.jsonl"
-    path.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 50])}) + "\n"
-                            for i in range(0, len(lines), 50)))
-    return path
+    """That text as 60 JSONL documents."""
+    return as_documents(shakespeare, tmp_path_factory.mktemp("plays") / "plays.jsonl")
 
 
 @pytest.fixture(scope="module")

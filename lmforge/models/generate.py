@@ -199,9 +199,10 @@ class RowDecoder:
             return
         self.state.keep(torch.tensor(keep, dtype=torch.long, device=self.model.device))
         self.live = [self.live[i] for i in keep]
-        if self._next is not None:
+        if self._next is not None:   # picked: the next forward runs for the kept rows
             self._next = [self._next[i] for i in keep]
-        self.logits = None
+        else:                        # not yet: the prefill's logits of the kept rows
+            self.logits = self.logits[keep]
 
     @torch.no_grad()
     def step(self) -> list[tuple[int, int, bool]]:
@@ -213,17 +214,18 @@ class RowDecoder:
             tokens = torch.tensor(self._next, dtype=torch.long, device=self.model.device)
             self.logits = decode_step(self.model, self.state, tokens)
         logits = self.logits.float()                                       # [R, V], R live rows
-        picked = []
+        picked = logits.argmax(-1).tolist()   # greedy rows: one argmax for all, one sync
         for i, row in enumerate(self.live):
             s = self.settings[row]
+            if not (s.do_sample or s.no_repeat_ngram_size):
+                continue
             scores = logits[i:i + 1]
             block_repeated_ngrams(scores, [self.history[row]], s.no_repeat_ngram_size)
             if s.do_sample:
                 probs = next_token_scores(scores, s.temperature, s.top_k, s.top_p).softmax(-1)
-                token = int(torch.multinomial(probs, 1, generator=s.generator))
+                picked[i] = int(torch.multinomial(probs, 1, generator=s.generator))
             else:
-                token = int(scores.argmax(-1))
-            picked.append(token)
+                picked[i] = int(scores.argmax(-1))
         out, keep = [], []
         for i, (row, token) in enumerate(zip(self.live, picked)):
             self.produced[row] += 1

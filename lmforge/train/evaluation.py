@@ -31,8 +31,8 @@ class ShardedEvaluation(ABC):
 
 
 class TalliesEvaluation(ShardedEvaluation):
-    """objectives.evaluate split by batches: "loss" (the mean loss per batch) and the objective's
-    metrics of the summed tallies. `batches` is a list, or a function giving the batches afresh."""
+    """An objective over a list of batches: "loss" (the mean loss per batch) and the objective's
+    metrics of the summed tallies (so accuracies weigh every prediction alike). `batches` is a list, or a function giving the batches afresh."""
 
     def __init__(self, objective, batches: list | Callable[[], Iterable[dict]], device):
         self.objective, self.batches, self.device = objective, batches, device

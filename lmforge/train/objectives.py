@@ -341,22 +341,6 @@ class DataToText(Objective):
         return w
 
 
-def evaluate(objective: Objective, model: torch.nn.Module, batches, device) -> dict[str, float]:
-    """The objective's metrics over `batches` (summed tallies, so accuracies weigh every prediction
-    alike) and "loss", the mean loss per batch. The caller sets eval mode and no_grad."""
-    totals: dict[str, float] = {}
-    losses = []
-    for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss, tallies = objective(model, batch)
-        losses.append(float(loss))
-        for k, v in tallies.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    if not losses:
-        return {"loss": float("nan")}
-    return {"loss": sum(losses) / len(losses), **objective.summarize(totals)}
-
-
 PRETRAINING_OBJECTIVES = {"mlm": MaskedLM, "nsp": NextSentence, "mlm,nsp": MaskedLMWithNSP, "clm": CausalLM}
 
 
