@@ -397,7 +397,7 @@ def test_an_encoder_decoder_that_learned_four_examples_decodes_their_references(
         assert out == [e.reference for e in examples], (beams, batch)
 
 
-def test_finetune_arch_transformer_trains_from_scratch_and_evaluates(tmp_path, decoders, capsys):
+def test_finetune_arch_transformer_trains_from_scratch_and_evaluates(tmp_path, decoders, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["finetune", "--arch", "transformer", "--size", "tiny", "--tokenizer", str(decoders["gpt2"]), "--task", "e2e",
             "--max-train-samples", "32", "--max-eval-samples", "3", "--batch-size", "8", "--max-steps", "3",
@@ -409,7 +409,8 @@ def test_finetune_arch_transformer_trains_from_scratch_and_evaluates(tmp_path, d
     assert saved["model_type"] == "encoder-decoder" and saved["num_decoder_layers"] == 2
     assert summary["trainable_params"] == summary["total_params"] == from_pretrained(out / "best").num_parameters()
     assert len((out / "predictions-dev.txt").read_text().splitlines()) == 3
-    assert main(["evaluate", "--task", "e2e", "--split", "dev", "--run", str(out), "--max-eval-samples", "2",
+    monkeypatch.chdir(tmp_path)   # a relative --run (as benchmarks/e2e.py --keep runs/... gives it)
+    assert main(["evaluate", "--task", "e2e", "--split", "dev", "--run", "run", "--max-eval-samples", "2",
                  "--beams", "1", "--max-new-tokens", "4", "--output", str(tmp_path / "p.txt"), "--precision", "fp32"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["inputs"] == 2
 

@@ -184,9 +184,10 @@ def load_run_model(run_dir, device) -> tuple:
     from lmforge.utils.confine import Confined, private_run_copy
 
     run_dir = Path(run_dir)
-    if not Confined(run_dir).is_file(run_dir / "run.json"):
+    confined = Confined(run_dir)   # paths below it are relative to it (a relative run_dir would count twice)
+    if not confined.is_file("run.json"):
         raise ConfigError(f"{run_dir}: no run.json (a data-to-text run directory written by lmforge finetune)")
-    settings = Confined(run_dir).read_json(run_dir / "run.json")
+    settings = confined.read_json("run.json")
     if settings.get("task") not in ("e2e", "webnlg", "dart"):
         raise ConfigError(f"{run_dir / 'run.json'}: task {settings.get('task')!r} is not a data-to-text task")
     with private_run_copy(run_dir) as (_, files):

@@ -243,6 +243,9 @@ def _model_files(run: str | os.PathLike) -> tuple[Path, Confined, list[tuple[Pat
     """(the model directory of `run`: its best/ or itself, the Confined of the run directory, every
     file the loaders may read from it with its size bound), without opening any: Escape if the
     directory leads outside the run (symlinks resolved), Missing when there is no model."""
+    # absolute: the paths below are built from `run`, and Confined reads a relative path as relative
+    # to its root (a relative run directory would be counted twice)
+    run = os.path.abspath(os.fspath(run))
     try:
         confined = Confined(run)
     except Missing:
