@@ -29,6 +29,9 @@ RECIPES = {
                      ffn="glu", position_embedding="scaled-sinusoidal", hidden_dropout=0.0, attention_dropout=0.0),
     "llama": dict(model_type="llama", pre_norm=True, embedding_norm=False, final_norm=True, linear_bias=False,
                   ffn="glu", hidden_act="silu", position_embedding="rope", norm="rmsnorm", type_vocab_size=0),
+    "transformer": dict(model_type="encoder-decoder", pre_norm=False, embedding_norm=False, final_norm=False,
+                        linear_bias=True, ffn="mlp", hidden_act="relu", position_embedding="sinusoidal",
+                        type_vocab_size=0, hidden_dropout=0.1, attention_dropout=0.0),
 }
 DIMS = {"tiny": (2, 128, 2, 512), "mini": (4, 256, 4, 1024), "small": (4, 512, 8, 2048), "base": (12, 768, 12, 3072)}
 
@@ -40,12 +43,12 @@ def test_presets_are_recipes_times_sizes(arch, size):
     assert {k: getattr(c, k) for k in RECIPES[arch]} == RECIPES[arch]
     assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == DIMS[size]
     assert set(ARCHS) == set(RECIPES) and set(SIZES) == set(DIMS)
-    # transformers has all but Cramming's
-    assert bool(variant_features(c)) == (arch == "cramming")
+    # transformers has all but Cramming's and the encoder-decoder (saved with lmforge's names)
+    assert bool(variant_features(c)) == (arch in ("cramming", "transformer"))
 
 
 def test_preset_refusals():
-    with pytest.raises(ConfigError, match="--arch 't5' is not one of bert, roberta, gpt2, cramming, llama"):
+    with pytest.raises(ConfigError, match="--arch 't5' is not one of bert, roberta, gpt2, cramming, llama, transformer"):
         preset("t5", "tiny")
     with pytest.raises(ConfigError, match="--size 'huge' is not one of tiny, mini, small, base"):
         preset("bert", "huge")
