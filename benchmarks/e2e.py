@@ -95,6 +95,12 @@ def finetune_args(method: str, a, out: Path) -> list[str]:
 def run_method(method: str, a, work: Path, log: Path) -> dict:
     out = work / method
     args = finetune_args(method, a, out)
+    done_file = out / "e2e-bench.json"   # written last: a method cut off half-way is trained again
+    if done_file.exists():
+        kept = json.loads(done_file.read_text())
+        if kept.get("args") == args:
+            print(f"{method}: reusing {out} (trained by the same command)", flush=True)
+            return kept["summary"]
     started = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n$ lmforge {' '.join(args)}\n")
@@ -105,6 +111,7 @@ def run_method(method: str, a, work: Path, log: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     summary["process_s"] = time.perf_counter() - started
     summary["command"] = "lmforge " + " ".join(x if not x.startswith(str(work)) else f"runs/e2e-{method}" for x in args)
+    done_file.write_text(json.dumps({"args": args, "summary": summary}))
     return summary
 
 
@@ -160,7 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=parse_lrs, default={}, help="per-method learning rates, e.g. lora=2e-4,full=5e-5")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--keep", type=Path, help="keep the run directories here")
+    p.add_argument("--keep", type=Path, help="keep the run directories here; a method this directory holds a "
+                   "finished run of, by the same command, is reused instead of trained again")
     p.add_argument("--smoke", action="store_true",
                    help="3 steps on 24 examples, 2 dev inputs, 16 new tokens: checks that it runs; the section goes "
                         "to a scratch copy of BENCHMARKS.md, never to BENCHMARKS.md")
