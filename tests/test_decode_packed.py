@@ -4,6 +4,7 @@ alone; each step's logits equal a full forward of the sequence so far; finished 
 batch; greedy and beam search equal transformers' generate on the same prompts (left-padded there).
 Tiny random models: GPT-2 (learned positions) and Llama with grouped-query attention (rotary)."""
 
+import functools
 from collections import Counter
 
 import pytest
@@ -96,6 +97,28 @@ def test_each_steps_logits_equal_a_full_forward_of_the_sequence(models):
         full = torch.tensor([p + forced[b][:n - 1]])
         want = ref(full).logits[0, len(p) - 1:]
         torch.testing.assert_close(torch.stack(got[b]), want, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_under_bf16_autocast_the_cache_is_bf16_and_changes_no_logit(models, monkeypatch):
+    """Under bf16 autocast the cache keeps keys and values in bf16, the dtype the GEMMs make them in
+    (an fp32 cache was cast back to bf16 by attention at every step, a copy of the whole past per
+    layer): every step's logits are those of an fp32 cache, bit for bit."""
+    _, ours, V, _ = models
+    prompts = prompts_of(V, seed=5)
+    forced = torch.randint(1, V - 1, (len(prompts), 3), generator=torch.Generator().manual_seed(6))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state, logits = prefill(ours, prompts, 4)
+            out = [logits] + [decode_step(ours, state, forced[:, t]) for t in range(3)]
+        return state.cache.k.dtype, torch.stack(out)
+
+    dtype, got = run()
+    monkeypatch.setattr(ours, "new_cache", functools.partial(type(ours).new_cache, ours, dtype=torch.float32))
+    fp32_dtype, want = run()
+    assert (dtype, fp32_dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(got, want)
 
 
 @torch.no_grad()

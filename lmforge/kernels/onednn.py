@@ -16,6 +16,8 @@ load all invalidate them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -36,14 +38,21 @@ POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorc
             "relu": ("relu", "")}
 
 
+@functools.cache
 def available() -> bool:
+    # asked on every GEMM: answered once (the build and the CPU do not change within a process)
     return torch.backends.mkldnn.is_available() and _LINEAR is not None and _REORDER is not None
+
+
+@functools.cache
+def _bf16_native() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def supports(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Can this input run here, computing in `dtype`?"""
     return (available() and x.device.type == "cpu" and dtype in DTYPES and x.numel() > 0
-            and (dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+            and (dtype == torch.float32 or _bf16_native()))
 
 
 # -- packed weights ----------------------------------------------------------------------------

@@ -129,12 +129,19 @@ class Model(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.embeddings.word_embeddings.weight.dtype
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         """Room for max_length tokens per sequence, and the virtual input tokens of prefix-embedding
         tuning when the current routing has them (they are cached as the first tokens of every row)."""
         virtual = self.transformer.virtual_tokens()
         room = max_length + (0 if virtual is None else virtual.shape[0])
-        return KVCache.for_model(self.config, batch_size, room, self.dtype, self.device)
+        # by default keys and values are kept in the dtype they are computed in: autocast's where it
+        # is on (bf16 GEMMs make them, and attention would cast an fp32 cache back to bf16 at every
+        # step: a copy of the whole past per layer; the values are the same either way), else the
+        # weights'
+        if dtype is None:
+            on = torch.is_autocast_enabled(self.device.type)
+            dtype = torch.get_autocast_dtype(self.device.type) if on else self.dtype
+        return KVCache.for_model(self.config, batch_size, room, dtype, self.device)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Memory:
         """An encoder-decoder's source [B, S] (1 = token in attention_mask) -> the encoder's output,
