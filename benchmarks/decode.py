@@ -10,20 +10,26 @@ its 4-bit GGUF dequantized to float32) saved once as a LlamaForCausalLM director
 same prompts: fixed questions in SmolLM2's chat template, tokenized once by lmforge's tokenizer; both
 sides get the same token ids and stop at the same end tokens (<|im_end|> and the model's end token).
 
-Cases (fp32 on both sides, greedy unless beams are named):
-  batch 1         the first prompt alone
+Cases (greedy unless beams are named), each in two precisions:
+  batch 1         one prompt alone, one whose answer runs long (a poem: a decoding speed, not a prefill's;
+                  the first prompt, answered in 8 tokens, had made this case mostly prefill)
   batch 16 mixed  16 prompts of different lengths: transformers left-pads them (its documented way)
                   and computes every row until the last one ends; lmforge decodes them packed, each
                   row at its own length, and a row that ends leaves the batch
   beam 10         4 prompts of different lengths, beam 10, length penalty 0.8, no-repeat n-gram 4
                   (the LoRA paper's NLG decoding)
 
+Precisions: fp32 on both sides; and bf16 on both sides: lmforge as `--precision bf16` (and `auto` on a
+CPU with AMX or AVX512_BF16) runs it, under torch.autocast with its bf16 weight copies and a bf16 KV
+cache; transformers as its documentation runs bf16, the model loaded with dtype=torch.bfloat16. The
+two precisions may pick different tokens; within one precision both sides are compared token for token.
+
 Every measurement runs in a fresh subprocess (model load, one short warm-up generation, then the
 timed one), lmforge and transformers alternating, their order swapped every round; a case's figure is
 the median over rounds of new tokens per second (each row's tokens up to and including its end
 token, counted from the side's own output, over the timed generation's wall time). The report also
 says whether both sides produced the same tokens. Both sides use --threads torch threads (default:
-every core). Targets: batch 16 at least 2x transformers' tokens/s, batch 1 no slower (1x).
+every core). Targets, in each precision: batch 16 at least 2x transformers' tokens/s, batch 1 no slower (1x).
 """
 
 from __future__ import annotations
@@ -62,12 +68,13 @@ QUESTIONS = [
 ]
 # case -> (prompts: indices into QUESTIONS, beams)
 CASES = {
-    "batch 1, greedy": ([0], 1),
+    "batch 1, greedy": ([2], 1),
     "batch 16, mixed lengths, greedy": (list(range(16)), 1),
     "beam 10, 4 prompts of mixed lengths": ([2, 5, 9, 14], 10),
 }
 TARGETS = {"batch 1, greedy": 1.0, "batch 16, mixed lengths, greedy": 2.0}
 BEAM_SETTINGS = {"length_penalty": 0.8, "no_repeat_ngram_size": 4}
+PRECISIONS = ("fp32", "bf16")
 
 
 # -- workers: each runs in its own process ----------------------------------------------------------
@@ -96,7 +103,9 @@ def answer(row: list[int], ends: list[int]) -> list[int]:
     return row if end is None else row[:end + 1]
 
 
-def worker_decode(side: str, case: str, new: int, threads: int) -> dict:
+def worker_decode(side: str, case: str, new: int, threads: int, precision: str) -> dict:
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
@@ -108,16 +117,19 @@ def worker_decode(side: str, case: str, new: int, threads: int) -> dict:
         from lmforge.models import from_pretrained, generate
 
         model = from_pretrained(WORK / MODEL).eval()
+        # what `lmforge generate --precision bf16` does: autocast (kernels/precision.py)
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
         def run(n: int) -> list[list[int]]:
-            with torch.inference_mode():   # a list of prompts: decoded packed, no padding
+            with torch.inference_mode(), bf16:   # a list of prompts: decoded packed, no padding
                 out = generate(model, prompts, max_new_tokens=n, eos_token_id=ends, **kw)
             return [answer(o[len(p):], ends) for o, p in zip(out, prompts)]
     else:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        model = transformers.AutoModelForCausalLM.from_pretrained(WORK / MODEL, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            WORK / MODEL, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).eval()
         T = max(map(len, prompts))
         ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])         # left-padded
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
@@ -133,7 +145,7 @@ def worker_decode(side: str, case: str, new: int, threads: int) -> dict:
     outputs = run(new)
     seconds = time.perf_counter() - start
     tokens = sum(map(len, outputs))
-    return {"side": side, "case": case, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    return {"side": side, "case": case, "precision": precision, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "outputs": outputs, "threads": threads}
 
 
@@ -146,30 +158,33 @@ def run_worker(args: list[str]) -> dict:
 
 
 # -- the report ---------------------------------------------------------------------------------------
-def render(results: dict, lengths: list[int], new_tokens: dict, rounds: int, threads: int) -> str:
-    rows = ["| case | prompt tokens | max new tokens | lmforge tokens/s | transformers tokens/s | ratio | target | |",
-            "|---|---|---|---|---|---|---|---|"]
+def render(results: dict, lengths: list[int], new_tokens: dict, rounds: int, threads: int,
+           precisions: list[str]) -> str:
+    rows = ["| precision | case | prompt tokens | max new tokens | lmforge tokens/s | transformers tokens/s | ratio "
+            "| target | |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
-    for case, (indices, _) in CASES.items():
-        ours = [r["tokens_per_s"] for r in results[case]["lmforge"]]
-        theirs = [r["tokens_per_s"] for r in results[case]["transformers"]]
-        a, b = statistics.median(ours), statistics.median(theirs)
-        ratio = a / b
-        target = TARGETS.get(case)
-        verdict = "" if target is None else ("met" if ratio >= target else "missed")
-        plens = [lengths[i] for i in indices]
-        shown = str(plens[0]) if len(plens) == 1 else f"{min(plens)}-{max(plens)}"
-        rows.append(f"| {case} | {shown} | {new_tokens[case]} | {a:.1f} | {b:.1f} | {ratio:.2f}x | "
-                    f"{'reported' if target is None else f'>= {target:g}x'} | {verdict} |")
-        o, t = results[case]["lmforge"][0]["outputs"], results[case]["transformers"][0]["outputs"]
-        same = sum(x == y for x, y in zip(o, t))
-        notes.append(f"{case}: {same} of {len(o)} rows the same tokens as transformers; "
-                     f"{results[case]['lmforge'][0]['tokens']} new tokens (lmforge), "
-                     f"{results[case]['transformers'][0]['tokens']} (transformers)")
+    for precision in precisions:
+        for case, (indices, _) in CASES.items():
+            res = results[f"{precision}|{case}"]
+            a = statistics.median(r["tokens_per_s"] for r in res["lmforge"])
+            b = statistics.median(r["tokens_per_s"] for r in res["transformers"])
+            ratio = a / b
+            target = TARGETS.get(case)
+            verdict = "" if target is None else ("met" if ratio >= target else "missed")
+            plens = [lengths[i] for i in indices]
+            shown = str(plens[0]) if len(plens) == 1 else f"{min(plens)}-{max(plens)}"
+            rows.append(f"| {precision} | {case} | {shown} | {new_tokens[case]} | {a:.1f} | {b:.1f} | {ratio:.2f}x | "
+                        f"{'reported' if target is None else f'>= {target:g}x'} | {verdict} |")
+            o, t = res["lmforge"][0]["outputs"], res["transformers"][0]["outputs"]
+            same = sum(x == y for x, y in zip(o, t))
+            notes.append(f"{precision}, {case}: {same} of {len(o)} rows the same tokens as transformers; "
+                         f"{res['lmforge'][0]['tokens']} new tokens (lmforge), "
+                         f"{res['transformers'][0]['tokens']} (transformers)")
     body = "\n".join(rows) + "\n\n"
     body += (f"Median of {rounds} round(s), each side in a fresh process per measurement, sides alternating; "
-             f"{threads} torch thread(s) on both sides; fp32. Tokens per second count each row's new tokens up "
-             "to and including its end token.\n\n")
+             f"{threads} torch thread(s) on both sides. fp32: both sides in fp32. bf16: lmforge under bf16 autocast "
+             "(its `--precision bf16`, and `auto` on this CPU), transformers loaded with dtype=torch.bfloat16. "
+             "Tokens per second count each row's new tokens up to and including its end token.\n\n")
     body += "\n".join(f"- {n}" for n in notes) + "\n"
     return body
 
@@ -180,12 +195,13 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, help="max new tokens (default 128, beams 64; --quick 16)")
     p.add_argument("--rounds", type=int, help="measurements per side and case (default 3; --quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides (default: every core)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, of fp32 and bf16 (default both)")
     p.add_argument("--no-write", action="store_true", help="print the table; leave BENCHMARKS.md alone")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         kind, *rest = json.loads(args.worker)
-        out = worker_export() if kind == "export" else worker_decode(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        out = worker_export() if kind == "export" else worker_decode(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
         print(json.dumps(out))
         return 0
     for name in ("new_tokens", "rounds", "threads"):
@@ -193,21 +209,25 @@ def main(argv=None) -> int:
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     rounds = args.rounds or (1 if args.quick else 3)
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if not precisions or any(x not in PRECISIONS for x in precisions):
+        p.error(f"--precisions: expected a comma-separated list of {', '.join(PRECISIONS)}, got {args.precisions!r}")
     WORK.mkdir(parents=True, exist_ok=True)
     print(f"exporting {MODEL} to {WORK / MODEL} ...", flush=True)
     info = run_worker(["export"])
     new_tokens = {case: args.new_tokens or (16 if args.quick else 64 if beams > 1 else 128)
                   for case, (_, beams) in CASES.items()}
-    results = {case: {"lmforge": [], "transformers": []} for case in CASES}
+    results = {f"{pr}|{case}": {"lmforge": [], "transformers": []} for pr in precisions for case in CASES}
     for r in range(rounds):
-        for case in CASES:
-            sides = ("lmforge", "transformers") if r % 2 == 0 else ("transformers", "lmforge")
-            for side in sides:
-                out = run_worker(["decode", side, case, new_tokens[case], args.threads])
-                results[case][side].append(out)
-                print(f"round {r + 1} {case} {side}: {out['tokens']} tokens in {out['seconds']:.2f} s "
-                      f"= {out['tokens_per_s']:.1f} tokens/s", flush=True)
-    body = render(results, info["lengths"], new_tokens, rounds, args.threads)
+        for precision in precisions:
+            for case in CASES:
+                sides = ("lmforge", "transformers") if r % 2 == 0 else ("transformers", "lmforge")
+                for side in sides:
+                    out = run_worker(["decode", side, case, new_tokens[case], args.threads, precision])
+                    results[f"{precision}|{case}"][side].append(out)
+                    print(f"round {r + 1} {precision} {case} {side}: {out['tokens']} tokens in {out['seconds']:.2f} s "
+                          f"= {out['tokens_per_s']:.1f} tokens/s", flush=True)
+    body = render(results, info["lengths"], new_tokens, rounds, args.threads, precisions)
     print(body)
     (WORK / "results.json").write_text(json.dumps(results))
     if args.no_write:
@@ -215,9 +235,10 @@ def main(argv=None) -> int:
     cmd = "python -m benchmarks.decode" + (" --quick" if args.quick else "") + (
         f" --new-tokens {args.new_tokens}" if args.new_tokens else "") + (
         f" --rounds {args.rounds}" if args.rounds else "") + (
-        f" --threads {args.threads}" if args.threads != os.cpu_count() else "")
+        f" --threads {args.threads}" if args.threads != os.cpu_count() else "") + (
+        f" --precisions {','.join(precisions)}" if precisions != list(PRECISIONS) else "")
     write_section("Decoding against transformers generate" + (" (quick)" if args.quick else ""), cmd, body,
-                  precision="fp32 on both sides", kernels=cached_kernels())
+                  precision=" and ".join(f"{x} on both sides" for x in precisions), kernels=cached_kernels())
     return 0
 
 

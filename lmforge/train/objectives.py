@@ -128,7 +128,7 @@ def _mlm_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     A batch with no masked token gives a zero loss (still connected to the graph), not NaN."""
     total = F.cross_entropy(logits.float(), targets, reduction="sum")
     m = targets.numel()
-    correct = (logits.detach().argmax(-1) == targets).sum()
+    correct = (logits.detach().max(-1).indices == targets).sum()   # argmax's answer, faster over a vocabulary
     return total / max(m, 1), {"mlm_loss_sum": total.detach(), "mlm_correct": correct,
                                "mlm_predicted": torch.tensor(m)}
 
@@ -313,7 +313,7 @@ class DataToText(Objective):
                    else loss_sum.detach())
         terms = {"target": loss_sum / max(m, 1)}
         tallies = {"target_nll_sum": nll_sum, "target_tokens": torch.tensor(m),
-                   "target_correct": (t_logits.detach().argmax(-1) == t_labels).sum(), "tokens": _tokens(batch)}
+                   "target_correct": (t_logits.detach().max(-1).indices == t_labels).sum(), "tokens": _tokens(batch)}
         if self.lm_aux_weight:
             p_logits, p_labels = logits[~is_target], labels[~is_target]
             k = p_labels.numel()
