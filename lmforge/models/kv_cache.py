@@ -158,12 +158,24 @@ class KVCache:
             # memory there would still reach the output (0 probability x NaN value = NaN)
             k = self.k.new_zeros(self.k.shape[0], R, *self.k.shape[2:])
             v = self.v.new_zeros(k.shape)
+            for new, old in ((k, self.k), (v, self.v)):
+                for layer in range(old.shape[0]):
+                    new[layer, :, :, :S] = old[layer, :, :, :S].index_select(0, rows)
         else:                     # in place; the rows past R are left behind as a view's unused tail
             k, v = self.k[:, :R], self.v[:, :R]
-        # only the filled slots are copied; the gather makes its copy before the write, so a row may
-        # move onto a slot another kept row is read from
-        k[:, :, :, :S] = self.k[:, rows, :, :S]
-        v[:, :, :, :S] = self.v[:, rows, :, :S]
+            # only rows that change are copied (a row kept in its own place is not: the rows before a
+            # finished one, a beam extended by its own continuation), and only their filled slots;
+            # the gather makes its copy before the write, so a row may move onto a row another kept
+            # row is read from. Layer by layer: index_select/index_copy_ on a layer's [B, Hkv, S, Dh]
+            # took a quarter of the time of one advanced-index copy over all layers (beam 10 on 4
+            # prompts of SmolLM2, bf16: 12 against 40 ms a step)
+            moved = (rows != torch.arange(R, device=rows.device)).nonzero().squeeze(1)   # [M]
+            if moved.numel():
+                src = rows[moved]
+                for new, old in ((k, self.k), (v, self.v)):          # new: old's first R rows
+                    for layer in range(old.shape[0]):
+                        rows_now = old[layer, :, :, :S].index_select(0, src)   # [M, Hkv, S, Dh] copy
+                        new[layer, :, :, :S].index_copy_(0, moved, rows_now)
         self.k, self.v = k, v
         self.lengths = self.lengths[rows]
         self._longest = int(self.lengths.max()) if R else 0
