@@ -186,12 +186,17 @@ def test_prefix_layer_decodes_with_the_packed_cache(models):
                 param.normal_(0, 1.0)
     prompts = prompts_of(V, seed=9, lengths=(2, 6, 4))
     with routing.using("p"):
+        state, _ = prefill(model, prompts, 8)
+        assert state.cache.reserved == 3   # the prefix sits in its own slots: decode steps concatenate nothing
         got = generate(model, prompts, max_new_tokens=8, eos_token_id=[])
+        beams = generate(model, prompts, max_new_tokens=8, eos_token_id=[], num_beams=3)
         for p, out in zip(prompts, got):
             seq = list(p)
             for _ in range(8):
                 seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
             assert out == seq
+        for p, out in zip(prompts, beams):   # beam search (rows fanning out, reordered) as each prompt alone
+            assert out == generate(model, [p], max_new_tokens=8, eos_token_id=[], num_beams=3)[0]
     assert got != generate(model, prompts, max_new_tokens=8, eos_token_id=[])   # the prefix matters
 
 

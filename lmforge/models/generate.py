@@ -132,7 +132,7 @@ def prefill(model: Model, prompts: list[list[int]], max_new_tokens: int) -> tupl
         start = torch.full((B,), model.config.decoder_start_token_id, dtype=torch.long, device=device)
         return state, decode_step(model, state, start)
     packed = Packed.from_lengths([len(p) for p in prompts], device)
-    state = DecodeState(model.new_cache(len(prompts), packed.max_len + max_new_tokens))
+    state = DecodeState(model.new_cache(len(prompts), packed.max_len + max_new_tokens, reserve_prefix=True))
     stream = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)   # [N]
     # the LM head scores each prompt's last token only
     return state, model(stream, packed=packed, cache=state.cache, positions=packed.last).logits

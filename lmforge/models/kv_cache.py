@@ -44,8 +44,12 @@ class CacheStep:
 
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int,
-                 max_length: int, dtype=torch.float32, device=None):
+                 max_length: int, dtype=torch.float32, device=None, reserved: int = 0):
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
+        # slots [0, reserved) of every row hold a layer's prefix-layer keys and values (packed
+        # decoding): written once by the prefill, attended to like the row's own keys, so a decode
+        # step does not concatenate them with the whole past in every layer
+        self.reserved = reserved
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
@@ -54,11 +58,12 @@ class KVCache:
         self.step: CacheStep | None = None   # the packed forward in progress
 
     @classmethod
-    def for_model(cls, config, batch_size: int, max_length: int, dtype=torch.float32, device=None):
+    def for_model(cls, config, batch_size: int, max_length: int, dtype=torch.float32, device=None,
+                  reserved: int = 0):
         # grouped-query attention caches its Hkv key/value heads, not the H query heads they serve
         layers = config.num_decoder_layers if config.is_encoder_decoder else config.num_layers
         return cls(layers, batch_size, config.num_kv_heads, config.head_dim,
-                   max_length, dtype, device)
+                   max_length, dtype, device, reserved)
 
     @property
     def empty(self) -> bool:
@@ -81,6 +86,9 @@ class KVCache:
     @property
     def length(self) -> int:
         """The length every row has (padded decoding, where rows advance together)."""
+        if self.reserved:
+            raise ValueError("this cache reserves slots for prefix keys (packed decoding): continue it with "
+                             "packed steps")
         if not self._uniform:
             raise ValueError("this cache's rows have different lengths (packed decoding): continue it with "
                              "packed steps, one token per sequence")
@@ -107,8 +115,9 @@ class KVCache:
         if B != self.batch_size:
             raise ValueError(f"the packed batch has {B} sequences but the KV cache {self.batch_size} rows")
         if self._longest == 0:                       # prefill: each prompt from position 0
-            lengths, longest = packed.lengths, packed.max_len
-            rows, slots, prefill, key_mask = packed.seq_ids, packed.position_ids, True, None
+            R = self.reserved                        # after the reserved slots, if any
+            lengths, longest = packed.lengths + R, packed.max_len + R
+            rows, slots, prefill, key_mask = packed.seq_ids, packed.position_ids + R, True, None
         elif packed.num_tokens == B:                 # a decode step: each token after its row's past
             lengths, longest = self.lengths + 1, self._longest + 1
             rows = torch.arange(B, device=self.lengths.device)
@@ -134,6 +143,11 @@ class KVCache:
         # layer's rows are one block even after keep() left the buffer as a view)
         self.k[layer].view(-1, Dh).index_copy_(0, index, k.reshape(-1, Dh).to(self.k.dtype))
         self.v[layer].view(-1, Dh).index_copy_(0, index, v.reshape(-1, Dh).to(self.v.dtype))
+
+    def write_reserved(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A layer's prefix keys and values [Hkv, reserved, Dh] into the reserved slots of every row."""
+        self.k[layer, :, :, :self.reserved] = k.to(self.k.dtype)
+        self.v[layer, :, :, :self.reserved] = v.to(self.v.dtype)
 
     def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's keys and values [B, Hkv, S, Dh] (S: the longest row, this token included;

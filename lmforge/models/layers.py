@@ -211,6 +211,9 @@ class Attention(nn.Module):
             N = qkv.shape[0]
             q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
             cache.write(layer_idx, k.view(N, Hkv, Dh), v.view(N, Hkv, Dh))         # rotated keys: as used
+            if cache.step.prefill and cache.reserved:   # this layer's prefix, once, before every row's tokens
+                prefix = self._prefix(1)                                            # [1, Hkv, P, Dh] twice
+                cache.write_reserved(layer_idx, prefix[0][0], prefix[1][0])
             if not cache.step.prefill:
                 return self._project(self._attend_cached(q, cache, layer_idx), residual)
         W = qkv.shape[1]
@@ -243,7 +246,7 @@ class Attention(nn.Module):
         B, H, Hkv, Dh = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k, v = cache.keys(layer_idx)                        # [B, Hkv, S, Dh] twice
         keep = cache.step.key_bias(q.dtype)                 # [B, 1, 1, S] additive
-        prefix = self._prefix(B)
+        prefix = None if cache.reserved else self._prefix(B)   # reserved: in the cache already
         if prefix is not None:                              # prefix keys are visible to every query
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
             keep = torch.cat([keep.new_zeros(B, 1, 1, prefix[0].shape[2]), keep], dim=-1)

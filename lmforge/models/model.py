@@ -129,11 +129,15 @@ class Model(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.embeddings.word_embeddings.weight.dtype
 
-    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                  reserve_prefix: bool = False) -> KVCache:
         """Room for max_length tokens per sequence, and the virtual input tokens of prefix-embedding
-        tuning when the current routing has them (they are cached as the first tokens of every row)."""
+        tuning when the current routing has them (they are cached as the first tokens of every row).
+        reserve_prefix (packed decoding only): room for the prefix-layer keys and values the current
+        routing has, in slots of their own before the tokens (KVCache.reserved)."""
         virtual = self.transformer.virtual_tokens()
-        room = max_length + (0 if virtual is None else virtual.shape[0])
+        reserved = self.transformer.layer_prefix_length() if reserve_prefix else 0
+        room = max_length + (0 if virtual is None else virtual.shape[0]) + reserved
         # by default keys and values are kept in the dtype they are computed in: autocast's where it
         # is on (bf16 GEMMs make them, and attention would cast an fp32 cache back to bf16 at every
         # step: a copy of the whole past per layer; the values are the same either way), else the
@@ -141,7 +145,7 @@ class Model(nn.Module):
         if dtype is None:
             on = torch.is_autocast_enabled(self.device.type)
             dtype = torch.get_autocast_dtype(self.device.type) if on else self.dtype
-        return KVCache.for_model(self.config, batch_size, room, dtype, self.device)
+        return KVCache.for_model(self.config, batch_size, room, dtype, self.device, reserved)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Memory:
         """An encoder-decoder's source [B, S] (1 = token in attention_mask) -> the encoder's output,

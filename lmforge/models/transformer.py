@@ -148,6 +148,14 @@ class Transformer(nn.Module):
     def virtual_tokens(self) -> torch.Tensor | None:
         return None if self.input_prefix is None else self.input_prefix()
 
+    def layer_prefix_length(self) -> int:
+        """P, the prefix-layer keys per layer the current routing gives (0: none)."""
+        for layer in self.layers:
+            kv = layer.attention.kv_prefix() if layer.attention.kv_prefix is not None else None
+            if kv is not None:
+                return kv[0].shape[0]
+        return 0
+
     @property
     def _insert_at(self) -> int:
         return 0 if self.causal else 1
@@ -248,10 +256,11 @@ class Transformer(nn.Module):
             rope_ids = packed.position_ids  # the longer sequences' own positions
         else:
             step = cache.begin(packed) if cache is not None else None
+            # a token's slot counts the virtual tokens (P) and the reserved prefix-layer slots before it
             if position_ids is None:
-                position_ids = (packed.position_ids if step is None else step.slots - P) + offset
+                position_ids = (packed.position_ids if step is None else step.slots - P - cache.reserved) + offset
             x = self.embeddings(input_ids, position_ids, token_type_ids, words)    # [N, D]
-            rope_ids = position_ids if not P else step.slots
+            rope_ids = position_ids if not P else step.slots - cache.reserved
             virtual = None  # cached already: nothing to insert or drop
         rope = self.rope(rope_ids, x.dtype)
         for i, layer in enumerate(self.layers):
