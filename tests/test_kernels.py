@@ -459,3 +459,27 @@ def test_manual_attention_path_equals_sdpa(kind):
 def test_one_row_is_a_size_of_its_own(rows, size):
     # a decode step of one sequence is a matrix-vector product: its kernel is measured at one row
     assert calibrate.bucket(rows) == size and calibrate.SIZES["t"] == 1
+
+
+@pytest.mark.parametrize("keys, grad, upcast", [(64, True, True), (64, False, False), (300, True, False)])
+def test_bf16_attention_that_trains_runs_in_fp32_on_short_sequences(keys, grad, upcast):
+    """Under bf16 autocast on a CPU, attention that needs gradients over up to UPCAST_KEYS keys is
+    SDPA in fp32 (torch's bf16 kernel took 2-6x as long for forward and backward there), cast back to
+    bf16; without gradients, or over more keys, it stays bf16. Gradients reach bf16 inputs either way."""
+    from lmforge.kernels import attention
+
+    assert (keys <= attention.UPCAST_KEYS) == (keys == 64)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, keys, 16, generator=g).bfloat16().requires_grad_(grad) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, keys, dtype=torch.bfloat16)
+    mask[0, ..., -5:] = torch.finfo(torch.bfloat16).min                        # row 0 ignores 5 keys
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(q, k, v, mask, 0.0)
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float()).bfloat16()
+    bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, fp32 if upcast else bf16)
+    assert not torch.equal(fp32, bf16)                 # the two ways differ: the test tells them apart
+    if grad:
+        got.float().sum().backward()
+        assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
