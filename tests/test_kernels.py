@@ -196,7 +196,9 @@ def test_bf16_model_agrees_with_plain_bf16(method, force):
     # bf16 compute (autocast) through oneDNN's packed bf16 GEMMs against autocast's own F.linear
     model, inputs, route = _model_case("bert", "classification", method, 0.0)
     results = []
-    for k in ("plain", "onednn"):
+    # attention alike on both sides (plain): the key bias's gradient is zero up to rounding, which a
+    # relative comparison would read as a difference
+    for k in ("plain", "linear=onednn,stacked=onednn,attention=plain"):
         force(k)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(_run_model(model, inputs, route))
@@ -223,12 +225,16 @@ def test_lora_training_runs_qkv_as_one_gemm(force, monkeypatch):
 # -- choosing, caching, forcing ------------------------------------------------------------------
 def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNELS", "plain")
-    assert calibrate.forced() == {"linear": "plain", "stacked": "plain"}
+    assert calibrate.forced() == {"linear": "plain", "stacked": "plain", "attention": "plain"}
+    monkeypatch.setenv("LMFORGE_KERNELS", "onednn")
+    assert calibrate.forced() == {"linear": "onednn", "stacked": "onednn"}
+    monkeypatch.setenv("LMFORGE_KERNELS", "attention=fp32")
+    assert calibrate.forced() == {"attention": "fp32"}
     monkeypatch.setenv("LMFORGE_KERNELS", "linear=onednn, stacked=plain")
     assert calibrate.forced() == {"linear": "onednn", "stacked": "plain"}
     monkeypatch.setenv("LMFORGE_KERNELS", "auto")
     assert calibrate.forced() == {}
-    for bad in ("fast", "linear=mkl", "conv=plain"):
+    for bad in ("fast", "linear=mkl", "conv=plain", "linear=fp32", "attention=onednn"):
         monkeypatch.setenv("LMFORGE_KERNELS", bad)
         with pytest.raises(ConfigError, match="LMFORGE_KERNELS"):
             calibrate.forced()
@@ -265,6 +271,7 @@ def test_choices_are_measured_once_then_cached_per_machine(cache, monkeypatch):
     # stale or corrupt files are ignored and rebuilt
     for spoil in (lambda d: d.update(machine_key="another-cpu"), lambda d: d.update(format=0),
                   lambda d: d["choices"]["linear|float32|infer|24x40|s"].update(kernel="mkl-from-the-future"),
+                  lambda d: d["choices"]["linear|float32|infer|24x40|s"].update(kernel="fp32"),  # attention's
                   None):
         d = json.loads(cache.read_text())
         if spoil is None:
@@ -340,7 +347,7 @@ def fake_kernels(monkeypatch, clock, durations):
                 clock.now += current["d"][k]
             return run
         current["rows"] = rows
-        return {k: thunk(k) for k in calibrate.KERNELS}
+        return {k: thunk(k) for k in calibrate.OPS[op]}
 
     monkeypatch.setattr(calibrate, "clock", clock)
     monkeypatch.setattr(calibrate, "_candidates", candidates)
@@ -373,7 +380,7 @@ def test_a_margin_within_noise_is_measured_once_more(monkeypatch, durations, bud
     assert ("measured twice" in first["why"]) == twice, first
     assert [n for rows, n in runs if rows == calibrate.SIZES[b0]] == ([0, 1] if twice else [0])
     if twice:   # each kernel's best over both measurements decided
-        best = {k: min(d[k] for d in durations) for k in calibrate.KERNELS}
+        best = {k: min(d[k] for d in durations) for k in calibrate.OPS["linear"]}
         assert f"onednn {best['onednn'] * 1e3:.3f} ms" in first["why"]
     if budget < 0.1:   # the rest of the sizes were not measured at all
         assert out["p|l"] == {"kernel": "plain", "why": "calibration budget spent", "provisional": True}
@@ -461,17 +468,18 @@ def test_one_row_is_a_size_of_its_own(rows, size):
     assert calibrate.bucket(rows) == size and calibrate.SIZES["t"] == 1
 
 
-@pytest.mark.parametrize("keys, grad, upcast", [(64, True, True), (64, False, False), (300, True, False)])
-def test_bf16_attention_that_trains_runs_in_fp32_on_short_sequences(keys, grad, upcast):
-    """Under bf16 autocast on a CPU, attention that needs gradients over up to UPCAST_KEYS keys is
-    SDPA in fp32 (torch's bf16 kernel took 2-6x as long for forward and backward there), cast back to
-    bf16; without gradients, or over more keys, it stays bf16. Gradients reach bf16 inputs either way."""
-    from lmforge.kernels import attention
-
-    assert (keys <= attention.UPCAST_KEYS) == (keys == 64)
+@pytest.mark.parametrize("kernel, grad, upcast", [("fp32", True, True), ("fp32", False, False),
+                                                  ("plain", True, False), ("plain", False, False)])
+def test_bf16_attention_that_trains_runs_in_the_chosen_precision(kernel, grad, upcast, monkeypatch):
+    """Under bf16 autocast on a CPU, attention that needs gradients runs as the `attention` kernel
+    says: fp32 (SDPA on inputs cast to fp32, the output cast back: torch's bf16 kernel took 2-6x as
+    long for forward and backward at short lengths on an AMX Xeon) or plain (SDPA in bf16); without
+    gradients it is always bf16. Gradients reach bf16 inputs either way."""
+    monkeypatch.setenv("LMFORGE_KERNELS", f"attention={kernel}")
+    calibrate.CHOICES.reset()
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, keys, 16, generator=g).bfloat16().requires_grad_(grad) for _ in range(3))
-    mask = torch.zeros(2, 1, 1, keys, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(2, 3, 64, 16, generator=g).bfloat16().requires_grad_(grad) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 64, dtype=torch.bfloat16)
     mask[0, ..., -5:] = torch.finfo(torch.bfloat16).min                        # row 0 ignores 5 keys
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = attend(q, k, v, mask, 0.0)
@@ -483,3 +491,51 @@ def test_bf16_attention_that_trains_runs_in_fp32_on_short_sequences(keys, grad, 
     if grad:
         got.float().sum().backward()
         assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    calibrate.CHOICES.reset()
+
+
+def test_attention_precision_is_measured_per_key_count_and_cached(cache):
+    """The `attention` op is calibrated like the GEMMs: each key-count bucket of a (heads, head size)
+    gets plain or fp32 with the timings that decided it, written to the cache under its own key."""
+    from lmforge.kernels import attention
+
+    calibrate.CHOICES.reset()
+    q, k, v = (torch.randn(2, 3, 20, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attend(q, k, v, None, 0.0)
+    table = json.loads(calibrate.cache_path().read_text())["choices"]
+    keys = sorted(k for k in table if k.startswith("attention|"))
+    assert keys == [f"attention|bfloat16|train|3x16|{b}" for b in sorted(calibrate.SIZES)]
+    for key in keys:
+        assert table[key]["kernel"] in ("plain", "fp32")
+        assert "plain" in table[key]["why"] and "fp32" in table[key]["why"]
+    chosen = table["attention|bfloat16|train|3x16|s"]["kernel"]
+    assert attention._in_fp32(q, k, v) == (chosen == "fp32")     # 20 keys: bucket s
+    calibrate.CHOICES.reset()
+
+
+def test_env_reports_the_machine_and_the_choices_for_a_models_shapes(tmp_path, monkeypatch, capsys):
+    """`lmforge env --json`: the machine, what auto resolves to, and the kernel chosen for each of a
+    model's shapes with the timings behind it; on a CPU where auto is bf16, attention's choice too."""
+    from lmforge.cli import main
+    from lmforge.models import Model, save_pretrained
+    from lmforge.models.config import ModelConfig
+
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
+    CHOICES.reset()
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=60, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                              max_position_embeddings=128))
+    save_pretrained(model, tmp_path / "tiny")
+    assert main(["env", "--model", str(tmp_path / "tiny"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["machine"]["cores"] >= 1 and report["machine_key"] == machine.machine_key()
+    assert report["precision_auto"]["name"] == ("bf16" if machine.has_bf16() else "fp32")
+    kernels = report["kernels"]
+    assert any(k.startswith("linear|float32|train|32x64|") for k in kernels)
+    for key, value in kernels.items():
+        assert value["kernel"] in calibrate.OPS[key.split("|")[0]] and value["why"], key
+    has_attention = any(k.startswith("attention|bfloat16|train|2x16|") for k in kernels)
+    assert has_attention == machine.has_bf16()
+    CHOICES.reset()

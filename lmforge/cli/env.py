@@ -19,13 +19,15 @@ def add_parser(p) -> None:
 
 
 def _shapes(model) -> list[tuple[int, ...]]:
-    """Weight shapes [in, out] of the model's Linear layers, and [in, q, k, v] of its stacked Q/K/V."""
+    """Weight shapes [in, out] of the model's Linear layers, [in, q, k, v] of its stacked Q/K/V, and
+    [heads, head size] of its attention."""
     from torch import nn
 
     shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)}
     for layer in model.transformer.layers:
         a = layer.attention
         shapes.add((a.query.in_features, a.query.out_features, a.key.out_features, a.value.out_features))
+        shapes.add((a.num_heads, a.head_dim))
     return sorted(shapes)
 
 
@@ -37,6 +39,8 @@ def _exercise(model, device, precision) -> None:
     from lmforge.models.packing import Packed
 
     vocab = model.config.vocab_size
+    attention = [layer.attention for layer in model.transformer.layers]
+    dropout = [a.dropout_p for a in attention]
     for rows in (16, 128, 1024):
         lengths = [min(rows, 64)] * max(1, rows // 64)
         ids = torch.randint(5, vocab, (sum(lengths),), device=device)
@@ -47,6 +51,13 @@ def _exercise(model, device, precision) -> None:
             model.train()
             out = model(ids, packed=packed)
             out.hidden_states.float().sum().backward()
+            # attention's kernel is chosen only where it has no dropout (pre-training, decoders):
+            # once more without it, so that its choice is made and shown too
+            for a in attention:
+                a.dropout_p = 0.0
+            model(ids, packed=packed).hidden_states.float().sum().backward()
+            for a, p in zip(attention, dropout):
+                a.dropout_p = p
         model.zero_grad(set_to_none=True)
 
 
@@ -88,7 +99,8 @@ def run(args) -> int:
           f"cache {cache_path()}")
     print("caches     " + ", ".join(f"{k}={v}" for k, v in report["library_caches"].items())
           + " (oneDNN's and ideep's per-shape caches, bounded by lmforge unless set)")
-    print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket):")
+    print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket;"
+          " attention: heads x head size | keys bucket):")
     for key, value in chosen.items():
         print(f"  {key:<44} {value['kernel']:<7} {value['why']}")
     del torch

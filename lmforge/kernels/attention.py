@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.kernels.calibrate import choose
+
 
 def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """A boolean mask shaped like `like`, True with probability 1 - p. On CPUs it is cut from 64-bit
@@ -24,18 +26,25 @@ def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return keep[:n].view(like.shape)
 
 
+def sdpa(q, k, v, mask: torch.Tensor | None, is_causal: bool, fp32: bool = False) -> torch.Tensor:
+    """torch's SDPA; fp32: on q, k, v (and a float mask) cast to fp32, the output cast back to q's
+    dtype (calibrate.py's `attention=fp32` kernel for bf16 training on CPUs where that is faster)."""
+    if not fp32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    with torch.autocast(q.device.type, enabled=False):   # autocast would cast the fp32 inputs back
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
+    return y.to(q.dtype)
 
-# Training in bf16 on a CPU, SDPA's fused kernel is slower in bf16 than in fp32 for short sequences:
-# forward and backward of [32, 12, 32, 32] took 16.1 ms in bf16 against 3.5 ms cast to fp32 and back,
-# [12, 4, 64, 32] causal 4.2 against 1.1, [32, 12, 128, 32] 71 against 30, and bf16 won only at 512
-# keys (42 against 61 ms; AMX Xeon, torch 2.13, 2 threads). Up to this many keys, attention that
-# needs gradients runs in fp32 (its inputs and output stay bf16; fp32 is also the more exact).
-UPCAST_KEYS = 256
 
-
-def _upcast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= UPCAST_KEYS
-            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+def _in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """bf16 attention that needs gradients, on a CPU: in fp32 where this machine measured that faster
+    (calibrate.py, op `attention`, by heads x head size and key count)."""
+    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return False
+    return choose("attention", q.device, q.dtype, True, (q.shape[1], q.shape[-1]), k.shape[-2]) == "fp32"
 
 
 def attend(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool = False) -> torch.Tensor:
@@ -43,14 +52,9 @@ def attend(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool
     dropped with keep_mask (SDPA's CPU path would fall back to the same math with slower sampling);
     without, SDPA picks its fused kernel. mask: boolean keep-mask or additive, broadcastable."""
     if dropout_p == 0 or q.device.type != "cpu":
-        if _upcast(q, k, v):
-            if mask is not None and mask.is_floating_point():
-                mask = mask.float()
-            with torch.autocast("cpu", enabled=False):   # autocast would cast the fp32 inputs back
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                   is_causal=is_causal)
-            return y.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        if dropout_p:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        return sdpa(q, k, v, mask, is_causal, fp32=_in_fp32(q, k, v))
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)              # [B, H, T, S]
     if is_causal:
         T, S = scores.shape[-2:]

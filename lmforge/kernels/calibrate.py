@@ -14,6 +14,13 @@ else ~/.cache/lmforge) under a key of the CPU model, ISA flags, thread count and
 (kernels/machine.py). A file that does not parse, has another format version or another machine key,
 or names an unknown kernel is ignored and rebuilt, never trusted. LMFORGE_KERNELS forces a choice:
 `plain` (everything plain PyTorch), `onednn`, or per op, e.g. `linear=onednn,stacked=plain`.
+
+Ops and their kernels: `linear` and `stacked` (Q/K/V as one GEMM) are plain (F.linear) or onednn
+(prepacked weights; int8 and bf16 through the same primitive), keyed by weight shape and row count.
+`attention` is a bf16 training step's attention on a CPU (forward and backward): plain (torch's SDPA
+in bf16) or fp32 (the same SDPA on inputs cast to fp32, the output cast back), keyed by (heads, head
+size) and key count. torch 2.13's bf16 kernel took 2-6x fp32's time at short lengths on an AMX Xeon
+and won only near 512 keys, and where the crossing lies depends on the CPU, so it is measured too.
 """
 
 from __future__ import annotations
@@ -33,10 +40,10 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2                  # bump when the file's meaning changes: older files are rebuilt (2: bucket "t")
-KERNELS = ("plain", "onednn")
-OPS = ("linear", "stacked")
-SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows timed
+FORMAT = 3                  # bump when the file's meaning changes: older files are rebuilt (3: attention)
+OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32")}
+KERNELS = ("plain", "onednn", "fp32")
+SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows (attention: keys) timed
 MARGIN = 0.97               # a fast path must take at most 97% of plain's time
 BUDGET_S = 1.0              # per (op, shape): stop timing and keep plain past this
 NOISE = 0.05                # a ratio to plain this close to MARGIN is measured once more (budget allowing)
@@ -63,10 +70,11 @@ def forced() -> dict[str, str]:
     out = {}
     for part in spec.split(","):
         op, _, kernel = part.strip().rpartition("=")
-        if kernel not in KERNELS or (op and op not in OPS):
+        if kernel not in KERNELS or (op and (op not in OPS or kernel not in OPS[op])):
             raise ConfigError(f"LMFORGE_KERNELS={spec!r}: expected auto, one of {', '.join(KERNELS)}, or "
-                              f"op=kernel with op in {', '.join(OPS)}; got {part.strip()!r}")
-        for o in ([op] if op else OPS):
+                              f"op=kernel with " + "; ".join(f"{o}: {'|'.join(k)}" for o, k in OPS.items())
+                              + f"; got {part.strip()!r}")
+        for o in ([op] if op else [o for o, ks in OPS.items() if kernel in ks]):
             out[o] = kernel
     return out
 
@@ -102,7 +110,8 @@ class Choices:
                 raise ValueError("another format or machine")
             table = data["choices"]
             if not isinstance(table, dict) or not all(
-                    isinstance(v, dict) and v.get("kernel") in KERNELS for v in table.values()):
+                    isinstance(v, dict) and v.get("kernel") in OPS.get(str(k).split("|")[0], ())
+                    for k, v in table.items()):
                 raise ValueError("an unknown kernel")
             return table
         except FileNotFoundError:
@@ -139,8 +148,9 @@ class Choices:
 
     def choose(self, op: str, device: torch.device, dtype: torch.dtype, train: bool,
                shape: tuple[int, ...], rows: int) -> str:
-        """The kernel for op on a weight of `shape` ([in, out...]) with `rows` input rows."""
-        if device.type != "cpu" or not onednn.available():
+        """The kernel for op on a weight of `shape` ([in, out...]) with `rows` input rows (attention:
+        shape (heads, head size), rows = keys)."""
+        if device.type != "cpu" or (op != "attention" and not onednn.available()):
             return "plain"                       # GPUs: torch's own kernels are the fast path
         memo_key = (op, dtype, train, shape, bucket(rows))
         kernel = self._memo.get(memo_key)
@@ -204,6 +214,8 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
     from lmforge.kernels import gemm as K
 
     g = torch.Generator().manual_seed(0)
+    if op == "attention":
+        return _attention_candidates(dtype, train, shape, rows, g)
     k_in, outs = shape[0], shape[1:]
     weights = [torch.randn(o, k_in, generator=g) * 0.02 for o in outs]
     biases = [torch.zeros(o) for o in outs]
@@ -229,7 +241,31 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
                     t.grad = None
         return thunk
 
-    return {k: run(k) for k in KERNELS}
+    return {k: run(k) for k in OPS[op]}
+
+
+def _attention_candidates(dtype: torch.dtype, train: bool, shape: tuple[int, ...], keys: int, g) -> dict:
+    """Self-attention of sequences of `keys` tokens, 512 tokens in all (a batch's worth; at least one
+    sequence), [B, H, keys, Dh] in `dtype` with an additive padding mask (what packed batches pass),
+    forward and (training) backward, as plain and as fp32."""
+    from lmforge.kernels import attention as A
+
+    H, Dh = shape
+    B = max(1, 512 // keys)
+    q, k, v = (torch.randn(B, H, keys, Dh, generator=g).to(dtype).requires_grad_(train) for _ in range(3))
+    mask = torch.zeros(B, 1, 1, keys, dtype=dtype)
+    gy = torch.randn(B, H, keys, Dh, generator=g).to(dtype)
+
+    def run(kernel):
+        def thunk():
+            with torch.set_grad_enabled(train):
+                y = A.sdpa(q, k, v, mask, False, fp32=kernel == "fp32")
+            if train:
+                y.backward(gy)
+                q.grad = k.grad = v.grad = None
+        return thunk
+
+    return {k: run(k) for k in OPS["attention"]}
 
 
 def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], prefix: str) -> dict:
@@ -256,10 +292,11 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
         except RuntimeError as e:   # a kernel this build cannot run on this shape: plain it is
             # plain for this process only: a failure can come from the calling context (it did from
             # inference_mode), and a cached one would fix plain for good on this machine
-            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": f"onednn failed: {str(e).splitlines()[0][:80]}",
+            out[f"{prefix}|{b}"] = {"kernel": "plain", "why": f"a candidate failed: {str(e).splitlines()[0][:80]}",
                                     "provisional": True}
             continue
-        why = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()) + f" at {rows} rows"
+        why = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()) + \
+            f" at {rows} {'keys' if op == 'attention' else 'rows'}"
         if again:
             why += ", measured twice" + (" (still close)" if close else "")
         out[f"{prefix}|{b}"] = {"kernel": kernel, "why": why}
