@@ -333,3 +333,30 @@ def test_bad_model_config_names_the_field(fields, message):
     with pytest.raises(ConfigError) as e:
         ModelConfig(**{**LLAMA_SMALL, **fields})
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_rotation_runs_in_the_compute_dtype_under_bf16_autocast(pair, packed, monkeypatch):
+    """Under bf16 autocast the rotary tables are bf16, as the queries and keys they rotate: fp32
+    tables would promote every rotated head to fp32 and cast it back (three casts a layer, per
+    decode step), and the logits still follow the fp32 model closely."""
+    from lmforge.models import layers
+
+    _, _, ours = pair
+    seen = []
+    real = layers.rotate
+    monkeypatch.setattr(layers, "rotate", lambda x, cos, sin: seen.append((x.dtype, cos.dtype)) or real(x, cos, sin))
+    ids, mask = batch(B=3, T_=7)
+    with torch.no_grad():
+        want = ours(ids, attention_mask=mask).logits
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if packed:
+                stream, p = pack_padded(ids, mask)
+                out = ours(stream, packed=p).logits
+                got = torch.zeros_like(want).masked_scatter(mask.bool()[..., None], out.float())
+            else:
+                got = ours(ids, attention_mask=mask).logits.float()
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen), seen
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=0.1, rtol=0.05)

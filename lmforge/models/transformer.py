@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from lmforge.kernels import compute_dtype
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.layers import Block, Dropout, RMSNorm, norm_layer, rotary_angles
@@ -171,7 +172,9 @@ class Transformer(nn.Module):
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """Rotary (cos, sin) for positions [B, T] -> [B, 1, T, Dh] (broadcast over heads), or [N] ->
-        [N, 1, Dh] on a packed stream; None without rotary positions."""
+        [N, 1, Dh] on a packed stream; None without rotary positions. dtype: that of the queries and
+        keys they rotate (the compute dtype: bf16 under bf16 autocast, where fp32 tables would
+        promote every rotated head to fp32 and cast it back, three casts a layer)."""
         c = self.config
         if c.position_embedding != "rope":
             return None
@@ -221,7 +224,7 @@ class Transformer(nn.Module):
         mask = None
         if attention_mask is not None:
             mask = attention_bias(attention_mask, T, self.causal, x.dtype)
-        rope = self.rope(rope_ids, x.dtype)
+        rope = self.rope(rope_ids, compute_dtype(x))
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, cache, i, rope=rope, memory=memory)
         if cache is not None:
@@ -262,7 +265,7 @@ class Transformer(nn.Module):
             x = self.embeddings(input_ids, position_ids, token_type_ids, words)    # [N, D]
             rope_ids = position_ids if not P else step.slots - cache.reserved
             virtual = None  # cached already: nothing to insert or drop
-        rope = self.rope(rope_ids, x.dtype)
+        rope = self.rope(rope_ids, compute_dtype(x))
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope, memory=memory)
         if cache is not None:
