@@ -5,6 +5,8 @@ NSP ablation and the Cramming recipe against BERT's at the same token budget.
   python -m benchmarks.cramming                 # 60 minutes of Cramming pre-training, full fine-tuning sets
   python -m benchmarks.cramming --quick         # 10 minutes, 8,000 SST-2 rows (a smoke run; not the target)
   python -m benchmarks.cramming --minutes 30 --size mini
+  python -m benchmarks.cramming --jobs 2        # bert and roberta (then the fine-tunes) two at a time,
+                                                # each on half the cores
 
 Recipes (all `lmforge pretrain --size SIZE --max-seq-len 128`, the same WordPiece vocabulary of 8,192
 trained here on the corpus, $LMFORGE_DATA/gutenberg; held out: wikitext-2 valid.txt):
@@ -56,11 +58,43 @@ def data_root() -> Path:
 
 
 def lmforge(*args: str, log: Path) -> None:
-    with open(log, "a") as f:
+    run_all([list(args)], log, jobs=1)
+
+
+def run_all(commands: list[list[str]], log: Path, jobs: int) -> None:
+    """Run lmforge commands, `jobs` at a time; with jobs > 1 each process gets cores // jobs threads
+    and its own log (log.N.txt beside log). A failed command stops the benchmark."""
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    pending, running = list(commands), []
+
+    def start(args, slot):
+        out = log if jobs == 1 else log.with_name(f"{log.stem}.{slot}{log.suffix}")
+        f = open(out, "a")
         f.write("$ lmforge " + " ".join(args) + "\n")
         f.flush()
-        subprocess.run([sys.executable, "-m", "lmforge", *args], check=True, stdout=f, stderr=subprocess.STDOUT,
-                       cwd=ROOT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=env)
+        running.append((proc, f, args, slot))
+
+    free = list(range(jobs))
+    while pending or running:
+        while pending and free:
+            start(pending.pop(0), free.pop(0))
+        proc, f, args, slot = running[0]
+        for entry in running:          # whichever ends first
+            if entry[0].poll() is not None:
+                proc, f, args, slot = entry
+                break
+        else:
+            proc.wait()
+        running.remove((proc, f, args, slot))
+        f.close()
+        free.append(slot)
+        if proc.returncode != 0:
+            for other in running:
+                other[0].kill()
+            raise SystemExit(f"benchmarks.cramming: `lmforge {' '.join(args[:2])} ...` failed (see {log.parent})")
 
 
 def metrics(run: Path) -> list[dict]:
@@ -76,16 +110,21 @@ def tokenizer(log: Path) -> Path:
     return out
 
 
-def pretrain(name: str, size: str, budget: list[str], tok: Path, log: Path) -> dict:
+def pretrain_command(name: str, size: str, budget: list[str], tok: Path) -> list[str] | None:
+    """The `lmforge pretrain` arguments of a recipe, or None when its run has finished."""
     out = WORK / name
-    if not (out / "model").is_dir():
-        args = ["pretrain", *RECIPES[name], "--size", size, "--tokenizer", str(tok),
-                "--corpus", str(data_root() / "gutenberg"), "--valid", str(data_root() / "wikitext-2" / "valid.txt"),
-                "--max-seq-len", "128", "--batch-size", "64", "--eval-batches", "20", "--no-progress",
-                "--out", str(out), *budget]
-        if (out / "checkpoint").is_dir():
-            args.append("--resume")
-        lmforge(*args, log=log)
+    if (out / "model").is_dir():
+        return None
+    args = ["pretrain", *RECIPES[name], "--size", size, "--tokenizer", str(tok),
+            "--corpus", str(data_root() / "gutenberg"), "--valid", str(data_root() / "wikitext-2" / "valid.txt"),
+            "--max-seq-len", "128", "--batch-size", "64", "--eval-batches", "20", "--no-progress",
+            "--out", str(out), *budget]
+    return args + (["--resume"] if (out / "checkpoint").is_dir() else [])
+
+
+def pretrained(name: str) -> dict:
+    """A finished pre-training run: its model, tokens, speed, held-out accuracies and MLM curve."""
+    out = WORK / name
     rows = metrics(out)
     train = [r for r in rows if "loss" in r and "eval" not in r]
     evals = [r for r in rows if "eval" in r]
@@ -113,17 +152,20 @@ def random_init(size: str, tok: Path) -> Path:
     return out
 
 
-def finetune(model_dir: Path, name: str, task: str, extra: list[str], log: Path) -> float:
-    metric, epochs = TASKS[task]
+def finetune_command(model_dir: Path, name: str, task: str, extra: list[str]) -> list[str] | None:
+    """The `lmforge finetune` arguments of one (model, task), or None when that run has finished."""
     out = WORK / f"{name}-{task}"
-    summary = out / "summary.json"
-    if not summary.is_file():
-        args = ["finetune", "--model", str(model_dir), "--task", f"glue/{task}", "--epochs", str(epochs),
-                "--out", str(out), *FINETUNE, *extra]
-        if (out / "checkpoint").is_dir():
-            args.append("--resume")
-        lmforge(*args, log=log)
-    s = json.loads(summary.read_text())
+    if (out / "summary.json").is_file():
+        return None
+    args = ["finetune", "--model", str(model_dir), "--task", f"glue/{task}", "--epochs", str(TASKS[task][1]),
+            "--out", str(out), *FINETUNE, *extra]
+    return args + (["--resume"] if (out / "checkpoint").is_dir() else [])
+
+
+def finetuned(name: str, task: str) -> float:
+    """The dev score (in points) of a finished fine-tuning run."""
+    metric = TASKS[task][0]
+    s = json.loads((WORK / f"{name}-{task}" / "summary.json").read_text())
     best = s.get("best_metrics") or s.get("best") or s.get("eval") or {}
     return 100 * float(best.get(metric, best.get(f"eval_{metric}", float("nan"))))
 
@@ -157,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, help="pre-training budget of the cramming run (default 60; 10 quick)")
     p.add_argument("--size", default="mini", choices=["tiny", "mini", "small"])
     p.add_argument("--train-samples", type=int, help="fine-tuning rows per task (default: all; 8,000 quick)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time where they are independent (bert and roberta; the fine-tunes), "
+                        "each with cores / jobs threads (default 1)")
     p.add_argument("--work", type=Path, default=WORK, help=f"where the runs live (default {WORK.relative_to(ROOT)})")
     args = p.parse_args(argv)
     WORK = args.work
@@ -166,12 +211,17 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / "log.txt"
     tok = tokenizer(log)
-    runs = {"cramming": pretrain("cramming", args.size, ["--minutes", str(minutes)], tok, log)}
+    # the time budget on the whole machine; then its token count for the other two recipes
+    run_all([c for c in [pretrain_command("cramming", args.size, ["--minutes", str(minutes)], tok)] if c], log, 1)
+    runs = {"cramming": pretrained("cramming")}
     tokens = runs["cramming"]["tokens"]
-    for name in ("bert", "roberta"):
-        runs[name] = pretrain(name, args.size, ["--tokens", str(tokens)], tok, log)
+    run_all([c for c in (pretrain_command(n, args.size, ["--tokens", str(tokens)], tok) for n in ("bert", "roberta"))
+             if c], log, args.jobs)
+    runs |= {name: pretrained(name) for name in ("bert", "roberta")}
     dirs = {name: r["dir"] for name, r in runs.items()} | {"random": random_init(args.size, tok)}
-    scores = {name: {task: finetune(d, name, task, extra, log) for task in TASKS} for name, d in dirs.items()}
+    run_all([c for c in (finetune_command(d, name, task, extra) for name, d in dirs.items() for task in TASKS) if c],
+            log, args.jobs)
+    scores = {name: {task: finetuned(name, task) for task in TASKS} for name in dirs}
     png = ROOT / "runs" / "bench" / "cramming-mlm.png"
     drew = plot({n: r["curve"] for n, r in runs.items()}, png)
 
@@ -204,7 +254,8 @@ def main(argv=None) -> int:
     body = "\n".join(lines)
     print(body)
     cmd = "python -m benchmarks.cramming" + (" --quick" if args.quick else "") + (
-        f" --minutes {args.minutes:g}" if args.minutes else "") + (f" --size {args.size}" if args.size != "mini" else "")
+        f" --minutes {args.minutes:g}" if args.minutes else "") + (f" --size {args.size}" if args.size != "mini" else "") + (
+        f" --jobs {args.jobs}" if args.jobs != 1 else "")
     write_section("Cramming on a CPU" + (" (quick)" if args.quick else ""), cmd, body,
                   precision=trainer_precision("auto"))
     return 0
