@@ -117,7 +117,7 @@ def pretrain_command(name: str, size: str, budget: list[str], tok: Path) -> list
         return None
     args = ["pretrain", *RECIPES[name], "--size", size, "--tokenizer", str(tok),
             "--corpus", str(data_root() / "gutenberg"), "--valid", str(data_root() / "wikitext-2" / "valid.txt"),
-            "--max-seq-len", "128", "--batch-size", "64", "--eval-batches", "20", "--no-progress",
+            "--max-seq-len", "128", "--batch-size", "64", "--eval-batches", "20", "--eval-every", "250", "--no-progress",
             "--out", str(out), *budget]
     return args + (["--resume"] if (out / "checkpoint").is_dir() else [])
 
