@@ -53,11 +53,13 @@ def _exercise(model, device, precision) -> None:
             out.hidden_states.float().sum().backward()
             # attention's kernel is chosen only where it has no dropout (pre-training, decoders):
             # once more without it, so that its choice is made and shown too
-            for a in attention:
-                a.dropout_p = 0.0
-            model(ids, packed=packed).hidden_states.float().sum().backward()
-            for a, p in zip(attention, dropout):
-                a.dropout_p = p
+            try:
+                for a in attention:
+                    a.dropout_p = 0.0
+                model(ids, packed=packed).hidden_states.float().sum().backward()
+            finally:   # the model's own dropout back, whatever happened
+                for a, p in zip(attention, dropout):
+                    a.dropout_p = p
         model.zero_grad(set_to_none=True)
 
 
