@@ -7,6 +7,9 @@ NSP ablation and the Cramming recipe against BERT's at the same token budget.
   python -m benchmarks.cramming --minutes 30 --size mini
   python -m benchmarks.cramming --jobs 2        # bert and roberta (then the fine-tunes) two at a time,
                                                 # each on half the cores
+  python -m benchmarks.cramming --corpus gutenberg+imdb --recipes cramming --batch-size 32 --mlm-probability 0.3
+                                                # in-domain text for SST-2 (IMDB reviews, text only), the
+                                                # cramming recipe alone (no ablation), another batch and mask rate
 
 Recipes (all `lmforge pretrain --size SIZE --max-seq-len 128`, the same WordPiece vocabulary of 8,192
 trained here on the corpus, $LMFORGE_DATA/gutenberg; held out: wikitext-2 valid.txt):
@@ -18,6 +21,11 @@ trained here on the corpus, $LMFORGE_DATA/gutenberg; held out: wikitext-2 valid.
   roberta       --arch bert --objective mlm --packing full-sentences --masking dynamic, lr 5e-4,
                 6% warm-up: the same tokens (the NSP ablation: bert against roberta)
   random        the cramming architecture, never pre-trained
+
+--corpus gutenberg+imdb adds the 25,000 IMDB reviews of aclImdb's train/ and val/ ($LMFORGE_DATA/imdb;
+their text only, never their labels; IMDB is another site's reviews than SST-2's Rotten Tomatoes
+sentences) to the books, as domain-adaptive pre-training would (Gururangan et al. 2020); the tokenizer
+is then trained on both. Such a run lives in its own folder and its own BENCHMARKS.md section.
 
 Each is then fine-tuned on SST-2 and MRPC (`lmforge finetune --method full`, the same recipe for
 all); the dev scores are compared. Runs live under runs/bench/cramming/ and a rerun reuses the
@@ -102,23 +110,50 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def tokenizer(log: Path) -> Path:
-    out = WORK / "tokenizer"
-    if not (out / "tokenizer.json").is_file():
-        lmforge("tokenizer", "train", "--kind", "wordpiece", "--vocab-size", "8192", "--lowercase",
-                "--corpus", str(data_root() / "gutenberg"), "--out", str(out), log=log)
+def imdb_text() -> Path:
+    """aclImdb's train/ and val/ reviews as JSONL ({"text": ...}, one review a line; HTML line breaks
+    as spaces), written once under WORK; the labels are not read."""
+    import tarfile
+
+    out = WORK / "corpus" / "imdb.jsonl"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tarfile.open(data_root() / "imdb" / "aclImdb.tar.gz") as tar, open(tmp, "w", encoding="utf-8") as f:
+        for member in tar:
+            parts = member.name.split("/")   # aclImdb/{train,val}/{pos,neg}/ID_RATING.txt
+            if member.isfile() and len(parts) == 4 and parts[1] in ("train", "val") and parts[3].endswith(".txt"):
+                text = tar.extractfile(member).read().decode("utf-8").replace("<br />", " ")
+                f.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, out)
     return out
 
 
-def pretrain_command(name: str, size: str, budget: list[str], tok: Path) -> list[str] | None:
+def corpus(name: str) -> list[str]:
+    """The pre-training corpus paths of --corpus."""
+    paths = [str(data_root() / "gutenberg")]
+    return paths + [str(imdb_text())] if name == "gutenberg+imdb" else paths
+
+
+def tokenizer(log: Path, paths: list[str]) -> Path:
+    out = WORK / "tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        lmforge("tokenizer", "train", "--kind", "wordpiece", "--vocab-size", "8192", "--lowercase",
+                "--corpus", *paths, "--out", str(out), log=log)
+    return out
+
+
+def pretrain_command(name: str, size: str, budget: list[str], tok: Path, paths: list[str],
+                     recipe: list[str]) -> list[str] | None:
     """The `lmforge pretrain` arguments of a recipe, or None when its run has finished."""
     out = WORK / name
     if (out / "model").is_dir():
         return None
     args = ["pretrain", *RECIPES[name], "--size", size, "--tokenizer", str(tok),
-            "--corpus", str(data_root() / "gutenberg"), "--valid", str(data_root() / "wikitext-2" / "valid.txt"),
-            "--max-seq-len", "128", "--batch-size", "64", "--eval-batches", "20", "--eval-every", "250", "--no-progress",
-            "--out", str(out), *budget]
+            "--corpus", *paths, "--valid", str(data_root() / "wikitext-2" / "valid.txt"),
+            "--max-seq-len", "128", "--eval-batches", "20", "--eval-every", "250", "--no-progress",
+            "--out", str(out), *recipe, *budget]
     return args + (["--resume"] if (out / "checkpoint").is_dir() else [])
 
 
@@ -202,38 +237,57 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time where they are independent (bert and roberta; the fine-tunes), "
                         "each with cores / jobs threads (default 1)")
-    p.add_argument("--work", type=Path, default=WORK, help=f"where the runs live (default {WORK.relative_to(ROOT)})")
+    p.add_argument("--corpus", default="gutenberg", choices=["gutenberg", "gutenberg+imdb"],
+                   help="pre-training text (default gutenberg; gutenberg+imdb adds IMDB's reviews, text only)")
+    p.add_argument("--recipes", default="cramming,bert,roberta",
+                   help="comma-separated pre-training recipes (cramming always; bert,roberta: the ablations)")
+    p.add_argument("--batch-size", type=int, default=64, help="pre-training batch of 128-token sequences (default 64)")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="masking rate (default BERT's 0.15)")
+    p.add_argument("--work", type=Path, help=f"where the runs live (default {WORK.relative_to(ROOT)}, "
+                   "or a folder beside it named after the settings that differ from the defaults)")
     args = p.parse_args(argv)
-    WORK = args.work
+    variant = "".join([f"-{args.corpus}" if args.corpus != "gutenberg" else "",
+                       f"-b{args.batch_size}" if args.batch_size != 64 else "",
+                       f"-mlm{args.mlm_probability:g}" if args.mlm_probability != 0.15 else ""])
+    WORK = args.work or WORK.with_name(WORK.name + variant)
+    ablations = [n for n in ("bert", "roberta") if n in args.recipes.split(",")]
+    if sorted(set(args.recipes.split(",")) - {"cramming", "bert", "roberta"}):
+        p.error(f"--recipes: expected names among cramming,bert,roberta, got {args.recipes!r}")
+    recipe = ["--batch-size", str(args.batch_size), "--mlm-probability", str(args.mlm_probability)]
     minutes = args.minutes or (10.0 if args.quick else 60.0)
     samples = args.train_samples or (8000 if args.quick else None)
     extra = ["--max-train-samples", str(samples)] if samples else []
     WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / "log.txt"
-    tok = tokenizer(log)
+    paths = corpus(args.corpus)
+    tok = tokenizer(log, paths)
     # the time budget on the whole machine; then its token count for the other two recipes
-    run_all([c for c in [pretrain_command("cramming", args.size, ["--minutes", str(minutes)], tok)] if c], log, 1)
+    run_all([c for c in [pretrain_command("cramming", args.size, ["--minutes", str(minutes)], tok, paths, recipe)]
+             if c], log, 1)
     runs = {"cramming": pretrained("cramming")}
     tokens = runs["cramming"]["tokens"]
-    run_all([c for c in (pretrain_command(n, args.size, ["--tokens", str(tokens)], tok) for n in ("bert", "roberta"))
-             if c], log, args.jobs)
-    runs |= {name: pretrained(name) for name in ("bert", "roberta")}
+    run_all([c for c in (pretrain_command(n, args.size, ["--tokens", str(tokens)], tok, paths, recipe)
+                         for n in ablations) if c], log, args.jobs)
+    runs |= {name: pretrained(name) for name in ablations}
     dirs = {name: r["dir"] for name, r in runs.items()} | {"random": random_init(args.size, tok)}
     run_all([c for c in (finetune_command(d, name, task, extra) for name, d in dirs.items() for task in TASKS) if c],
             log, args.jobs)
     scores = {name: {task: finetuned(name, task) for task in TASKS} for name in dirs}
-    png = ROOT / "runs" / "bench" / "cramming-mlm.png"
+    png = WORK.with_name(WORK.name + "-mlm.png")
     drew = plot({n: r["curve"] for n, r in runs.items()}, png)
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
-    lines = [f"Pre-training: {args.size} size, sequences of 128, batch 64, corpus gutenberg (196 books), "
-             f"WordPiece 8,192 trained on it; held out: wikitext-2 valid. Budget: {minutes:g} minutes for "
-             f"cramming, then its {tokens:,} tokens for bert and roberta.", "",
+    text = ("gutenberg (196 books)" if args.corpus == "gutenberg" else
+            "gutenberg (196 books) and IMDB's 25,000 train/val reviews (text only)")
+    then = f", then its {tokens:,} tokens for {' and '.join(ablations)}" if ablations else " (no ablation runs)"
+    lines = [f"Pre-training: {args.size} size, sequences of 128, batch {args.batch_size}, masking rate "
+             f"{args.mlm_probability:g}, corpus {text}, WordPiece 8,192 trained on it; held out: wikitext-2 valid. "
+             f"Budget: {minutes:g} minutes for cramming{then}.", "",
              "| recipe | tokens | tokens/s | held-out MLM acc. | NSP acc. | SST-2 | MRPC | vs random (SST-2 / MRPC) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = scores["random"]
-    for name in ("cramming", "bert", "roberta", "random"):
+    for name in ("cramming", *ablations, "random"):
         r = runs.get(name, {})
         d = ("-" if name == "random" else
              f"{scores[name]['sst2'] - base['sst2']:+.1f} / {scores[name]['mrpc'] - base['mrpc']:+.1f}")
@@ -241,12 +295,15 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {r.get('tokens') or 0:,} | {tps or 0:,.0f} | {pct(r.get('mlm_accuracy'))} | "
                      f"{pct(r.get('nsp_accuracy'))} | {scores[name]['sst2']:.1f} | {scores[name]['mrpc']:.1f} | {d} |")
     met = all(scores["cramming"][t] - base[t] >= TARGET for t in TASKS)
-    nsp_winner = max(("bert", "roberta"), key=lambda n: scores[n]["sst2"] + scores[n]["mrpc"])
-    recipe_winner = max(("cramming", "bert"), key=lambda n: scores[n]["sst2"] + scores[n]["mrpc"])
-    lines += ["", f"Target (cramming at least {TARGET:g} points above random initialisation on both tasks): "
-              f"**{'met' if met else 'missed'}**. NSP ablation (bert: mlm,nsp with segment pairs; roberta: mlm with "
-              f"full sentences and dynamic masking; same tokens): **{nsp_winner}** scores higher (SST-2 + MRPC). "
-              f"Recipe: **{recipe_winner}** scores higher of cramming and bert at the same tokens.",
+    verdicts = f"Target (cramming at least {TARGET:g} points above random initialisation on both tasks): " \
+               f"**{'met' if met else 'missed'}**."
+    if len(ablations) == 2:
+        nsp_winner = max(("bert", "roberta"), key=lambda n: scores[n]["sst2"] + scores[n]["mrpc"])
+        recipe_winner = max(("cramming", "bert"), key=lambda n: scores[n]["sst2"] + scores[n]["mrpc"])
+        verdicts += (f" NSP ablation (bert: mlm,nsp with segment pairs; roberta: mlm with full sentences and dynamic "
+                     f"masking; same tokens): **{nsp_winner}** scores higher (SST-2 + MRPC). Recipe: "
+                     f"**{recipe_winner}** scores higher of cramming and bert at the same tokens.")
+    lines += ["", verdicts,
               "", f"Fine-tuning: `lmforge finetune --model DIR --task glue/TASK {' '.join(FINETUNE + extra)}` with "
               f"{', '.join(f'{t} {e} epochs' for t, (_, e) in TASKS.items())}; dev {', '.join(m for m, _ in TASKS.values())}."]
     if drew:
@@ -255,8 +312,13 @@ def main(argv=None) -> int:
     print(body)
     cmd = "python -m benchmarks.cramming" + (" --quick" if args.quick else "") + (
         f" --minutes {args.minutes:g}" if args.minutes else "") + (f" --size {args.size}" if args.size != "mini" else "") + (
-        f" --jobs {args.jobs}" if args.jobs != 1 else "")
-    write_section("Cramming on a CPU" + (" (quick)" if args.quick else ""), cmd, body,
+        f" --jobs {args.jobs}" if args.jobs != 1 else "") + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v, d in [("corpus", args.corpus, "gutenberg"),
+                                                          ("recipes", args.recipes, "cramming,bert,roberta"),
+                                                          ("batch_size", args.batch_size, 64),
+                                                          ("mlm_probability", args.mlm_probability, 0.15)] if v != d)
+    title = "Cramming on a CPU" + ("" if args.corpus == "gutenberg" else " (Gutenberg + IMDB)")
+    write_section(title + (" (quick)" if args.quick else ""), cmd, body,
                   precision=trainer_precision("auto"))
     return 0
 
