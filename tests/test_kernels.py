@@ -251,27 +251,30 @@ def test_forcing_plain_never_calls_onednn(force, monkeypatch):
 def test_choices_are_measured_once_then_cached_per_machine(cache, monkeypatch):
     measured = []
 
-    def fake_measure(op, dtype, train, shape, prefix):
-        measured.append(prefix)
-        return {f"{prefix}|{b}": {"kernel": "onednn", "why": "test"} for b in calibrate.SIZES}
+    def fake_measure(op, dtype, train, shape, prefix, buckets=tuple(calibrate.SIZES)):
+        measured.append((prefix, buckets))
+        return {f"{prefix}|{b}": {"kernel": "onednn", "why": "test"} for b in buckets}
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
     lin = Linear(24, 40)
     with torch.no_grad():
         lin(torch.randn(3, 24))
-        lin(torch.randn(700, 24))          # another size bucket of the same shape: measured already
-    assert measured == ["linear|float32|infer|24x40"]
+        lin(torch.randn(2, 24))            # the same size bucket: measured already
+        lin(torch.randn(700, 24))          # another size bucket: measured when first met, alone
+    assert measured == [("linear|float32|infer|24x40", ("t",)), ("linear|float32|infer|24x40", ("l",))]
     data = json.loads(cache.read_text())
     assert data["format"] == calibrate.FORMAT and data["machine_key"] == machine.machine_key()
-    assert data["choices"]["linear|float32|infer|24x40|s"]["kernel"] == "onednn"
+    assert data["choices"]["linear|float32|infer|24x40|t"]["kernel"] == "onednn"
+    assert "linear|float32|infer|24x40|s" not in data["choices"]
+    measured.clear()
     CHOICES.reset()                         # a new process reads the file instead of measuring
     with torch.no_grad():
         lin(torch.randn(3, 24))
-    assert len(measured) == 1
+    assert len(measured) == 0
     # stale or corrupt files are ignored and rebuilt
     for spoil in (lambda d: d.update(machine_key="another-cpu"), lambda d: d.update(format=0),
-                  lambda d: d["choices"]["linear|float32|infer|24x40|s"].update(kernel="mkl-from-the-future"),
-                  lambda d: d["choices"]["linear|float32|infer|24x40|s"].update(kernel="fp32"),  # attention's
+                  lambda d: d["choices"]["linear|float32|infer|24x40|t"].update(kernel="mkl-from-the-future"),
+                  lambda d: d["choices"]["linear|float32|infer|24x40|t"].update(kernel="fp32"),  # attention's
                   None):
         d = json.loads(cache.read_text())
         if spoil is None:
@@ -282,7 +285,7 @@ def test_choices_are_measured_once_then_cached_per_machine(cache, monkeypatch):
         CHOICES.reset()
         with torch.no_grad():
             lin(torch.randn(3, 24))
-        assert len(measured) == 2, spoil
+        assert len(measured) == 1, spoil
         assert json.loads(cache.read_text())["machine_key"] == machine.machine_key()
         measured.pop()
 
@@ -302,13 +305,25 @@ def test_machine_key_changes_with_threads_and_isa_caps(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_each_size_is_measured_with_a_budget_of_its_own(cache, monkeypatch):
+    # a shape slow enough that one size's measurement spends most of the budget: the next size,
+    # measured when first met, still gets measured (all sizes at once had left it to plain)
+    clock = FakeClock()
+    runs = fake_kernels(monkeypatch, clock, [{"plain": 0.1, "onednn": 0.02}])   # 0.72 s a size
+    monkeypatch.setattr(calibrate, "BUDGET_S", 1.0)
+    with torch.no_grad():
+        for rows in (1, 16, 128):
+            assert calibrate.choose("linear", torch.device("cpu"), torch.float32, False, (24, 40), rows) == "onednn"
+    assert [r for r, _ in runs] == [1, 16, 128]
+
+
 def test_unmeasured_choices_are_not_cached(cache, monkeypatch):
     # a shape whose timing budget ran out runs plain in this process but is measured again next time
     monkeypatch.setattr(calibrate, "BUDGET_S", -1.0)
     lin = Linear(24, 40)
     with torch.no_grad():
         lin(torch.randn(3, 24))
-    assert CHOICES.table()["linear|float32|infer|24x40|s"]["kernel"] == "plain"
+    assert CHOICES.table()["linear|float32|infer|24x40|t"]["kernel"] == "plain"   # 3 rows: bucket t
     assert not any("24x40" in k for k in json.loads(cache.read_text())["choices"])
 
 
@@ -347,7 +362,7 @@ def fake_kernels(monkeypatch, clock, durations):
                 clock.now += current["d"][k]
             return run
         current["rows"] = rows
-        return {k: thunk(k) for k in calibrate.OPS[op]}
+        return {k: thunk(k) for k in durations[0]}   # the kernels the case times
 
     monkeypatch.setattr(calibrate, "clock", clock)
     monkeypatch.setattr(calibrate, "_candidates", candidates)
@@ -380,7 +395,7 @@ def test_a_margin_within_noise_is_measured_once_more(monkeypatch, durations, bud
     assert ("measured twice" in first["why"]) == twice, first
     assert [n for rows, n in runs if rows == calibrate.SIZES[b0]] == ([0, 1] if twice else [0])
     if twice:   # each kernel's best over both measurements decided
-        best = {k: min(d[k] for d in durations) for k in calibrate.OPS["linear"]}
+        best = {k: min(d[k] for d in durations) for k in durations[0]}
         assert f"onednn {best['onednn'] * 1e3:.3f} ms" in first["why"]
     if budget < 0.1:   # the rest of the sizes were not measured at all
         assert out["p|l"] == {"kernel": "plain", "why": "calibration budget spent", "provisional": True}
@@ -505,7 +520,7 @@ def test_attention_precision_is_measured_per_key_count_and_cached(cache):
         attend(q, k, v, None, 0.0)
     table = json.loads(calibrate.cache_path().read_text())["choices"]
     keys = sorted(k for k in table if k.startswith("attention|"))
-    assert keys == [f"attention|bfloat16|train|3x16|{b}" for b in sorted(calibrate.SIZES)]
+    assert keys == ["attention|bfloat16|train|3x16|s"]   # 20 keys: bucket s, the one met
     for key in keys:
         assert table[key]["kernel"] in ("plain", "fp32")
         assert "plain" in table[key]["why"] and "fp32" in table[key]["why"]

@@ -1,9 +1,12 @@
 """Which kernel runs each op, chosen by measuring the candidates on this machine, and remembered.
 
-The first time an op meets a weight shape (per device, compute dtype, and inference or training),
-every candidate kernel is timed on that shape at four token counts (1, 16, 128 and 1,024 rows: a decode
-step of one sequence, batch-1 latency or a decode step of a batch, a short batch, a full batch) and the
-fastest is kept for each size bucket. One row is a bucket of its own because a GEMM of one row is a
+The first time an op meets a weight shape at a size (per device, compute dtype, and inference or
+training), every candidate kernel is timed on that shape at that size bucket's token count (1, 16, 128
+or 1,024 rows: a decode step of one sequence, batch-1 latency or a decode step of a batch, a short
+batch, a full batch) and the fastest is kept for the bucket. Each bucket is measured when first met,
+with a budget of its own: measuring all four at once had run a large shape's budget out (SmolLM2's
+[49152, 576] output matrix), leaving its later sizes to plain, which in bf16 casts that weight on
+every call (37 against 6 ms a decode step). One row is a bucket of its own because a GEMM of one row is a
 matrix-vector product, bound by reading the weight: packed oneDNN, ahead from 16 rows up, took 1.3-2x
 plain's time at one row on the AMX Xeon (SmolLM2's shapes, one thread). A fast path must
 beat plain PyTorch by MARGIN to be chosen, so noise never picks a slower kernel. Timing one shape
@@ -163,8 +166,8 @@ class Choices:
                          f"{'x'.join(map(str, shape))}"
                 table = self.table()
                 key = f"{prefix}|{memo_key[-1]}"
-                if key not in table:
-                    table.update(measure(op, dtype, train, shape, prefix))
+                if key not in table:   # this size only, when first met: each size gets the whole budget
+                    table.update(measure(op, dtype, train, shape, prefix, (memo_key[-1],)))
                     self._save()
                 kernel = table[key]["kernel"]
             self._memo[memo_key] = kernel
@@ -268,10 +271,12 @@ def _attention_candidates(dtype: torch.dtype, train: bool, shape: tuple[int, ...
     return {k: run(k) for k in OPS["attention"]}
 
 
-def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], prefix: str) -> dict:
-    """{prefix|bucket: {"kernel", "why"}} for every size bucket of one (op, shape)."""
+def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], prefix: str,
+            buckets: tuple[str, ...] = tuple(SIZES)) -> dict:
+    """{prefix|bucket: {"kernel", "why"}} for these size buckets of one (op, shape), within BUDGET_S."""
     out, start = {}, clock()
-    for b, rows in SIZES.items():
+    for b in buckets:
+        rows = SIZES[b]
         if clock() - start > BUDGET_S:
             # not measured: plain for this process only, never written to the cache (a busy spell
             # must not fix a choice for good)
