@@ -308,6 +308,12 @@ def main(argv=None) -> int:
               f"{', '.join(f'{t} {e} epochs' for t, (_, e) in TASKS.items())}; dev {', '.join(m for m, _ in TASKS.values())}."]
     if drew:
         lines.append(f"MLM accuracy curves: `{png.relative_to(ROOT)}`.")
+    if args.size == "mini":
+        lines += ["", "For orientation, the ceiling at this size: Google's BERT-Mini (the same 4 layers x 256, pre-trained "
+                  "in full on BookCorpus and Wikipedia; Turc et al. 2019, the BERT miniatures' model card) scores "
+                  "SST-2 85.9 and MRPC 71.8 accuracy (81.1 F1) on the GLUE test sets (the scores above are dev scores), "
+                  "with the best of a grid of fine-tuning settings: 5 points above a random-initialisation MRPC "
+                  "score near 70 is near or beyond what full pre-training gives a model of this size."]
     body = "\n".join(lines)
     print(body)
     cmd = "python -m benchmarks.cramming" + (" --quick" if args.quick else "") + (
