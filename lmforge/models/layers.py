@@ -44,12 +44,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the same arithmetic as below in one op (bit-identical in fp32; fewer ops per decode step)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        h = x.float()                                                      # no copy when x is fp32
+        # in place on the [.., 1] statistics only. Not F.rms_norm: the same result bit for bit, but in
+        # torch 2.13 on a CPU it took 3x this at 800 rows (1.1 against 0.38 ms: a prefill, a batch)
+        r = h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()        # [.., 1]
+        return self.weight * (h * r).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
