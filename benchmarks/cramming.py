@@ -118,9 +118,12 @@ def imdb_text() -> Path:
     out = WORK / "corpus" / "imdb.jsonl"
     if out.is_file():
         return out
+    src = data_root() / "imdb" / "aclImdb.tar.gz"
+    if not src.is_file():
+        raise SystemExit(f"benchmarks.cramming: {src} not found (--corpus gutenberg+imdb reads IMDB's reviews from it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    with tarfile.open(data_root() / "imdb" / "aclImdb.tar.gz") as tar, open(tmp, "w", encoding="utf-8") as f:
+    with tarfile.open(src) as tar, open(tmp, "w", encoding="utf-8") as f:
         for member in tar:
             parts = member.name.split("/")   # aclImdb/{train,val}/{pos,neg}/ID_RATING.txt
             if member.isfile() and len(parts) == 4 and parts[1] in ("train", "val") and parts[3].endswith(".txt"):
