@@ -39,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.report import ROOT, trainer_precision, write_section
@@ -89,14 +90,13 @@ def run_all(commands: list[list[str]], log: Path, jobs: int) -> None:
     while pending or running:
         while pending and free:
             start(pending.pop(0), free.pop(0))
-        proc, f, args, slot = running[0]
-        for entry in running:          # whichever ends first
-            if entry[0].poll() is not None:
-                proc, f, args, slot = entry
-                break
-        else:
-            proc.wait()
-        running.remove((proc, f, args, slot))
+        # whichever ends first (waiting on one would leave a slot idle while another ends)
+        done = next((entry for entry in running if entry[0].poll() is not None), None)
+        while done is None:
+            time.sleep(1)
+            done = next((entry for entry in running if entry[0].poll() is not None), None)
+        proc, f, args, slot = done
+        running.remove(done)
         f.close()
         free.append(slot)
         if proc.returncode != 0:
