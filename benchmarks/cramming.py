@@ -310,7 +310,8 @@ def main(argv=None) -> int:
               "", f"Fine-tuning: `lmforge finetune --model DIR --task glue/TASK {' '.join(FINETUNE + extra)}` with "
               f"{', '.join(f'{t} {e} epochs' for t, (_, e) in TASKS.items())}; dev {', '.join(m for m, _ in TASKS.values())}."]
     if drew:
-        lines.append(f"MLM accuracy curves: `{png.relative_to(ROOT)}`.")
+        shown = png.relative_to(ROOT) if png.is_relative_to(ROOT) else png   # --work elsewhere
+        lines.append(f"MLM accuracy curves: `{shown}`.")
     if args.size == "mini":
         lines += ["", "For orientation, the ceiling at this size: Google's BERT-Mini (the same 4 layers x 256, pre-trained "
                   "in full on BookCorpus and Wikipedia; Turc et al. 2019, the BERT miniatures' model card) scores "
