@@ -91,10 +91,8 @@ def run_all(commands: list[list[str]], log: Path, jobs: int) -> None:
         while pending and free:
             start(pending.pop(0), free.pop(0))
         # whichever ends first (waiting on one would leave a slot idle while another ends)
-        done = next((entry for entry in running if entry[0].poll() is not None), None)
-        while done is None:
+        while (done := next((e for e in running if e[0].poll() is not None), None)) is None:
             time.sleep(1)
-            done = next((entry for entry in running if entry[0].poll() is not None), None)
         proc, f, args, slot = done
         running.remove(done)
         f.close()
@@ -253,9 +251,10 @@ def main(argv=None) -> int:
                        f"-b{args.batch_size}" if args.batch_size != 64 else "",
                        f"-mlm{args.mlm_probability:g}" if args.mlm_probability != 0.15 else ""])
     WORK = args.work or WORK.with_name(WORK.name + variant)
-    ablations = [n for n in ("bert", "roberta") if n in args.recipes.split(",")]
-    if sorted(set(args.recipes.split(",")) - {"cramming", "bert", "roberta"}):
+    names = set(args.recipes.split(","))
+    if names - {"cramming", "bert", "roberta"}:
         p.error(f"--recipes: expected names among cramming,bert,roberta, got {args.recipes!r}")
+    ablations = [n for n in ("bert", "roberta") if n in names]
     recipe = ["--batch-size", str(args.batch_size), "--mlm-probability", str(args.mlm_probability)]
     minutes = args.minutes or (10.0 if args.quick else 60.0)
     samples = args.train_samples or (8000 if args.quick else None)

@@ -309,7 +309,8 @@ def test_each_size_is_measured_with_a_budget_of_its_own(cache, monkeypatch):
     # a shape slow enough that one size's measurement spends most of the budget: the next size,
     # measured when first met, still gets measured (all sizes at once had left it to plain)
     clock = FakeClock()
-    runs = fake_kernels(monkeypatch, clock, [{"plain": 0.1, "onednn": 0.02}])   # 0.72 s a size
+    # a warm-up and 3 rounds of both kernels: 0.96 s a size, so all sizes at once reach only two
+    runs = fake_kernels(monkeypatch, clock, [{"plain": 0.2, "onednn": 0.04}])
     monkeypatch.setattr(calibrate, "BUDGET_S", 1.0)
     with torch.no_grad():
         for rows in (1, 16, 128):

@@ -10,7 +10,7 @@ every call (37 against 6 ms a decode step). One row is a bucket of its own becau
 matrix-vector product, bound by reading the weight: packed oneDNN, ahead from 16 rows up, took 1.3-2x
 plain's time at one row on the AMX Xeon (SmolLM2's shapes, one thread). A fast path must
 beat plain PyTorch by MARGIN to be chosen, so noise never picks a slower kernel. Timing one shape
-takes tens of milliseconds (bounded by BUDGET_S); a model has a handful of shapes.
+at one size takes tens of milliseconds (bounded by BUDGET_S); a model has a handful of shapes.
 
 Choices are cached in `<cache dir>/kernels.json` (LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge,
 else ~/.cache/lmforge) under a key of the CPU model, ISA flags, thread count and torch version
