@@ -17,8 +17,8 @@ Precision: the fp32 rows run lmforge with `--precision fp32` against transformer
 from the same run and against transformers + peft with `torch.autocast("cpu", dtype=torch.bfloat16)`
 around forward and backward; they run only where `auto` resolves to bf16 (AMX or AVX512_BF16).
 
-ISA settings (`--isa`, default all three; `native` only with --quick), set in each worker's
-environment:
+ISA settings (`--isa`, default all three, or `native` alone on a CPU without AVX-512, where the caps
+hide nothing; `native` only with --quick), set in each worker's environment:
   native        the machine as it is (ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS removed)
   avx512-vnni   ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI: AVX-512 and VNNI, no AMX, no AVX512_BF16
   avx2          ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2: as
@@ -720,13 +720,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated row names of the plan to run (a check of the code paths: "
                    "the tables are printed and BENCHMARKS.md is left alone)")
     p.add_argument("--rounds", type=int, help=f"runs of each measurement (default {ROUNDS}; 1 with --quick)")
+    p.add_argument("--section", help="name the BENCHMARKS.md section 'Speed: SECTION' (another machine's "
+                   "figures beside the main ones, e.g. --section 'AMD EPYC, AVX2')")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(run_in_worker(args.worker)))
         return 0
 
-    isas = (args.isa or ("native" if args.quick else ",".join(ISA_ENVS))).split(",")
+    isas = (args.isa or ("native" if args.quick else ",".join(default_isas()))).split(",")
     unknown = [i for i in isas if i not in ISA_ENVS]
     if unknown:
         p.error(f"--isa: unknown {', '.join(unknown)} (expected {', '.join(ISA_ENVS)})")
@@ -752,11 +754,21 @@ def main(argv=None) -> int:
     if args.only:
         return 0
     command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_report(settings, isas, args.quick, command, body)
+    write_report(settings, isas, args.quick, command, body, args.section)
     return 0
 
 
-def write_report(settings: dict, isas: list[str], quick: bool, command: str, body: str) -> None:
+def default_isas() -> list[str]:
+    """The ISA settings worth measuring here: a cap at or above what the CPU has hides nothing, so on a
+    CPU without AVX-512 (most laptops, AMD before Zen 4) both caps would re-measure `native`."""
+    from lmforge.kernels import machine
+    if "avx512f" in machine.info()["flags"]:
+        return list(ISA_ENVS)
+    return ["native"]
+
+
+def write_report(settings: dict, isas: list[str], quick: bool, command: str, body: str,
+                 section: str | None = None) -> None:
     """The BENCHMARKS.md section: machine line from the native workers, precision and kernels lines."""
     first = settings[isas[0]]["probe"]
     info = first.get("machine") if isas[0] == "native" else None
@@ -768,7 +780,11 @@ def write_report(settings: dict, isas: list[str], quick: bool, command: str, bod
                  "where `auto` resolves to bf16")
     kernels = ((f"natively: {kernel_summary(merged_kernels(native))}" if native else "")
                + "; per ISA setting below (calibrated by lmforge.kernels in each setting)").lstrip("; ")
-    write_section("Speed" + (" (quick)" if quick else ""), command.strip(), body,
+    if "native" in settings and isas == ["native"] and default_isas() == ["native"]:
+        body = ("This CPU has no AVX-512, so the `avx512-vnni` and `avx2` caps would hide nothing: "
+                "the `native` figures below are its AVX2 figures.\n\n" + body)
+    name = "Speed" + (f": {section}" if section else "") + (" (quick)" if quick else "")
+    write_section(name, command.strip(), body,
                   precision=precision, kernels=kernels, info=info)
 
 

@@ -1,9 +1,10 @@
 """Dynamic int8 quantization for inference: the frozen base model's Linear layers hold int8 weights
-(one scale per output channel) and quantize their inputs on the fly (one scale per tensor); LoRA A/B,
+(one scale per output channel) and quantize their inputs on the fly (one scale per token); LoRA A/B,
 bottleneck adapters and the task heads stay in fp32 (they are tiny, and adapters must stay exact and
 hot-swappable).
 
-Every projection of the trunk is int8 by default. Two choices keep that accurate: weight scales per
+Every projection of the trunk is int8 by default. Three choices keep that accurate: input scales per
+token (kernels/int8.py), weight scales per
 output channel (one scale per tensor lost 1.1 to 2.1 points of SST-2 dev accuracy on three fine-tuned
 models with the FFN output in int8), and inputs in all 8 bits where the CPU has VNNI (torch's dynamic
 Linear keeps 7): the post-GELU inputs of the FFN output have outlier channels, about 14x the median.
