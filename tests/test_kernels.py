@@ -111,7 +111,8 @@ def test_stacked_qkv_equals_three_projections(dtype, bias, force, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         y = kernels.stacked_linear(x, layers)
         want = torch.cat([F.linear(x, m.weight, m.bias) for m in layers], -1)
-    assert calls, "the stacked GEMM did not run"
+    # oneDNN computes bf16 only where the CPU has bf16 instructions; elsewhere plain runs (the same answer)
+    assert bool(calls) == onednn.supports(x, dtype), "the stacked GEMM ran where it cannot / did not run"
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else BF16_TOL
     torch.testing.assert_close(y, want, **tol)
     torch.testing.assert_close(grads_of(y, [x])[0], grads_of(want, [x])[0], **tol)
