@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import resource
 import subprocess
 import sys
@@ -753,7 +754,7 @@ def main(argv=None) -> int:
     print(f"({(time.perf_counter() - start) / 60:.1f} min)")
     if args.only:
         return 0
-    command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.speed " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_report(settings, isas, args.quick, command, body, args.section)
     return 0
 
