@@ -154,6 +154,8 @@ def _shard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        return False   # nothing made a DTensor, and importing the module costs a second per process
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
