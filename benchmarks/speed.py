@@ -40,8 +40,8 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import resource
+import shlex
 import subprocess
 import sys
 import time

@@ -6,8 +6,8 @@ quantizes its input with one scale per tensor, so each row is first divided by i
 magnitude (and the output rows multiplied back, the bias added after): one outlier token then no
 longer coarsens every other token's steps. On a CPU without VNNI, whose inputs keep 7 bits, one scale
 per tensor had moved all-MiniLM-L6-v2's sentence vectors to cosine 0.947 of fp32 on SST-2 sentences
-(mean 0.973); one per row keeps them at 0.985 (mean 0.994), for two elementwise passes. Which layers of a model become int8 is
-infer/quantize.py's business; this file is only the kernel.
+(mean 0.973); one per row keeps them at 0.985 (mean 0.994), for two elementwise passes. Which layers
+of a model become int8 is infer/quantize.py's business; this file is only the kernel.
 
 Q, K and V read the same input, so where all three are Int8Linear, stacked_linear (kernels/gemm.py)
 runs them as one: an Int8Linear over the three weights stacked, which this file builds on first use
