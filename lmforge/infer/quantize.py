@@ -7,8 +7,8 @@ Every projection of the trunk is int8 by default. Three choices keep that accura
 token (kernels/int8.py), weight scales per output channel (one scale per tensor lost 1.1 to 2.1 points
 of SST-2 dev accuracy on three fine-tuned models with the FFN output in int8), and inputs in all 8
 bits where the CPU has VNNI (torch's dynamic Linear keeps 7): the post-GELU inputs of the FFN output
-have outlier channels, about 14x the median. `benchmarks/int8.py` measures the cost over every fine-tuned SST-2 model. `keep_fp32=("output",)`
-keeps the FFN output in fp32.
+have outlier channels, about 14x the median. `benchmarks/int8.py` measures the cost over every
+fine-tuned SST-2 model. `keep_fp32=("output",)` keeps the FFN output in fp32.
 
 The int8 kernel itself (Int8Linear, and Q/K/V as one int8 GEMM) is kernels/int8.py's: weights are
 prepacked for oneDNN where this torch has it (on this VNNI machine its dynamic int8 GEMMs beat
