@@ -190,11 +190,7 @@ def test_mlm_training_steps_match_transformers(tmp_path, model_type, cls_name):
             value.backward()
             opt.step()
             opt.zero_grad()
+    save_pretrained(ours, tmp_path / "ours")
     theirs = dict(ref.named_parameters())
-    for name, p in T.__dict__[cls_name].from_pretrained(_saved(ours, tmp_path / "ours")).named_parameters():
+    for name, p in getattr(T, cls_name).from_pretrained(tmp_path / "ours").named_parameters():
         torch.testing.assert_close(p, theirs[name], atol=1e-4, rtol=1e-4, msg=name)
-
-
-def _saved(model, path):
-    save_pretrained(model, path)
-    return path

@@ -206,6 +206,7 @@ def test_int8_inputs_are_scaled_per_row(bias):
     assert (err < 0.03).all(), err
     assert torch.allclose(q(x[1:2]), got[1:2], rtol=0.05, atol=0.05 * want[1].abs().max().item())
 
+
 @torch.no_grad()
 def test_int8_model_copies_and_pickles_with_the_same_results():
     import copy
