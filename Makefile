@@ -34,7 +34,7 @@ demo: $(VENV)/.runtime
 	$(PY) -m lmforge.demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 $(VENV)/.bench: $(VENV)/.test
 	$(PIP) -e '.[test,bench]'
