@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides (default: every core)")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, of fp32 and bf16 (default both)")
     p.add_argument("--no-write", action="store_true", help="print the table; leave BENCHMARKS.md alone")
+    p.add_argument("--section", help="name the BENCHMARKS.md section 'Decoding against transformers generate: "
+                   "SECTION' (another machine's figures beside the main ones, e.g. --section 'AMD EPYC, AVX2')")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -232,12 +235,9 @@ def main(argv=None) -> int:
     (WORK / "results.json").write_text(json.dumps(results))
     if args.no_write:
         return 0
-    cmd = "python -m benchmarks.decode" + (" --quick" if args.quick else "") + (
-        f" --new-tokens {args.new_tokens}" if args.new_tokens else "") + (
-        f" --rounds {args.rounds}" if args.rounds else "") + (
-        f" --threads {args.threads}" if args.threads != os.cpu_count() else "") + (
-        f" --precisions {','.join(precisions)}" if precisions != list(PRECISIONS) else "")
-    write_section("Decoding against transformers generate" + (" (quick)" if args.quick else ""), cmd, body,
+    cmd = "python -m benchmarks.decode " + shlex.join(argv if argv is not None else sys.argv[1:])
+    name = "Decoding against transformers generate" + (f": {args.section}" if args.section else "")
+    write_section(name + (" (quick)" if args.quick else ""), cmd.strip(), body,
                   precision=" and ".join(f"{x} on both sides" for x in precisions), kernels=cached_kernels())
     return 0
 
