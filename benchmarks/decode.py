@@ -183,9 +183,11 @@ def render(results: dict, lengths: list[int], new_tokens: dict, rounds: int, thr
                          f"{res['transformers'][0]['tokens']} (transformers)")
     body = "\n".join(rows) + "\n\n"
     body += (f"Median of {rounds} round(s), each side in a fresh process per measurement, sides alternating; "
-             f"{threads} torch thread(s) on both sides. fp32: both sides in fp32. bf16: lmforge under bf16 autocast "
-             "(its `--precision bf16`, and `auto` on this CPU), transformers loaded with dtype=torch.bfloat16. "
-             "Tokens per second count each row's new tokens up to and including its end token.\n\n")
+             f"{threads} torch thread(s) on both sides. "
+             + ("fp32: both sides in fp32. " if "fp32" in precisions else "")
+             + ("bf16: lmforge under bf16 autocast (its `--precision bf16`, and `auto` on a CPU with AMX or "
+                "AVX512_BF16), transformers loaded with dtype=torch.bfloat16. " if "bf16" in precisions else "")
+             + "Tokens per second count each row's new tokens up to and including its end token.\n\n")
     body += "\n".join(f"- {n}" for n in notes) + "\n"
     return body
 
