@@ -14,9 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LMFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="lmforge-test-cache-"))
 os.environ.pop("LMFORGE_KERNELS", None)
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores:
-# workers that each started one OpenMP thread per core would oversubscribe the machine, and OpenMP's
-# spinning threads make that far slower than running the tests one after another. Set before torch is
-# imported, so it holds in this process and in the CLI subprocesses the tests start.
+# workers that each started one OpenMP thread per core would run more busy threads than the machine has
+# cores. Set before torch is imported, so it holds in this process and in the CLI subprocesses the
+# tests start (a caller's own OMP_NUM_THREADS wins).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
     _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, _share))
