@@ -17,7 +17,8 @@ os.environ.pop("LMFORGE_KERNELS", None)
 # workers that each started one OpenMP thread per core would run more busy threads than the machine has
 # cores. Set before torch is imported, so it holds in this process and in the CLI subprocesses the
 # tests start (a caller's own OMP_NUM_THREADS wins).
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+CALLER_THREADS = os.environ.get("OMP_NUM_THREADS")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and CALLER_THREADS is None:
     _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, _share))
 
