@@ -5,6 +5,7 @@ LMFORGE_KERNELS forces a kernel; --device and --precision resolve as documented.
 mask's statistics and the manual attention with dropout vs SDPA. No test here measures speed."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,7 +227,10 @@ def test_lora_training_runs_qkv_as_one_gemm(force, monkeypatch):
 # -- choosing, caching, forcing ------------------------------------------------------------------
 def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNELS", "plain")
-    assert calibrate.forced() == {"linear": "plain", "stacked": "plain", "attention": "plain"}
+    assert calibrate.forced() == {"linear": "plain", "stacked": "plain", "attention": "plain",
+                                  "packed_attention": "plain"}
+    monkeypatch.setenv("LMFORGE_KERNELS", "compiled")
+    assert calibrate.forced() == {"packed_attention": "compiled"}
     monkeypatch.setenv("LMFORGE_KERNELS", "onednn")
     assert calibrate.forced() == {"linear": "onednn", "stacked": "onednn"}
     monkeypatch.setenv("LMFORGE_KERNELS", "attention=fp32")
@@ -235,7 +239,7 @@ def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
     assert calibrate.forced() == {"linear": "onednn", "stacked": "plain"}
     monkeypatch.setenv("LMFORGE_KERNELS", "auto")
     assert calibrate.forced() == {}
-    for bad in ("fast", "linear=mkl", "conv=plain", "linear=fp32", "attention=onednn"):
+    for bad in ("fast", "linear=mkl", "conv=plain", "linear=fp32", "attention=onednn", "packed_attention=fp32"):
         monkeypatch.setenv("LMFORGE_KERNELS", bad)
         with pytest.raises(ConfigError, match="LMFORGE_KERNELS"):
             calibrate.forced()
@@ -556,3 +560,111 @@ def test_env_reports_the_machine_and_the_choices_for_a_models_shapes(tmp_path, m
     has_attention = any(k.startswith("attention|bfloat16|train|2x16|") for k in kernels)
     assert has_attention == machine.has_bf16()
     CHOICES.reset()
+
+
+# -- the compiled packed attention (kernels/compiled.py, csrc/packed_attention.cpp) -------------
+def _packed_reference(q, k, v, lengths, H, Hkv, causal):
+    """Each sequence alone through SDPA in fp32, key/value heads repeated for their query heads."""
+    outs, start = [], 0
+    for L in lengths:
+        qs, ks, vs = (t[start:start + L].float().view(L, -1, t.shape[1] // (H if t is q else Hkv)).transpose(0, 1)
+                      for t in (q, k, v))                                   # [heads, L, Dh]
+        ks, vs = ks.repeat_interleave(H // Hkv, 0), vs.repeat_interleave(H // Hkv, 0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1).reshape(L, -1))
+        start += L
+    return torch.cat(outs)
+
+
+def _compiled_library():
+    from lmforge.kernels import compiled
+
+    lib = compiled.library()
+    # not a skip: where the ISA has a build, a failed build must fail the suite
+    assert lib is not None or compiled.isa() is None, compiled.status()
+    return lib
+
+
+PACKED_CASES = [  # heads, kv heads, head size, causal, lengths
+    (4, 4, 32, False, [7, 3, 12, 5, 9, 1, 40]),
+    (4, 4, 32, True, [7, 3, 12, 5, 9, 1, 40]),
+    (6, 2, 64, True, [17, 1, 33, 4]),          # grouped-query attention
+    (6, 3, 64, False, [2, 70]),
+    (2, 1, 32, True, [1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, Hkv, Dh, causal, lengths", PACKED_CASES)
+def test_compiled_packed_attention_equals_sdpa_per_sequence(H, Hkv, Dh, causal, lengths, dtype):
+    lib = _compiled_library()
+    if lib is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lengths), (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)     # views with the stream's row stride
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    got = lib.packed_attention(q, k, v, cu, H, Hkv, causal)
+    want = _packed_reference(q, k, v, lengths, H, Hkv, causal)
+    assert got.dtype == dtype and got.shape == (sum(lengths), H * Dh)
+    torch.testing.assert_close(got.float(), want, **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32
+                                                      else dict(atol=1e-2, rtol=1e-2)))
+
+
+def test_compiled_packed_attention_refuses_bad_boundaries():
+    lib = _compiled_library()
+    if lib is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    q = k = v = torch.randn(10, 64)
+    for cu in ([0, 4, 12], [0, 6, 3], [2, 10]):   # past the rows, falling, not from 0
+        with pytest.raises(RuntimeError, match="cu_seqlens"):
+            lib.packed_attention(q, k, v, torch.tensor(cu), 2, 2, False)
+
+
+def test_packed_attention_is_inference_only_and_falls_back_where_nothing_is_built(force, monkeypatch):
+    from lmforge.kernels import compiled
+
+    force("packed_attention=compiled")
+    q, k, v = (torch.randn(9, 64) for _ in range(3))
+    cu = torch.tensor([0, 4, 9])
+    if _compiled_library() is not None:
+        torch.testing.assert_close(kernels.packed_attention(q, k, v, cu, 5, 2, 2, True),
+                                   _packed_reference(q, k, v, [4, 5], 2, 2, True), atol=1e-5, rtol=1e-5)
+    assert kernels.packed_attention(q.requires_grad_(), k, v, cu, 5, 2, 2, True) is None   # training: plain
+    monkeypatch.setattr(compiled, "_state", {"library": None, "status": "not built: no compiler (test)"})
+    assert kernels.packed_attention(q.detach(), k, v, cu, 5, 2, 2, True) is None
+    force("plain")
+    assert calibrate.forced()["packed_attention"] == "plain"
+
+
+@pytest.mark.parametrize("config", [
+    dict(model_type="bert", head="classification"),
+    dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
+    dict(model_type="llama", head="causal-lm", num_kv_heads=1, type_vocab_size=0),
+])
+def test_models_at_inference_agree_with_plain_through_the_compiled_attention(config, force, monkeypatch):
+    """Whole models whose head size the kernel takes (32): the compiled attention against plain, at
+    inference (fp32 1e-5, bf16 autocast within BF16_TOL), and the kernel really ran."""
+    from lmforge.data.batches import collate_packed, model_inputs
+    from lmforge.kernels import compiled
+    from lmforge.models.config import ModelConfig
+    from tests.test_packing import V, items, random_model
+
+    if _compiled_library() is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
+                                     max_position_embeddings=64, num_labels=3, hidden_dropout=0.0,
+                                     attention_dropout=0.0, **config)).eval()
+    inputs = model_inputs(collate_packed(items([7, 3, 33, 5, 1])))
+    calls = []
+    real = compiled.library()
+    spy = SimpleNamespace(vector_width=real.vector_width,
+                          packed_attention=lambda *a: calls.append(a) or real.packed_attention(*a))
+    monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
+    for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
+        outs = []
+        for kernel in ("plain", "packed_attention=compiled"):
+            force(kernel)
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                outs.append(model(**inputs).logits.float())
+        torch.testing.assert_close(outs[1], outs[0], **tol)
+    assert len(calls) == 2 * model.config.num_layers   # fp32 and bf16, every layer

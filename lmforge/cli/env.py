@@ -19,8 +19,9 @@ def add_parser(p) -> None:
 
 
 def _shapes(model) -> list[tuple[int, ...]]:
-    """Weight shapes [in, out] of the model's Linear layers, [in, q, k, v] of its stacked Q/K/V, and
-    [heads, head size] of its attention."""
+    """Weight shapes [in, out] of the model's Linear layers, [in, q, k, v] of its stacked Q/K/V,
+    [heads, head size] of its attention and [heads, key/value heads, head size, causal] of its packed
+    inference attention."""
     from torch import nn
 
     shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -28,6 +29,7 @@ def _shapes(model) -> list[tuple[int, ...]]:
         a = layer.attention
         shapes.add((a.query.in_features, a.query.out_features, a.key.out_features, a.value.out_features))
         shapes.add((a.num_heads, a.head_dim))
+        shapes.add((a.num_heads, a.num_kv_heads, a.head_dim, int(a.causal)))
     return sorted(shapes)
 
 
@@ -66,7 +68,7 @@ def _exercise(model, device, precision) -> None:
 def run(args) -> int:
     import torch
 
-    from lmforge.kernels import caches, machine, resolve_device, resolve_precision
+    from lmforge.kernels import caches, compiled, machine, resolve_device, resolve_precision
     from lmforge.kernels.calibrate import CHOICES, cache_path, forced
     from lmforge.models import from_pretrained
 
@@ -86,7 +88,7 @@ def run(args) -> int:
     report = {"machine": info, "machine_key": machine.machine_key(), "device": str(device),
               "precision_auto": {"name": auto.name, "why": auto.why},
               "kernels_forced": forced() or None, "kernel_cache": str(cache_path()),
-              "library_caches": caches.bound(),
+              "library_caches": caches.bound(), "compiled_kernels": compiled.status(),
               "model": args.model, "kernels": chosen}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -101,8 +103,10 @@ def run(args) -> int:
           f"cache {cache_path()}")
     print("caches     " + ", ".join(f"{k}={v}" for k, v in report["library_caches"].items())
           + " (oneDNN's and ideep's per-shape caches, bounded by lmforge unless set)")
+    print(f"compiled   {report['compiled_kernels']}")
     print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket;"
-          " attention: heads x head size | keys bucket):")
+          " attention: heads x head size | keys bucket;"
+          " packed_attention: heads x kv heads x head size x causal | longest sequence's bucket):")
     for key, value in chosen.items():
         print(f"  {key:<44} {value['kernel']:<7} {value['why']}")
     del torch

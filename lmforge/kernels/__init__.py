@@ -9,10 +9,14 @@ faster form than their formula:
   stacked_linear(x, layers)       cat([l(x) for l in layers], -1)   (Q, K, V as one GEMM; one int8
                                   GEMM when all three are int8.Int8Linear, built and cached here)
   attend(q, k, v, mask, p)        softmax(q k^T / sqrt(d) + mask) v, with dropout p
+  packed_attention(q, k, v, cu, max_len, H, Hkv, causal)
+                                  the same within each sequence of a packed stream (inference), or
+                                  None where the compiled kernel (compiled.py) was not chosen
   keep_mask(like, p)              a dropout keep-mask
 
 Which implementation runs is chosen per machine by measurement (calibrate.py) and can be forced
-with LMFORGE_KERNELS; private torch ops live only in onednn.py and int8.py, guarded. int8.py is the
+with LMFORGE_KERNELS; private torch ops live only in onednn.py and int8.py, guarded; compiled.py builds lmforge's own C++
+kernels (csrc/) for this CPU on first use, or reports why it could not. int8.py is the
 dynamic int8 linear (infer/quantize.py decides which layers use it); precision.py resolves --device
 and --precision; machine.py says what this machine is; caches.py bounds the math libraries' per-shape
 caches (done here, on import, before any oneDNN primitive exists).
@@ -23,9 +27,9 @@ from lmforge.kernels import caches
 caches.bound()
 
 
-from lmforge.kernels.attention import attend, keep_mask
+from lmforge.kernels.attention import attend, keep_mask, packed_attention
 from lmforge.kernels.gemm import LowRankWrapper, compute_dtype, linear, linear_act, linear_add, stacked_linear
 from lmforge.kernels.precision import Precision, resolve_device, resolve_precision
 
-__all__ = ["attend", "keep_mask", "linear", "linear_act", "linear_add", "stacked_linear", "compute_dtype",
+__all__ = ["attend", "keep_mask", "packed_attention", "linear", "linear_act", "linear_add", "stacked_linear", "compute_dtype",
            "LowRankWrapper", "Precision", "resolve_device", "resolve_precision"]

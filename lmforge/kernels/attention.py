@@ -1,6 +1,8 @@
 """Attention and dropout masks: the plain formulas, with the CPU's faster random masks.
 
-attend() is SDPA where SDPA has a fused kernel; with attention dropout on a CPU it computes the same
+packed_attention() is inference attention straight on a packed stream's rows, by the compiled kernel
+where this machine measured it faster (calibrate.py, op `packed_attention`), else None: the caller
+runs its plain path. attend() is SDPA where SDPA has a fused kernel; with attention dropout on a CPU it computes the same
 softmax(q k^T / sqrt(d) + mask) v by hand with keep_mask's masks (SDPA's CPU dropout falls back to
 that math anyway, with slower sampling).
 """
@@ -45,6 +47,27 @@ def _in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False
     return choose("attention", q.device, q.dtype, True, (q.shape[1], q.shape[-1]), k.shape[-2]) == "fp32"
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     heads: int, kv_heads: int, causal: bool) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(d) [+ causal mask]) v within each sequence of a packed stream: q [N, H Dh],
+    k and v [N, Hkv Dh] (views with contiguous rows, e.g. splits of one Q/K/V projection), sequence b
+    at rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1, query head h reading key/value head h // (H / Hkv)
+    -> [N, H Dh]. None unless the compiled kernel applies (a CPU, fp32 or bf16, no gradient needed)
+    and was chosen for these shapes on this machine."""
+    if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16)
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    shape = (heads, kv_heads, q.shape[1] // heads, int(causal))
+    if choose("packed_attention", q.device, q.dtype, False, shape, max_len) != "compiled":
+        return None
+    from lmforge.kernels import compiled
+
+    lib = compiled.library()
+    if lib is None or shape[2] % lib.vector_width():   # forced where it cannot run: plain
+        return None
+    return lib.packed_attention(q, k, v, cu_seqlens, heads, kv_heads, causal)
 
 
 def attend(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool = False) -> torch.Tensor:

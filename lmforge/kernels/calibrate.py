@@ -20,6 +20,9 @@ or names an unknown kernel is ignored and rebuilt, never trusted. LMFORGE_KERNEL
 
 Ops and their kernels: `linear` and `stacked` (Q/K/V as one GEMM) are plain (F.linear) or onednn
 (prepacked weights; int8 and bf16 through the same primitive), keyed by weight shape and row count.
+`packed_attention` is inference attention over a packed stream: plain (per length bucket, SDPA) or
+compiled (kernels/compiled.py: built for this CPU on first use; unavailable where nothing can be
+built), keyed by (heads, key/value heads, head size, causal) and the longest sequence.
 `attention` is a bf16 training step's attention on a CPU (forward and backward): plain (torch's SDPA
 in bf16) or fp32 (the same SDPA on inputs cast to fp32, the output cast back), keyed by (heads, head
 size) and key count. torch 2.13's bf16 kernel took 2-6x fp32's time at short lengths on an AMX Xeon
@@ -43,9 +46,11 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3                  # bump when the file's meaning changes: older files are rebuilt (3: attention)
-OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32")}
-KERNELS = ("plain", "onednn", "fp32")
+FORMAT = 4                  # bump when the file's meaning changes: older files are rebuilt (4: packed_attention)
+OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32"),
+       "packed_attention": ("plain", "compiled")}
+KERNELS = ("plain", "onednn", "fp32", "compiled")
+NOT_GEMM = ("attention", "packed_attention")   # ops whose fast path does not need oneDNN
 SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows (attention: keys) timed
 MARGIN = 0.97               # a fast path must take at most 97% of plain's time
 BUDGET_S = 1.0              # per (op, shape): stop timing and keep plain past this
@@ -152,8 +157,9 @@ class Choices:
     def choose(self, op: str, device: torch.device, dtype: torch.dtype, train: bool,
                shape: tuple[int, ...], rows: int) -> str:
         """The kernel for op on a weight of `shape` ([in, out...]) with `rows` input rows (attention:
-        shape (heads, head size), rows = keys)."""
-        if device.type != "cpu" or (op != "attention" and not onednn.available()):
+        shape (heads, head size), rows = keys; packed_attention: shape (heads, key/value heads, head
+        size, causal), rows = the longest sequence)."""
+        if device.type != "cpu" or (op not in NOT_GEMM and not onednn.available()):
             return "plain"                       # GPUs: torch's own kernels are the fast path
         memo_key = (op, dtype, train, shape, bucket(rows))
         kernel = self._memo.get(memo_key)
@@ -219,6 +225,8 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
     g = torch.Generator().manual_seed(0)
     if op == "attention":
         return _attention_candidates(dtype, train, shape, rows, g)
+    if op == "packed_attention":
+        return _packed_attention_candidates(dtype, shape, rows, g)
     k_in, outs = shape[0], shape[1:]
     weights = [torch.randn(o, k_in, generator=g) * 0.02 for o in outs]
     biases = [torch.zeros(o) for o in outs]
@@ -271,6 +279,36 @@ def _attention_candidates(dtype: torch.dtype, train: bool, shape: tuple[int, ...
     return {k: run(k) for k in OPS["attention"]}
 
 
+def _packed_attention_candidates(dtype: torch.dtype, shape: tuple[int, ...], keys: int, g) -> dict:
+    """Inference attention over a packed stream of sequences of `keys` tokens, 512 tokens in all: plain
+    (the stream as a [B, H, keys, Dh] view, key/value heads repeated for their query heads, SDPA with a
+    boolean mask, as models/layers.py runs a length bucket) and compiled (csrc/packed_attention.cpp on
+    the stream's rows). A RuntimeError when the compiled kernels are not available here."""
+    from lmforge.kernels import compiled
+
+    H, Hkv, Dh, causal = shape
+    lib = compiled.library()
+    if lib is None:
+        raise RuntimeError(f"compiled kernels {compiled.status()}")
+    if Dh % lib.vector_width():
+        raise RuntimeError(f"head size {Dh} is not a multiple of the vector width {lib.vector_width()}")
+    B = max(1, 512 // keys)
+    qkv = torch.randn(B * keys, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    cu = torch.arange(B + 1) * keys
+    mask = torch.ones(B, 1, keys if causal else 1, keys, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
+
+    def plain():
+        block = qkv.view(B, keys, H + 2 * Hkv, Dh).transpose(1, 2)            # [B, H + 2 Hkv, keys, Dh]
+        qh, kh, vh = block.split([H, Hkv, Hkv], dim=1)
+        kh, vh = (t.repeat_interleave(H // Hkv, dim=1) for t in (kh, vh))
+        F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask).transpose(1, 2).reshape(B * keys, H * Dh)
+
+    return {"plain": plain, "compiled": lambda: lib.packed_attention(q, k, v, cu, H, Hkv, bool(causal))}
+
+
 def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], prefix: str,
             buckets: tuple[str, ...] = tuple(SIZES)) -> dict:
     """{prefix|bucket: {"kernel", "why"}} for these size buckets of one (op, shape), within BUDGET_S."""
@@ -301,7 +339,7 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
                                     "provisional": True}
             continue
         why = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()) + \
-            f" at {rows} {'keys' if op == 'attention' else 'rows'}"
+            f" at {rows} {'keys' if op in NOT_GEMM else 'rows'}"
         if again:
             why += ", measured twice" + (" (still close)" if close else "")
         out[f"{prefix}|{b}"] = {"kernel": kernel, "why": why}

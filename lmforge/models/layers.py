@@ -215,13 +215,18 @@ class Attention(nn.Module):
                 cache.write_reserved(layer_idx, prefix[0][0], prefix[1][0])
             if not cache.step.prefill:
                 return self._project(self._attend_cached(q, cache, layer_idx), residual)
+        drop = self.dropout_p if self.training else 0.0
+        if not drop and self.kv_prefix is None:   # inference: straight on the stream where a kernel can
+            q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+            y = kernels.packed_attention(q, k, v, packed.cu_seqlens, packed.max_len, H, Hkv, self.causal)
+            if y is not None:
+                return self._project(y, residual)                                  # [N, D]
         W = qkv.shape[1]
         dense = packed.dense  # the stream is the layout already: no scatter, no gather
         if dense:
             rows = qkv
         else:  # gather into the bucketed layout [R, W] (padding rows repeat a real token: masked)
             rows = qkv.index_select(0, packed.attn_source)
-        drop = self.dropout_p if self.training else 0.0
         outs = []
         # split, not one slice per group: its backward is one concatenation of the groups' gradients,
         # where each slice's would zero-fill a buffer of all the rows
