@@ -107,7 +107,8 @@ def run(args) -> int:
     print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket;"
           " attention: heads x head size | keys bucket;"
           " packed_attention: heads x kv heads x head size x causal | longest sequence's bucket):")
+    width = max(map(len, chosen), default=0)
     for key, value in chosen.items():
-        print(f"  {key:<44} {value['kernel']:<7} {value['why']}")
+        print(f"  {key:<{width}} {value['kernel']:<8} {value['why']}")
     del torch
     return 0
