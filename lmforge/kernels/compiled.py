@@ -72,7 +72,8 @@ def _build():
         return ops, f"built for {target} ({ops.vector_width()} floats a vector) in {build_dir}"
     except Exception as e:   # no compiler, no ninja, a read-only cache, a build error: plain runs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        log.warning("lmforge: its compiled CPU kernels could not be built (%s); plain PyTorch runs instead", first)
+        log.warning("lmforge: its compiled CPU kernels could not be built (they need a C++ compiler and ninja: %s); "
+                    "plain PyTorch runs instead", first)
         return None, f"not built: {first}"
 
 
