@@ -36,3 +36,21 @@ def test_padded_gemms_equal_the_plain_ones(rows):
     torch.testing.assert_close(onednn.weight_grad(gy, x), gy.t() @ x, atol=1e-3, rtol=1e-5)
     x_wide = torch.randn(rows, 96, generator=g)   # in > out: the other packing of the weight gradient
     torch.testing.assert_close(onednn.weight_grad(gy, x_wide), gy.t() @ x_wide, atol=1e-3, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [7, 33, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gemm_casts_its_input_as_it_pads_it(rows, dtype):
+    """An fp32 input read by its strides (here a transposed view), cast to the compute dtype and padded
+    to its row bucket in one copy: the answer is the product in that dtype."""
+    if not onednn.supports(torch.randn(2, 2), dtype):
+        pytest.skip("no bf16 GEMM in this CPU's oneDNN (such CPUs compute in fp32: the fp32 case runs)")
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(48, rows, generator=g).t(), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    packed, bias = onednn.packed_weight((w,), (b,), dtype)
+    y = onednn.gemm(x, packed, bias, dtype=dtype)
+    assert y.dtype == dtype and y.shape == (rows, 40)
+    want = x.to(dtype).float() @ w.to(dtype).float().t() + b.to(dtype).float()
+    torch.testing.assert_close(y.float(), want, **(dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32
+                                                   else dict(atol=0.1, rtol=2e-2)))

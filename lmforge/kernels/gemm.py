@@ -59,14 +59,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
         kernel = _kernel("linear", x, dtype, train and weight.requires_grad, (weight.shape[1], weight.shape[0]))
     if kernel != "onednn" or weight.dtype not in onednn.DTYPES:
         return F.linear(x, weight, bias)
-    x2d = x.reshape(-1, x.shape[-1]).to(dtype)      # [N, in] in the compute dtype
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
+    x2d = x.reshape(-1, x.shape[-1])                # [N, in]
     if train:
-        y = onednn.LinearFn.apply(x2d, weight, bias)
-    else:
+        y = onednn.LinearFn.apply(x2d.to(dtype).contiguous(), weight, bias)
+    else:   # cast to the compute dtype as the GEMM pads its rows: one pass
         packed, b = onednn.packed_weight((weight,), (bias,), dtype)
-        y = onednn.gemm(x2d, packed, b)
+        y = onednn.gemm(x2d, packed, b, dtype=dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -89,7 +87,7 @@ def linear_act(x: torch.Tensor, layer: nn.Module, act_name: str, act) -> torch.T
     if dtype is None or act_name not in onednn.POST_OPS:
         return act(layer(x))
     packed, b = onednn.packed_weight((layer.weight,), (layer.bias,), dtype)
-    y = onednn.gemm(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(), packed, b, act_name)
+    y = onednn.gemm(x.reshape(-1, x.shape[-1]), packed, b, act_name, dtype=dtype)
     return y.view(*x.shape[:-1], layer.out_features)
 
 
@@ -112,12 +110,12 @@ def stacked_plain(x: torch.Tensor, weights, biases) -> torch.Tensor:
 def stacked_onednn(x: torch.Tensor, weights: tuple, biases: tuple, terms: tuple, spans: tuple = ()) -> torch.Tensor:
     """x [W_1; ...; W_k]^T + b (+ low-rank terms on column spans) as one packed GEMM [N, sum out]."""
     dtype = compute_dtype(x)
-    x2d = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    x2d = x.reshape(-1, x.shape[-1])
     if _needs_grad(x, *terms):
-        y = onednn.LowRankStackedFn.apply(x2d, weights, biases, spans, *terms)
+        y = onednn.LowRankStackedFn.apply(x2d.to(dtype).contiguous(), weights, biases, spans, *terms)
     else:
         packed, b = onednn.packed_weight(weights, biases, dtype)
-        y = onednn.gemm(x2d, packed, b)
+        y = onednn.gemm(x2d, packed, b, dtype=dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

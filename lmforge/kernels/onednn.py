@@ -105,22 +105,26 @@ def bucket_rows(m: int) -> int:
     return -(-m // step) * step
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t [m, k] -> [rows, k], zeros below (only the tail is zeroed: a full zero fill first was a
-    twelfth of a bf16 inference pass on an AMX Xeon)."""
-    m = t.shape[0]
+def _pad_rows(t: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t [m, k] (any strides) -> [rows, k] contiguous in dtype (t's own by default), zeros below: the
+    cast to the compute dtype and the padding are one pass (each was a copy of every GEMM input in
+    bf16 inference). Only the tail is zeroed: a full zero fill first was a twelfth of a bf16
+    inference pass on an AMX Xeon."""
+    m, dtype = t.shape[0], dtype or t.dtype
     if m == rows:
-        return t
-    out = t.new_empty(rows, t.shape[1])
+        return t.to(dtype).contiguous()
+    out = t.new_empty(rows, t.shape[1], dtype=dtype)
     out[:m] = t
     out[m:] = 0
     return out
 
 
-def gemm(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+def gemm(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x2d [m, k] W^T + b (then act), x2d cast to dtype (the packed weight's) on the way in."""
     name, algo = POST_OPS[act] if act else ("none", "")
     m = x2d.shape[0]
-    return _LINEAR(_pad_rows(x2d, bucket_rows(m)), packed, bias, name, [], algo)[:m]
+    return _LINEAR(_pad_rows(x2d, bucket_rows(m), dtype), packed, bias, name, [], algo)[:m]
 
 
 def gemm_add(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
