@@ -54,3 +54,26 @@ def test_a_gemm_casts_its_input_as_it_pads_it(rows, dtype):
     want = x.to(dtype).float() @ w.to(dtype).float().t() + b.to(dtype).float()
     torch.testing.assert_close(y.float(), want, **(dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32
                                                    else dict(atol=0.1, rtol=2e-2)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [33, 100])
+def test_a_gemm_reads_a_padded_view_without_copying_and_right(rows, monkeypatch):
+    """An input that is the first rows of a bigger buffer (an earlier GEMM's padded output, or any row
+    slice with room after it) is read in place, from where it starts; the answer is as from a copy."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    w2, b2 = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(rows, 48, generator=g)
+    packed, bias = onednn.packed_weight((w,), (b,), torch.float32)
+    packed2, bias2 = onednn.packed_weight((w2,), (b2,), torch.float32)
+    y = onednn.gemm(x, packed, bias)                       # [:rows] of its padded output
+    buffer = torch.randn(rows + 64, 40, generator=g)
+    middle = buffer[10:10 + rows]
+    middle.copy_(y)                                        # rows after it: other data
+    copies = []
+    real_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: copies.append(a) or real_empty(t, *a, **k))
+    for inp in (y, middle):
+        torch.testing.assert_close(onednn.gemm(inp, packed2, bias2), (x @ w.t() + b) @ w2.t() + b2, atol=1e-3, rtol=1e-4)
+    assert copies == []

@@ -113,10 +113,22 @@ def _pad_rows(t: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> t
     m, dtype = t.shape[0], dtype or t.dtype
     if m == rows:
         return t.to(dtype).contiguous()
+    if dtype == t.dtype and _padded_already(t, rows):
+        # t is the first m rows of an earlier GEMM's padded output (gemm returns that view): its
+        # buffer's first `rows` rows are the padded input, no copy. The rows past m hold whatever that
+        # GEMM computed for its own padding; rows are independent in a GEMM and its post-ops, so they
+        # reach only the rows past m of this output, which are cut off too.
+        return t.as_strided((rows, t.shape[1]), (t.shape[1], 1))
     out = t.new_empty(rows, t.shape[1], dtype=dtype)
     out[:m] = t
     out[m:] = 0
     return out
+
+
+def _padded_already(t: torch.Tensor, rows: int) -> bool:
+    """t [m, k] is contiguous and its storage holds `rows` full rows from where t starts."""
+    return (t.is_contiguous() and not t.requires_grad
+            and (t.storage_offset() + rows * t.shape[1]) * t.element_size() <= t.untyped_storage().nbytes())
 
 
 def gemm(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
