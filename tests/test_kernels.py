@@ -5,6 +5,7 @@ LMFORGE_KERNELS forces a kernel; --device and --precision resolve as documented.
 mask's statistics and the manual attention with dropout vs SDPA. No test here measures speed."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -668,3 +669,20 @@ def test_models_at_inference_agree_with_plain_through_the_compiled_attention(con
                 outs.append(model(**inputs).logits.float())
         torch.testing.assert_close(outs[1], outs[0], **tol)
     assert len(calls) == 2 * model.config.num_layers   # fp32 and bf16, every layer
+
+
+def test_the_build_finds_the_ninja_package_beside_python(tmp_path, monkeypatch):
+    """No ninja on PATH, the `ninja` package's beside this Python (an unactivated venv): that one is on
+    PATH for the build only; with a ninja on PATH, PATH is left alone."""
+    from lmforge.kernels import compiled
+
+    (tmp_path / "ninja").write_text("")
+    monkeypatch.setattr(compiled.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "/nowhere")
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    with compiled._with_ninja():
+        assert os.environ["PATH"].split(os.pathsep) == [str(tmp_path), "/nowhere"]
+    assert os.environ["PATH"] == "/nowhere"
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/ninja")
+    with compiled._with_ninja():
+        assert os.environ["PATH"] == "/nowhere"

@@ -1,6 +1,7 @@
 """Kernels lmforge compiles on first use, for the machine it runs on.
 
-The C++ sources in csrc/ are built by torch's cpp_extension (a C++ compiler and ninja), once per
+The C++ sources in csrc/ are built by torch's cpp_extension (a C++ compiler, and ninja: the system's,
+or the `ninja` package's beside this Python), once per
 vector ISA, torch version and source, into `<cache dir>/build/` beside the kernel choices, and loaded
 once per process as torch.ops.lmforge_kernels. The ISA is what this CPU offers after any
 ONEDNN_MAX_CPU_ISA cap (machine.cpu_flags), so a benchmark that hides AVX-512 from the math libraries
@@ -11,8 +12,12 @@ can be built (no compiler, no ninja, neither AVX2 nor AVX-512, a build error), `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -50,6 +55,25 @@ def build_name(target: str) -> str:
     return f"lmforge_kernels_{target}_{digest.hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _with_ninja():
+    """torch's build runs `ninja` from PATH; where none is there but the `ninja` package put one beside
+    this Python (a virtual environment that is not activated), that one, for the build only."""
+    here = Path(sys.executable).parent
+    if shutil.which("ninja") or not (here / "ninja").exists():
+        yield
+        return
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(here), *([path] if path else [])])
+    try:
+        yield
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
+
+
 def _build():
     from lmforge.kernels.calibrate import cache_path
 
@@ -65,14 +89,15 @@ def _build():
 
         build_dir.mkdir(parents=True, exist_ok=True)
         log.info("compiling lmforge's CPU kernels for %s into %s (once for this CPU and torch)", target, build_dir)
-        load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS[target]], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        with _with_ninja():
+            load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
+                 extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS[target]], extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
         ops = torch.ops.lmforge_kernels
         return ops, f"built for {target} ({ops.vector_width()} floats a vector) in {build_dir}"
     except Exception as e:   # no compiler, no ninja, a read-only cache, a build error: plain runs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        log.warning("lmforge: its compiled CPU kernels could not be built (they need a C++ compiler and ninja: %s); "
+        log.warning("lmforge: its compiled CPU kernels could not be built (they need a C++ compiler: %s); "
                     "plain PyTorch runs instead", first)
         return None, f"not built: {first}"
 
