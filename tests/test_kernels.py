@@ -686,3 +686,29 @@ def test_the_build_finds_the_ninja_package_beside_python(tmp_path, monkeypatch):
     monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/ninja")
     with compiled._with_ninja():
         assert os.environ["PATH"] == "/nowhere"
+
+
+def test_a_failed_build_is_remembered_until_recalibration(tmp_path, monkeypatch):
+    """A build that fails is not retried by the next process (a broken toolchain can take seconds to
+    fail), says why, and is tried again after `lmforge env --recalibrate` (forget_failures)."""
+    import torch.utils.cpp_extension as ext
+
+    from lmforge.kernels import compiled
+
+    if compiled.isa() is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing is ever built")
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    tries = []
+
+    def broken(**kw):
+        tries.append(kw["name"])
+        raise RuntimeError("Error building extension: c++: fatal error (test)")
+
+    monkeypatch.setattr(ext, "load", broken)
+    assert compiled._build() == (None, "not built: Error building extension: c++: fatal error (test)")
+    lib, why = compiled._build()                      # the next process
+    assert lib is None and "an earlier build failed" in why and "fatal error (test)" in why
+    assert len(tries) == 1
+    compiled.forget_failures()
+    compiled._build()
+    assert len(tries) == 2

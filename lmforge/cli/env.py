@@ -15,7 +15,8 @@ def add_parser(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.add_argument("--recalibrate", action="store_true",
-                   help="forget this machine's cached kernel choices and measure again (best on an idle machine)")
+                   help="forget this machine's cached kernel choices and measure again (best on an idle machine); "
+                        "retry a compiled-kernel build that failed before")
 
 
 def _shapes(model) -> list[tuple[int, ...]]:
@@ -75,6 +76,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     if args.recalibrate:
         CHOICES.forget()
+        compiled.forget_failures()
     info = machine.info()
     auto = resolve_precision("auto", device)
     model = from_pretrained(args.model, head=None, device=device)

@@ -7,7 +7,8 @@ once per process as torch.ops.lmforge_kernels. The ISA is what this CPU offers a
 ONEDNN_MAX_CPU_ISA cap (machine.cpu_flags), so a benchmark that hides AVX-512 from the math libraries
 hides it from these kernels too, and a cached build for another CPU is never loaded. Where nothing
 can be built (no compiler, no ninja, neither AVX2 nor AVX-512, a build error), `library()` is None,
-`status()` says why, and every caller keeps its plain PyTorch path.
+`status()` says why, and every caller keeps its plain PyTorch path; a failed build is remembered in its
+build directory and not retried by every process until `lmforge env --recalibrate`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _ISA_FLAGS = {
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
     "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
 }
+FAILED = "FAILED"   # in a build directory: that build failed here, and why (not retried per process)
 _lock = threading.Lock()
 _state: dict = {}   # "library": the ops namespace or None, "status": why
 
@@ -84,6 +86,10 @@ def _build():
         return None, "not built: this torch has no OpenMP"
     name = build_name(target)
     build_dir = cache_path().parent / "build" / name
+    failed = build_dir / FAILED
+    if failed.exists():   # not again in every process: a broken toolchain can take seconds to fail
+        return None, f"not built (an earlier build failed; `lmforge env --recalibrate` tries again): " \
+                     f"{failed.read_text(encoding='utf-8', errors='replace').strip()}"
     try:
         from torch.utils.cpp_extension import load
 
@@ -99,7 +105,19 @@ def _build():
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         log.warning("lmforge: its compiled CPU kernels could not be built (they need a C++ compiler: %s); "
                     "plain PyTorch runs instead", first)
+        try:
+            failed.write_text(first + "\n", encoding="utf-8")
+        except OSError:   # a read-only cache: the next process tries again
+            pass
         return None, f"not built: {first}"
+
+
+def forget_failures() -> None:
+    """Let the next process try builds that failed before (`lmforge env --recalibrate`)."""
+    from lmforge.kernels.calibrate import cache_path
+
+    for marker in (cache_path().parent / "build").glob(f"*/{FAILED}"):
+        marker.unlink(missing_ok=True)
 
 
 def library():
