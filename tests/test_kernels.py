@@ -516,6 +516,35 @@ def test_bf16_attention_that_trains_runs_in_the_chosen_precision(kernel, grad, u
     calibrate.CHOICES.reset()
 
 
+@pytest.mark.parametrize("kernel", ["fp32", "plain"])
+def test_bf16_attention_with_dropout_runs_in_the_chosen_precision(kernel, monkeypatch):
+    """With dropout (the by-hand path) too: fp32 on cast inputs where chosen, bf16 otherwise; the same
+    dropout masks either way (keep_mask draws by element count)."""
+    from lmforge.kernels import attention
+
+    monkeypatch.setenv("LMFORGE_KERNELS", f"attention={kernel}")
+    calibrate.CHOICES.reset()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 24, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    mask[0, ..., -5:] = False
+    results = {}
+    for name, fp32 in [("got", None), ("fp32", True), ("bf16", False)]:
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[name] = attend(q, k, v, mask, 0.2) if fp32 is None else \
+                attention.dropout_attention(q, k, v, mask, 0.2, fp32=fp32)
+    assert results["got"].dtype == torch.bfloat16
+    assert torch.equal(results["got"], results[kernel if kernel == "fp32" else "bf16"])
+    assert not torch.equal(results["fp32"], results["bf16"])     # the two ways differ: the test tells them apart
+    torch.manual_seed(7)
+    want = attention.dropout_attention(q.float(), k.float(), v.float(), mask, 0.2)  # fp32 math, same masks
+    torch.testing.assert_close(results["fp32"].float(), want.bfloat16().float())
+    results["got"].float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    calibrate.CHOICES.reset()
+
+
 def test_attention_precision_is_measured_per_key_count_and_cached(cache):
     """The `attention` op is calibrated like the GEMMs: each key-count bucket of a (heads, head size)
     gets plain or fp32 with the timings that decided it, written to the cache under its own key."""
@@ -527,12 +556,12 @@ def test_attention_precision_is_measured_per_key_count_and_cached(cache):
         attend(q, k, v, None, 0.0)
     table = json.loads(calibrate.cache_path().read_text())["choices"]
     keys = sorted(k for k in table if k.startswith("attention|"))
-    assert keys == ["attention|bfloat16|train|3x16|s"]   # 20 keys: bucket s, the one met
+    assert keys == ["attention|bfloat16|train|3x16x0|s"]   # 20 keys: bucket s, the one met; no dropout
     for key in keys:
         assert table[key]["kernel"] in ("plain", "fp32")
         assert "plain" in table[key]["why"] and "fp32" in table[key]["why"]
-    chosen = table["attention|bfloat16|train|3x16|s"]["kernel"]
-    assert attention._in_fp32(q, k, v) == (chosen == "fp32")     # 20 keys: bucket s
+    chosen = table["attention|bfloat16|train|3x16x0|s"]["kernel"]
+    assert attention._in_fp32(q, k, v, False) == (chosen == "fp32")     # 20 keys: bucket s
     calibrate.CHOICES.reset()
 
 
@@ -558,7 +587,8 @@ def test_env_reports_the_machine_and_the_choices_for_a_models_shapes(tmp_path, m
     assert any(k.startswith("linear|float32|train|32x64|") for k in kernels)
     for key, value in kernels.items():
         assert value["kernel"] in calibrate.OPS[key.split("|")[0]] and value["why"], key
-    has_attention = any(k.startswith("attention|bfloat16|train|2x16|") for k in kernels)
+    has_attention = any(k.startswith("attention|bfloat16|train|2x16x0|") for k in kernels)
+    assert has_attention == any(k.startswith("attention|bfloat16|train|2x16x1|") for k in kernels)  # dropout too
     assert has_attention == machine.has_bf16()
     CHOICES.reset()
 

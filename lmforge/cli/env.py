@@ -21,7 +21,7 @@ def add_parser(p) -> None:
 
 def _shapes(model) -> list[tuple[int, ...]]:
     """Weight shapes [in, out] of the model's Linear layers, [in, q, k, v] of its stacked Q/K/V,
-    [heads, head size] of its attention and [heads, key/value heads, head size, causal] of its packed
+    [heads, head size, dropout] of its attention and [heads, key/value heads, head size, causal] of its packed
     inference attention."""
     from torch import nn
 
@@ -29,7 +29,7 @@ def _shapes(model) -> list[tuple[int, ...]]:
     for layer in model.transformer.layers:
         a = layer.attention
         shapes.add((a.query.in_features, a.query.out_features, a.key.out_features, a.value.out_features))
-        shapes.add((a.num_heads, a.head_dim))
+        shapes.update({(a.num_heads, a.head_dim, 0), (a.num_heads, a.head_dim, 1)})
         shapes.add((a.num_heads, a.num_kv_heads, a.head_dim, int(a.causal)))
     return sorted(shapes)
 
@@ -107,7 +107,7 @@ def run(args) -> int:
           + " (oneDNN's and ideep's per-shape caches, bounded by lmforge unless set)")
     print(f"compiled   {report['compiled_kernels']}")
     print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket;"
-          " attention: heads x head size | keys bucket;"
+          " attention: heads x head size x dropout | keys bucket;"
           " packed_attention: heads x kv heads x head size x causal | longest sequence's bucket):")
     width = max(map(len, chosen), default=0)
     for key, value in chosen.items():

@@ -40,13 +40,36 @@ def sdpa(q, k, v, mask: torch.Tensor | None, is_causal: bool, fp32: bool = False
     return y.to(q.dtype)
 
 
-def _in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: bool) -> bool:
     """bf16 attention that needs gradients, on a CPU: in fp32 where this machine measured that faster
-    (calibrate.py, op `attention`, by heads x head size and key count)."""
+    (calibrate.py, op `attention`, by heads x head size x with or without dropout, and key count)."""
     if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False
-    return choose("attention", q.device, q.dtype, True, (q.shape[1], q.shape[-1]), k.shape[-2]) == "fp32"
+    shape = (q.shape[1], q.shape[-1], int(dropout))
+    return choose("attention", q.device, q.dtype, True, shape, k.shape[-2]) == "fp32"
+
+
+def dropout_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool = False,
+                      fp32: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with the probabilities dropped by keep_mask, by hand (SDPA's
+    CPU dropout falls back to this math with slower sampling); fp32: on q, k, v (and a float mask)
+    cast to fp32, the output cast back (the same masks: keep_mask draws by element count)."""
+    if fp32:
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+        with torch.autocast(q.device.type, enabled=False):   # autocast would cast the fp32 inputs back
+            return dropout_attention(q.float(), k.float(), v.float(), mask, dropout_p, is_causal).to(q.dtype)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)              # [B, H, T, S]
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+            else scores + mask
+    probs = scores.softmax(-1)
+    probs = probs * keep_mask(probs, dropout_p).to(probs.dtype).mul_(1.0 / (1.0 - dropout_p))
+    return probs @ v
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
@@ -77,14 +100,5 @@ def attend(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool
     if dropout_p == 0 or q.device.type != "cpu":
         if dropout_p:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-        return sdpa(q, k, v, mask, is_causal, fp32=_in_fp32(q, k, v))
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)              # [B, H, T, S]
-    if is_causal:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
-            else scores + mask
-    probs = scores.softmax(-1)
-    probs = probs * keep_mask(probs, dropout_p).to(probs.dtype).mul_(1.0 / (1.0 - dropout_p))
-    return probs @ v
+        return sdpa(q, k, v, mask, is_causal, fp32=_in_fp32(q, k, v, False))
+    return dropout_attention(q, k, v, mask, dropout_p, is_causal, fp32=_in_fp32(q, k, v, True))

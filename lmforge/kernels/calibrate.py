@@ -23,9 +23,10 @@ Ops and their kernels: `linear` and `stacked` (Q/K/V as one GEMM) are plain (F.l
 `packed_attention` is inference attention over a packed stream: plain (per length bucket, SDPA) or
 compiled (kernels/compiled.py: built for this CPU on first use; unavailable where nothing can be
 built), keyed by (heads, key/value heads, head size, causal) and the longest sequence.
-`attention` is a bf16 training step's attention on a CPU (forward and backward): plain (torch's SDPA
-in bf16) or fp32 (the same SDPA on inputs cast to fp32, the output cast back), keyed by (heads, head
-size) and key count. torch 2.13's bf16 kernel took 2-6x fp32's time at short lengths on an AMX Xeon
+`attention` is a bf16 training step's attention on a CPU (forward and backward): plain (in bf16) or
+fp32 (on inputs cast to fp32, the output cast back), keyed by (heads, head size, dropout or not) and
+key count: SDPA without dropout, the by-hand path with it (which ran 15-20% faster in fp32 at 20-30 keys
+on the AMX Xeon, casts included). torch 2.13's bf16 kernel took 2-6x fp32's time at short lengths on an AMX Xeon
 and won only near 512 keys, and where the crossing lies depends on the CPU, so it is measured too.
 """
 
@@ -46,7 +47,7 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4                  # bump when the file's meaning changes: older files are rebuilt (4: packed_attention)
+FORMAT = 5                  # bump when the file's meaning changes: older files are rebuilt (5: attention x dropout)
 OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32"),
        "packed_attention": ("plain", "compiled")}
 KERNELS = ("plain", "onednn", "fp32", "compiled")
@@ -157,7 +158,7 @@ class Choices:
     def choose(self, op: str, device: torch.device, dtype: torch.dtype, train: bool,
                shape: tuple[int, ...], rows: int) -> str:
         """The kernel for op on a weight of `shape` ([in, out...]) with `rows` input rows (attention:
-        shape (heads, head size), rows = keys; packed_attention: shape (heads, key/value heads, head
+        shape (heads, head size, dropout), rows = keys; packed_attention: shape (heads, key/value heads, head
         size, causal), rows = the longest sequence)."""
         if device.type != "cpu" or (op not in NOT_GEMM and not onednn.available()):
             return "plain"                       # GPUs: torch's own kernels are the fast path
@@ -258,10 +259,11 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
 def _attention_candidates(dtype: torch.dtype, train: bool, shape: tuple[int, ...], keys: int, g) -> dict:
     """Self-attention of sequences of `keys` tokens, 512 tokens in all (a batch's worth; at least one
     sequence), [B, H, keys, Dh] in `dtype` with an additive padding mask (what packed batches pass),
-    forward and (training) backward, as plain and as fp32."""
+    forward and (training) backward, as plain and as fp32: SDPA, or with dropout (shape's third
+    field) the by-hand path with its dropout masks."""
     from lmforge.kernels import attention as A
 
-    H, Dh = shape
+    H, Dh, dropout = shape
     B = max(1, 512 // keys)
     q, k, v = (torch.randn(B, H, keys, Dh, generator=g).to(dtype).requires_grad_(train) for _ in range(3))
     mask = torch.zeros(B, 1, 1, keys, dtype=dtype)
@@ -270,7 +272,8 @@ def _attention_candidates(dtype: torch.dtype, train: bool, shape: tuple[int, ...
     def run(kernel):
         def thunk():
             with torch.set_grad_enabled(train):
-                y = A.sdpa(q, k, v, mask, False, fp32=kernel == "fp32")
+                y = A.dropout_attention(q, k, v, mask, 0.1, fp32=kernel == "fp32") if dropout else \
+                    A.sdpa(q, k, v, mask, False, fp32=kernel == "fp32")
             if train:
                 y.backward(gy)
                 q.grad = k.grad = v.grad = None
