@@ -87,10 +87,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return None
     from lmforge.kernels import compiled
 
-    lib = compiled.library()
-    if lib is None or shape[2] % lib.vector_width():   # forced where it cannot run: plain
+    width = compiled.vector_width()
+    if not width or shape[2] % width:   # forced where it cannot run: plain
         return None
-    return lib.packed_attention(q, k, v, cu_seqlens, heads, kv_heads, causal)
+    return compiled.library().packed_attention(q, k, v, cu_seqlens, heads, kv_heads, causal)
 
 
 def attend(q, k, v, mask: torch.Tensor | None, dropout_p: float, is_causal: bool = False) -> torch.Tensor:

@@ -293,8 +293,8 @@ def _packed_attention_candidates(dtype: torch.dtype, shape: tuple[int, ...], key
     lib = compiled.library()
     if lib is None:
         raise RuntimeError(f"compiled kernels {compiled.status()}")
-    if Dh % lib.vector_width():
-        raise RuntimeError(f"head size {Dh} is not a multiple of the vector width {lib.vector_width()}")
+    if Dh % compiled.vector_width():
+        raise RuntimeError(f"head size {Dh} is not a multiple of the vector width {compiled.vector_width()}")
     B = max(1, 512 // keys)
     qkv = torch.randn(B * keys, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
     q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)

@@ -37,7 +37,7 @@ _ISA_FLAGS = {
 }
 FAILED = "FAILED"   # in a build directory: that build failed here, and why (not retried per process)
 _lock = threading.Lock()
-_state: dict = {}   # "library": the ops namespace or None, "status": why
+_state: dict = {}   # "library": the ops namespace or None, "status": why, "width": vector_width()
 
 
 def isa() -> str | None:
@@ -127,6 +127,15 @@ def library():
             if "status" not in _state:
                 _state["library"], _state["status"] = _build()
     return _state["library"]
+
+
+def vector_width() -> int:
+    """Floats per vector of the built kernels (a head size must be a multiple), 0 where none are
+    built; asked once (each layer's attention checks it)."""
+    if "width" not in _state:
+        lib = library()
+        _state["width"] = lib.vector_width() if lib is not None else 0
+    return _state["width"]
 
 
 def status() -> str:

@@ -27,6 +27,18 @@ constexpr int64_t R = 4;  // query rows per register tile
 
 int64_t round_up(int64_t n) { return (n + VS - 1) / VS * VS; }
 
+// c [R, VS] = a [R, K] b [K, VS] (row strides ab, bb, cb): R rows x VS columns accumulated in registers,
+// each row of b loaded once for all R rows
+inline void tile(const float* a, int64_t ab, const float* b, int64_t bb, int64_t K, float* c, int64_t cb) {
+  Vec acc[R];
+  for (int64_t r = 0; r < R; ++r) acc[r] = Vec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec bk = Vec::loadu(b + k * bb);
+    for (int64_t r = 0; r < R; ++r) acc[r] = at::vec::fmadd(Vec(a[r * ab + k]), bk, acc[r]);
+  }
+  for (int64_t r = 0; r < R; ++r) acc[r].store(c + r * cb);
+}
+
 // q [N, *] row stride sq, head h at columns h Dh; k, v likewise with Hkv heads; cu [B + 1].
 template <typename T>
 void attend(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, const int64_t* cu,
@@ -53,20 +65,8 @@ void attend(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t 
         }
         const int64_t keys = causal ? std::min(L, i0 + R) : L;  // keys any row of the tile sees
         const int64_t kp = round_up(keys);
-        for (int64_t jb = 0; jb < kp; jb += VS) {  // scores [R, kp]
-          Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-          for (int64_t d = 0; d < Dh; ++d) {
-            const Vec kv = Vec::loadu(kT.data() + d * Lp + jb);
-            a0 = at::vec::fmadd(Vec(qf[d]), kv, a0);
-            a1 = at::vec::fmadd(Vec(qf[Dh + d]), kv, a1);
-            a2 = at::vec::fmadd(Vec(qf[2 * Dh + d]), kv, a2);
-            a3 = at::vec::fmadd(Vec(qf[3 * Dh + d]), kv, a3);
-          }
-          a0.store(s.data() + jb);
-          a1.store(s.data() + Lmax + jb);
-          a2.store(s.data() + 2 * Lmax + jb);
-          a3.store(s.data() + 3 * Lmax + jb);
-        }
+        for (int64_t jb = 0; jb < kp; jb += VS)  // scores [R, kp] = qf [R, Dh] kT [Dh, kp]
+          tile(qf.data(), Dh, kT.data() + jb, Lp, Dh, s.data() + jb, Lmax);
         for (int64_t r = 0; r < R; ++r) {  // softmax of each row over the keys it may see
           float* sr = s.data() + r * Lmax;
           const int64_t n = causal ? std::min(i0 + r + 1, L) : L;
@@ -76,20 +76,8 @@ void attend(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t 
           const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, kp);
           at::vec::map([sum](Vec x) { return x * Vec(1.f / sum); }, sr, sr, kp);
         }
-        for (int64_t db = 0; db < Dh; db += VS) {  // out [R, Dh] = p [R, keys] v [keys, Dh]
-          Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-          for (int64_t j = 0; j < keys; ++j) {
-            const Vec vv = Vec::loadu(vf.data() + j * Dh + db);
-            a0 = at::vec::fmadd(Vec(s[j]), vv, a0);
-            a1 = at::vec::fmadd(Vec(s[Lmax + j]), vv, a1);
-            a2 = at::vec::fmadd(Vec(s[2 * Lmax + j]), vv, a2);
-            a3 = at::vec::fmadd(Vec(s[3 * Lmax + j]), vv, a3);
-          }
-          a0.store(o.data() + db);
-          a1.store(o.data() + Dh + db);
-          a2.store(o.data() + 2 * Dh + db);
-          a3.store(o.data() + 3 * Dh + db);
-        }
+        for (int64_t db = 0; db < Dh; db += VS)  // out [R, Dh] = p [R, keys] v [keys, Dh]
+          tile(s.data(), Lmax, vf.data() + db, Dh, keys, o.data() + db, Dh);
         for (int64_t r = 0; r < rows; ++r) {
           T* orow = out + (start + i0 + r) * (H * Dh) + h * Dh;
           for (int64_t d = 0; d < Dh; ++d) orow[d] = static_cast<T>(o[r * Dh + d]);
