@@ -229,9 +229,9 @@ def test_lora_training_runs_qkv_as_one_gemm(force, monkeypatch):
 def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNELS", "plain")
     assert calibrate.forced() == {"linear": "plain", "stacked": "plain", "attention": "plain",
-                                  "packed_attention": "plain"}
+                                  "packed_attention": "plain", "add_norm": "plain"}
     monkeypatch.setenv("LMFORGE_KERNELS", "compiled")
-    assert calibrate.forced() == {"packed_attention": "compiled"}
+    assert calibrate.forced() == {"packed_attention": "compiled", "add_norm": "compiled"}
     monkeypatch.setenv("LMFORGE_KERNELS", "onednn")
     assert calibrate.forced() == {"linear": "onednn", "stacked": "onednn"}
     monkeypatch.setenv("LMFORGE_KERNELS", "attention=fp32")
@@ -693,7 +693,7 @@ def test_models_at_inference_agree_with_plain_through_the_compiled_attention(con
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
         outs = []
-        for kernel in ("plain", "packed_attention=compiled"):
+        for kernel in ("plain", "packed_attention=compiled,add_norm=plain"):
             force(kernel)
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 outs.append(model(**inputs).logits.float())
@@ -742,3 +742,110 @@ def test_a_failed_build_is_remembered_until_recalibration(tmp_path, monkeypatch)
     compiled.forget_failures()
     compiled._build()
     assert len(tries) == 2
+
+
+# -- the residual add and norm -------------------------------------------------------------------
+def _add_norm_reference(y, residual, weight, bias, eps, rms):
+    s = residual.float() + y.float()
+    if rms:
+        return s, weight * (s * s.pow(2).mean(-1, keepdim=True).add(eps).rsqrt())
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("N,D,rows", [(37, 64, 40), (1, 24, 1), (5, 100, 9)])   # D past the vector width's multiples too
+def test_add_norm_kernel_agrees_with_the_formula(rms, dtypes, N, D, rows):
+    """norm(residual + y) and the sum, every dtype mix, LayerNorm and RMSNorm; rows past N are zero."""
+    lib = _compiled_library()
+    if lib is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    y_dtype, r_dtype, out_dtype = dtypes
+    g = torch.Generator().manual_seed(N)
+    y = (torch.randn(N, 2 * D, generator=g) * 3)[:, :D].to(y_dtype)    # rows with a stride past D
+    residual = (torch.randn(N, D, generator=g) + 1).to(r_dtype)
+    weight, bias = torch.randn(D, generator=g), None if rms else torch.randn(D, generator=g)
+    out, s = lib.add_norm(y, residual, weight, bias, 1e-5, rms, True, out_dtype, rows)
+    want_sum, want = _add_norm_reference(y, residual, weight, bias, 1e-5, rms)
+    tol = dict(atol=1e-5, rtol=1e-5) if out_dtype == torch.float32 else BF16_TOL
+    assert out.shape == (rows, D) and out.dtype == out_dtype and s.dtype == r_dtype
+    torch.testing.assert_close(out[:N].float(), want, **tol)
+    torch.testing.assert_close(s.float(), want_sum.to(r_dtype).float(), atol=0, rtol=0)   # one rounding
+    assert not out[N:].any()
+
+
+def test_add_norm_refuses_what_it_cannot_compute():
+    lib = _compiled_library()
+    if lib is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    y, w = torch.randn(4, 8), torch.randn(8)
+    for args, match in [((y, torch.randn(4, 9), w, None), "both"), ((y, y, torch.randn(9), None), "weight"),
+                        ((y, y, w, w), "RMSNorm"), ((y.double(), y.double(), w, None), "float32 or bfloat16")]:
+        with pytest.raises(RuntimeError, match=match):
+            lib.add_norm(*args, 1e-5, True, False, torch.float32, 4)
+    with pytest.raises(RuntimeError, match="rows"):
+        lib.add_norm(y, y, w, None, 1e-5, True, False, torch.float32, 3)
+
+
+def test_add_norm_runs_the_kernel_only_at_inference(force):
+    """kernels.norms.add_norm: the kernel where forced and no gradient is needed (its output in the
+    autocast dtype); the formula, in its own dtypes, when training or forced plain."""
+    from lmforge.kernels.norms import add_norm
+
+    if _compiled_library() is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    norm = torch.nn.LayerNorm(48)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    y, x = torch.randn(3, 5, 48), torch.randn(3, 5, 48)
+    force("add_norm=compiled")
+    with torch.no_grad():
+        out, s = add_norm(y, x, norm, with_sum=True)
+        torch.testing.assert_close(out, norm(x + y), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s, x + y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, s = add_norm(y.bfloat16(), x, norm)
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape and s is None
+        torch.testing.assert_close(out.float(), norm(x + y.bfloat16().float()), **BF16_TOL)
+    out, _ = add_norm(y, x, norm)          # parameters that need gradients: the formula
+    assert out.grad_fn is not None
+    force("add_norm=plain")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert add_norm(y.bfloat16(), x, norm)[0].dtype == torch.float32   # autocast's LayerNorm
+
+
+@pytest.mark.parametrize("config", [
+    dict(model_type="bert", head="classification"),
+    dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
+    dict(model_type="llama", head="causal-lm", num_kv_heads=1, type_vocab_size=0),
+])
+def test_models_at_inference_agree_with_plain_through_the_add_norm_kernel(config, force, monkeypatch):
+    """Whole models (post-norm LayerNorm, pre-norm LayerNorm, pre-norm RMSNorm): the fused add and norm
+    against plain at inference (fp32 1e-5, bf16 autocast within BF16_TOL), and the kernel really ran."""
+    from lmforge.data.batches import collate_packed, model_inputs
+    from lmforge.kernels import compiled
+    from lmforge.models.config import ModelConfig
+    from tests.test_packing import V, items, random_model
+
+    if _compiled_library() is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
+                                     max_position_embeddings=64, num_labels=3, hidden_dropout=0.0,
+                                     attention_dropout=0.0, **config)).eval()
+    inputs = model_inputs(collate_packed(items([7, 3, 33, 5, 1])))
+    calls = []
+    real = compiled.library()
+    spy = SimpleNamespace(vector_width=real.vector_width, add_norm=lambda *a: calls.append(a) or real.add_norm(*a))
+    monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
+    for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
+        outs = []
+        for kernel in ("plain", "add_norm=compiled,packed_attention=plain"):
+            force(kernel)
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                outs.append(model(**inputs).logits.float())
+        torch.testing.assert_close(outs[1], outs[0], **tol)
+    per_layer = 2 if config["model_type"] == "bert" else 1    # post-norm: both sublayers; pre-norm: the middle sum
+    assert len(calls) == 2 * per_layer * model.config.num_layers

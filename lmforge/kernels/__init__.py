@@ -13,6 +13,8 @@ faster form than their formula:
                                   the same within each sequence of a packed stream (inference), or
                                   None where the compiled kernel (compiled.py) was not chosen
   keep_mask(like, p)              a dropout keep-mask
+  add_norm(y, r, norm, with_sum)  (norm(r + y), r + y): a residual add and the LayerNorm or RMSNorm
+                                  after it in one pass at inference (norms.py; compiled kernel)
 
 Which implementation runs is chosen per machine by measurement (calibrate.py) and can be forced
 with LMFORGE_KERNELS; private torch ops live only in onednn.py and int8.py, guarded; compiled.py builds lmforge's own C++
@@ -29,7 +31,8 @@ caches.bound()
 
 from lmforge.kernels.attention import attend, keep_mask, packed_attention
 from lmforge.kernels.gemm import LowRankWrapper, compute_dtype, linear, linear_act, linear_add, stacked_linear
+from lmforge.kernels.norms import RMSNormBase, add_norm
 from lmforge.kernels.precision import Precision, resolve_device, resolve_precision
 
 __all__ = ["attend", "keep_mask", "packed_attention", "linear", "linear_act", "linear_add", "stacked_linear", "compute_dtype",
-           "LowRankWrapper", "Precision", "resolve_device", "resolve_precision"]
+           "LowRankWrapper", "RMSNormBase", "add_norm", "Precision", "resolve_device", "resolve_precision"]

@@ -23,6 +23,8 @@ Ops and their kernels: `linear` and `stacked` (Q/K/V as one GEMM) are plain (F.l
 `packed_attention` is inference attention over a packed stream: plain (per length bucket, SDPA) or
 compiled (kernels/compiled.py: built for this CPU on first use; unavailable where nothing can be
 built), keyed by (heads, key/value heads, head size, causal) and the longest sequence.
+`add_norm` is inference's residual add and the LayerNorm or RMSNorm after it (kernels/norms.py): plain
+(add, norm, cast for the next GEMM) or compiled (one pass), keyed by (width, RMSNorm or not) and rows.
 `attention` is a bf16 training step's attention on a CPU (forward and backward): plain (in bf16) or
 fp32 (on inputs cast to fp32, the output cast back), keyed by (heads, head size, dropout or not) and
 key count: SDPA without dropout, the by-hand path with it (which ran 15-20% faster in fp32 at 20-30 keys
@@ -47,11 +49,11 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 5                  # bump when the file's meaning changes: older files are rebuilt (5: attention x dropout)
+FORMAT = 6                  # bump when the file's meaning changes: older files are rebuilt (6: add_norm)
 OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32"),
-       "packed_attention": ("plain", "compiled")}
+       "packed_attention": ("plain", "compiled"), "add_norm": ("plain", "compiled")}
 KERNELS = ("plain", "onednn", "fp32", "compiled")
-NOT_GEMM = ("attention", "packed_attention")   # ops whose fast path does not need oneDNN
+NOT_GEMM = ("attention", "packed_attention", "add_norm")   # ops whose fast path does not need oneDNN
 SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows (attention: keys) timed
 MARGIN = 0.97               # a fast path must take at most 97% of plain's time
 BUDGET_S = 1.0              # per (op, shape): stop timing and keep plain past this
@@ -159,7 +161,7 @@ class Choices:
                shape: tuple[int, ...], rows: int) -> str:
         """The kernel for op on a weight of `shape` ([in, out...]) with `rows` input rows (attention:
         shape (heads, head size, dropout), rows = keys; packed_attention: shape (heads, key/value heads, head
-        size, causal), rows = the longest sequence)."""
+        size, causal), rows = the longest sequence; add_norm: shape (width, rms), rows = rows)."""
         if device.type != "cpu" or (op not in NOT_GEMM and not onednn.available()):
             return "plain"                       # GPUs: torch's own kernels are the fast path
         memo_key = (op, dtype, train, shape, bucket(rows))
@@ -228,6 +230,8 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
         return _attention_candidates(dtype, train, shape, rows, g)
     if op == "packed_attention":
         return _packed_attention_candidates(dtype, shape, rows, g)
+    if op == "add_norm":
+        return _add_norm_candidates(dtype, shape, rows, g)
     k_in, outs = shape[0], shape[1:]
     weights = [torch.randn(o, k_in, generator=g) * 0.02 for o in outs]
     biases = [torch.zeros(o) for o in outs]
@@ -312,6 +316,32 @@ def _packed_attention_candidates(dtype: torch.dtype, shape: tuple[int, ...], key
     return {"plain": plain, "compiled": lambda: lib.packed_attention(q, k, v, cu, H, Hkv, bool(causal))}
 
 
+def _add_norm_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: int, g) -> dict:
+    """norm(residual + y) over [rows, D] at inference, y in the compute dtype and the residual in fp32
+    (a bf16 pass's mix): plain (the add, the norm, and the cast to the compute dtype the next GEMM
+    makes) and compiled (csrc/add_norm.cpp). A RuntimeError when the compiled kernels are not here."""
+    from lmforge.kernels import compiled
+
+    D, rms = shape
+    lib = compiled.library()
+    if lib is None:
+        raise RuntimeError(f"compiled kernels {compiled.status()}")
+    y = torch.randn(rows, D, generator=g).to(dtype)
+    residual = torch.randn(rows, D, generator=g)
+    weight, bias = torch.randn(D, generator=g), None if rms else torch.randn(D, generator=g)
+
+    def plain():
+        s = residual + y
+        if rms:
+            n = weight * (s * s.pow(2).mean(-1, keepdim=True).add_(1e-6).rsqrt_())
+        else:
+            n = F.layer_norm(s, (D,), weight, bias, 1e-6)
+        n.to(dtype)
+
+    return {"plain": plain,
+            "compiled": lambda: lib.add_norm(y, residual, weight, bias, 1e-6, bool(rms), False, dtype, rows)}
+
+
 def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], prefix: str,
             buckets: tuple[str, ...] = tuple(SIZES)) -> dict:
     """{prefix|bucket: {"kernel", "why"}} for these size buckets of one (op, shape), within BUDGET_S."""
@@ -342,7 +372,7 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
                                     "provisional": True}
             continue
         why = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()) + \
-            f" at {rows} {'keys' if op in NOT_GEMM else 'rows'}"
+            f" at {rows} {'keys' if op in ('attention', 'packed_attention') else 'rows'}"
         if again:
             why += ", measured twice" + (" (still close)" if close else "")
         out[f"{prefix}|{b}"] = {"kernel": kernel, "why": why}

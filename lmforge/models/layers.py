@@ -15,7 +15,7 @@ from torch import nn
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
 from lmforge import kernels
-from lmforge.kernels import attend, keep_mask
+from lmforge.kernels import RMSNormBase, add_norm, attend, keep_mask
 from lmforge.models.linear import Linear
 from lmforge.models.memory import Memory
 from lmforge.models.packing import Packed
@@ -34,7 +34,7 @@ def activation(name: str):
     raise ValueError(name)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(RMSNormBase):
     """x / sqrt(mean(x^2) + eps) * weight: a LayerNorm without centring and without bias (Llama).
     The statistics are taken in float32 whatever the input dtype: a mean of bf16 squares is too coarse."""
 
@@ -325,36 +325,23 @@ class Block(nn.Module):
         self.act = activation(config.hidden_act)
         self.dropout = Dropout(config.hidden_dropout)
 
-    def _glu(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)   # [.., 2I] -> [.., I] twice
-        return self.act(gate) * up
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(in(x)), or act(gate) * up; at inference the activation can be the post-op of the GEMM
+        (kernels.linear_act), except gated, where it reads half of the GEMM's output."""
+        if self.gated:
+            gate, up = self.intermediate(x).chunk(2, dim=-1)   # [.., 2I] -> [.., I] twice
+            return self.act(gate) * up
+        return kernels.linear_act(x, self.intermediate, self.act_name, self.act)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.output(self._glu(self.intermediate(x)))
-        return self.output(self.act(self.intermediate(x)))
-
-    def attention_residual(self, h, residual, mask, cache, layer_idx, packed, rope=None) -> torch.Tensor:
-        """residual + dropout(attention(h)); without dropout the output GEMM adds the residual itself."""
-        if self.training and self.dropout.p > 0:
-            return residual + self.dropout(self.attention(h, mask, cache, layer_idx, packed, rope=rope))
-        return self.attention(h, mask, cache, layer_idx, packed, residual=residual, rope=rope)
-
-    def cross_residual(self, h, residual, memory: Memory, layer_idx: int, packed) -> torch.Tensor:
-        """residual + dropout(cross-attention(h)), as attention_residual."""
-        if self.training and self.dropout.p > 0:
-            return residual + self.dropout(self.crossattention.cross(h, memory, layer_idx, packed))
-        return self.crossattention.cross(h, memory, layer_idx, packed, residual=residual)
+        return self.output(self._hidden(x))
 
     def ffn_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + dropout(ffn(x)); at inference the activation and the residual add can be
-        post-ops of the GEMMs before them (kernels.linear_act / linear_add)."""
+        """residual + dropout(ffn(x)); at inference the add can be the post-op of the last GEMM
+        (kernels.linear_add)."""
         if self.training and self.dropout.p > 0:
             return residual + self.dropout(self.ffn(x))
-        if self.gated:  # the activation reads half of the GEMM's output: no post-op
-            return kernels.linear_add(self._glu(self.intermediate(x)), self.output, residual)
-        h = kernels.linear_act(x, self.intermediate, self.act_name, self.act)
-        return kernels.linear_add(h, self.output, residual)
+        return kernels.linear_add(self._hidden(x), self.output, residual)
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
                 packed: Packed | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -362,12 +349,16 @@ class Block(nn.Module):
         if (memory is None) != (self.crossattention is None):
             raise ValueError("a decoder layer with cross-attention needs the encoder's output (memory=), "
                              "and only such a layer takes one")
-        if self.pre_norm:
-            x = self.attention_residual(self.attention_norm(x), x, mask, cache, layer_idx, packed, rope)
-            if memory is not None:
-                x = self.cross_residual(self.crossattention_norm(x), x, memory, layer_idx, packed)
-            return self.ffn_residual(self.ffn_norm(x), x)
-        x = self.attention_norm(self.attention_residual(x, x, mask, cache, layer_idx, packed, rope))
+        # (norm, sublayer) in order; the FFN is last
+        sublayers = [(self.attention_norm, lambda h: self.attention(h, mask, cache, layer_idx, packed, rope=rope))]
         if memory is not None:
-            x = self.crossattention_norm(self.cross_residual(x, x, memory, layer_idx, packed))
-        return self.ffn_norm(self.ffn_residual(x, x))
+            sublayers.append((self.crossattention_norm, lambda h: self.crossattention.cross(h, memory, layer_idx, packed)))
+        if not self.pre_norm:   # post-norm: x = norm(x + dropout(f(x))) after each sublayer
+            for norm, f in sublayers + [(self.ffn_norm, self.ffn)]:
+                x = add_norm(self.dropout(f(x)), x, norm)[0]
+            return x
+        # pre-norm: x = x + dropout(f(norm(x))), each sum made in one pass with the next sublayer's norm
+        h = self.attention_norm(x)
+        for (_, f), (next_norm, _) in zip(sublayers, sublayers[1:] + [(self.ffn_norm, None)]):
+            h, x = add_norm(self.dropout(f(h)), x, next_norm, with_sum=True)
+        return self.ffn_residual(h, x)

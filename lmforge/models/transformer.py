@@ -225,8 +225,10 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             mask = attention_bias(attention_mask, T, self.causal, x.dtype)
         rope = self.rope(rope_ids, compute_dtype(x))
+        stream = x.dtype
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, cache, i, rope=rope, memory=memory)
+        x = x.to(stream)   # post-norm layers can hand back bf16 (kernels.norms.add_norm); the output keeps x's dtype
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if virtual is not None:  # drop the virtual tokens again
@@ -266,8 +268,10 @@ class Transformer(nn.Module):
             rope_ids = position_ids if not P else step.slots - cache.reserved
             virtual = None  # cached already: nothing to insert or drop
         rope = self.rope(rope_ids, compute_dtype(x))
+        stream = x.dtype
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope, memory=memory)
+        x = x.to(stream)   # post-norm layers can hand back bf16 (kernels.norms.add_norm); the output keeps x's dtype
         if cache is not None:
             cache.end()
         if virtual is not None:
