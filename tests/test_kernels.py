@@ -229,9 +229,9 @@ def test_lora_training_runs_qkv_as_one_gemm(force, monkeypatch):
 def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNELS", "plain")
     assert calibrate.forced() == {"linear": "plain", "stacked": "plain", "attention": "plain",
-                                  "packed_attention": "plain", "add_norm": "plain"}
+                                  "packed_attention": "plain", "add_norm": "plain", "rows_parallel": "plain"}
     monkeypatch.setenv("LMFORGE_KERNELS", "compiled")
-    assert calibrate.forced() == {"packed_attention": "compiled", "add_norm": "compiled"}
+    assert calibrate.forced() == {"packed_attention": "compiled", "add_norm": "compiled", "rows_parallel": "compiled"}
     monkeypatch.setenv("LMFORGE_KERNELS", "onednn")
     assert calibrate.forced() == {"linear": "onednn", "stacked": "onednn"}
     monkeypatch.setenv("LMFORGE_KERNELS", "attention=fp32")
@@ -259,15 +259,18 @@ def test_choices_are_measured_once_then_cached_per_machine(cache, monkeypatch):
 
     def fake_measure(op, dtype, train, shape, prefix, buckets=tuple(calibrate.SIZES)):
         measured.append((prefix, buckets))
-        return {f"{prefix}|{b}": {"kernel": "onednn", "why": "test"} for b in buckets}
+        return {f"{prefix}|{b}": {"kernel": "onednn" if op == "linear" else "plain", "why": "test"} for b in buckets}
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     lin = Linear(24, 40)
     with torch.no_grad():
         lin(torch.randn(3, 24))
         lin(torch.randn(2, 24))            # the same size bucket: measured already
         lin(torch.randn(700, 24))          # another size bucket: measured when first met, alone
-    assert measured == [("linear|float32|infer|24x40", ("t",)), ("linear|float32|infer|24x40", ("l",))]
+    # at 700 rows on oneDNN: whether to split its rows across the threads, at its own row bucket
+    assert measured == [("linear|float32|infer|24x40", ("t",)), ("linear|float32|infer|24x40", ("l",)),
+                        ("rows_parallel|float32|infer|24x40", ("704",))]
     data = json.loads(cache.read_text())
     assert data["format"] == calibrate.FORMAT and data["machine_key"] == machine.machine_key()
     assert data["choices"]["linear|float32|infer|24x40|t"]["kernel"] == "onednn"
@@ -693,7 +696,7 @@ def test_models_at_inference_agree_with_plain_through_the_compiled_attention(con
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
         outs = []
-        for kernel in ("plain", "packed_attention=compiled,add_norm=plain"):
+        for kernel in ("plain", "packed_attention=compiled,add_norm=plain,rows_parallel=plain"):
             force(kernel)
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 outs.append(model(**inputs).logits.float())
@@ -842,10 +845,82 @@ def test_models_at_inference_agree_with_plain_through_the_add_norm_kernel(config
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
         outs = []
-        for kernel in ("plain", "add_norm=compiled,packed_attention=plain"):
+        for kernel in ("plain", "add_norm=compiled,packed_attention=plain,rows_parallel=plain"):
             force(kernel)
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 outs.append(model(**inputs).logits.float())
         torch.testing.assert_close(outs[1], outs[0], **tol)
     per_layer = 2 if config["model_type"] == "bert" else 1    # post-norm: both sublayers; pre-norm: the middle sum
     assert len(calls) == 2 * per_layer * model.config.num_layers
+
+
+# -- a GEMM's rows across the threads --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_new", "relu"])
+@pytest.mark.parametrize("rows,parts", [(131, 2), (200, 3), (2, 4)])   # uneven parts; more parts than rows
+def test_rows_parallel_gemm_agrees_with_one_call(dtype, act, rows, parts):
+    """The compiled row split against one oneDNN call: the same rows, bias and post-op."""
+    if not onednn.available() or not onednn.supports(torch.zeros(1), dtype):
+        pytest.skip("no oneDNN (or no bf16 in it) in this torch build")
+    if _compiled_library() is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    g = torch.Generator().manual_seed(rows)
+    w, b, x = torch.randn(40, 48, generator=g), torch.randn(40, generator=g), torch.randn(rows, 48, generator=g)
+    packed, bias = onednn.packed_weight((w,), (b,), dtype)
+    want = onednn.gemm(x, packed, bias, act, dtype=dtype)
+    got = onednn.gemm(x, packed, bias, act, dtype=dtype, rows_parallel=parts)
+    assert got.shape == want.shape == (rows, 40) and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)   # each row computed alike
+
+
+def test_rows_parallel_is_chosen_per_row_bucket_and_measured_at_it(force, tmp_path, monkeypatch):
+    """The op's bucket is the GEMM's own row bucket (not the four coarse sizes), and that row count is
+    what the calibration times."""
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    force("auto")
+    assert calibrate.bucket(800, "rows_parallel") == str(onednn.bucket_rows(800)) == "832"
+    assert calibrate.bucket(800, "linear") == calibrate.bucket(1024, "linear") == "l"
+    if not onednn.available() or _compiled_library() is None:
+        pytest.skip("no oneDNN or nothing compiled here")
+    seen = []
+    real = calibrate._rows_parallel_candidates
+    monkeypatch.setattr(calibrate, "_rows_parallel_candidates", lambda d, s, r, g: seen.append(r) or real(d, s, r, g))
+    calibrate.choose("rows_parallel", torch.device("cpu"), torch.float32, False, (64, 32), 800)
+    calibrate.choose("rows_parallel", torch.device("cpu"), torch.float32, False, (64, 32), 810)   # same bucket
+    assert seen == [832]
+    assert "rows_parallel|float32|infer|64x32|832" in calibrate.CHOICES.table()
+
+
+def test_models_at_inference_agree_with_plain_through_rows_parallel(force, monkeypatch):
+    """A model whose GEMMs have enough rows, forced through the row split: the same logits as one call
+    per GEMM (fp32 1e-5, bf16 within BF16_TOL), and the split really ran for every oneDNN GEMM."""
+    from lmforge.data.batches import collate_packed, model_inputs
+    from lmforge.kernels import compiled
+    from lmforge.models.config import ModelConfig
+    from tests.test_packing import V, items, random_model
+
+    if not onednn.available() or _compiled_library() is None:
+        pytest.skip("no oneDNN or nothing compiled here")
+    model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
+                                     max_position_embeddings=64, num_labels=3, hidden_dropout=0.0,
+                                     attention_dropout=0.0, model_type="bert", head="classification")).eval()
+    inputs = model_inputs(collate_packed(items([40, 33, 50, 27, 21])))        # 171 rows
+    calls = []
+    real = compiled.library()
+    spy = SimpleNamespace(vector_width=real.vector_width,
+                          rows_parallel_linear=lambda *a: calls.append(a[-1]) or real.rows_parallel_linear(*a))
+    monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
+        if not onednn.supports(torch.zeros(1), dtype):
+            continue
+        outs = []
+        for kernel in ("linear=onednn,stacked=onednn,packed_attention=plain,add_norm=plain,rows_parallel=plain",
+                       "linear=onednn,stacked=onednn,packed_attention=plain,add_norm=plain,rows_parallel=compiled"):
+            force(kernel)
+            calls.clear()
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                outs.append(model(**inputs).logits.float())
+        torch.testing.assert_close(outs[1], outs[0], **tol)
+        # per layer: Q/K/V, attention output, FFN in and out (the head's few rows stay one call)
+        assert calls == [2] * (4 * model.config.num_layers), (dtype, calls)

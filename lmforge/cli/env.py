@@ -108,7 +108,8 @@ def run(args) -> int:
     print(f"compiled   {report['compiled_kernels']}")
     print(f"\nkernels chosen for {args.model} (op | compute dtype | mode | weight shape in x out | rows bucket;"
           " attention: heads x head size x dropout | keys bucket;"
-          " packed_attention: heads x kv heads x head size x causal | longest sequence's bucket):")
+          " packed_attention: heads x kv heads x head size x causal | longest sequence's bucket;"
+          " add_norm: width x RMSNorm | rows bucket; rows_parallel: weight shape | the GEMM's row bucket):")
     width = max(map(len, chosen), default=0)
     for key, value in chosen.items():
         print(f"  {key:<{width}} {value['kernel']:<8} {value['why']}")

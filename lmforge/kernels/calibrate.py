@@ -23,6 +23,10 @@ Ops and their kernels: `linear` and `stacked` (Q/K/V as one GEMM) are plain (F.l
 `packed_attention` is inference attention over a packed stream: plain (per length bucket, SDPA) or
 compiled (kernels/compiled.py: built for this CPU on first use; unavailable where nothing can be
 built), keyed by (heads, key/value heads, head size, causal) and the longest sequence.
+`rows_parallel` is an inference GEMM that runs on oneDNN: one call (plain), or its rows split across
+the threads, one single-threaded oneDNN call each (compiled; csrc/rows_parallel.cpp), keyed by weight
+shape and the GEMM's own row bucket (onednn.bucket_rows, measured at that many rows: oneDNN's split
+of some bf16 shapes changed within an octave of rows on the AMX Xeon).
 `add_norm` is inference's residual add and the LayerNorm or RMSNorm after it (kernels/norms.py): plain
 (add, norm, cast for the next GEMM) or compiled (one pass), keyed by (width, RMSNorm or not) and rows.
 `attention` is a bf16 training step's attention on a CPU (forward and backward): plain (in bf16) or
@@ -49,11 +53,13 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 6                  # bump when the file's meaning changes: older files are rebuilt (6: add_norm)
+FORMAT = 7                  # bump when the file's meaning changes: older files are rebuilt (7: rows_parallel)
 OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32"),
-       "packed_attention": ("plain", "compiled"), "add_norm": ("plain", "compiled")}
+       "packed_attention": ("plain", "compiled"), "add_norm": ("plain", "compiled"),
+       "rows_parallel": ("plain", "compiled")}
 KERNELS = ("plain", "onednn", "fp32", "compiled")
 NOT_GEMM = ("attention", "packed_attention", "add_norm")   # ops whose fast path does not need oneDNN
+EXACT_ROWS = ("rows_parallel",)   # ops bucketed by the GEMMs' own row buckets, each measured at its row count
 SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows (attention: keys) timed
 MARGIN = 0.97               # a fast path must take at most 97% of plain's time
 BUDGET_S = 1.0              # per (op, shape): stop timing and keep plain past this
@@ -61,7 +67,9 @@ NOISE = 0.05                # a ratio to plain this close to MARGIN is measured 
 clock = time.perf_counter   # the timer (tests inject their own)
 
 
-def bucket(rows: int) -> str:
+def bucket(rows: int, op: str = "") -> str:
+    if op in EXACT_ROWS:   # where the kernel wins changes within an octave: per row bucket
+        return str(onednn.bucket_rows(rows))
     return "t" if rows < 4 else "s" if rows < 64 else "m" if rows < 512 else "l"
 
 
@@ -164,7 +172,7 @@ class Choices:
         size, causal), rows = the longest sequence; add_norm: shape (width, rms), rows = rows)."""
         if device.type != "cpu" or (op not in NOT_GEMM and not onednn.available()):
             return "plain"                       # GPUs: torch's own kernels are the fast path
-        memo_key = (op, dtype, train, shape, bucket(rows))
+        memo_key = (op, dtype, train, shape, bucket(rows, op))
         kernel = self._memo.get(memo_key)
         if kernel is not None:
             return kernel
@@ -232,6 +240,8 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
         return _packed_attention_candidates(dtype, shape, rows, g)
     if op == "add_norm":
         return _add_norm_candidates(dtype, shape, rows, g)
+    if op == "rows_parallel":
+        return _rows_parallel_candidates(dtype, shape, rows, g)
     k_in, outs = shape[0], shape[1:]
     weights = [torch.randn(o, k_in, generator=g) * 0.02 for o in outs]
     biases = [torch.zeros(o) for o in outs]
@@ -316,6 +326,22 @@ def _packed_attention_candidates(dtype: torch.dtype, shape: tuple[int, ...], key
     return {"plain": plain, "compiled": lambda: lib.packed_attention(q, k, v, cu, H, Hkv, bool(causal))}
 
 
+def _rows_parallel_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: int, g) -> dict:
+    """x [rows, in] W^T + b on oneDNN's packed weight: one call (plain) or a call per thread (compiled).
+    A RuntimeError when the compiled kernels are not here."""
+    from lmforge.kernels import compiled
+
+    lib = compiled.library()
+    if lib is None:
+        raise RuntimeError(f"compiled kernels {compiled.status()}")
+    k_in, outs = shape[0], shape[1:]
+    w = torch.randn(sum(outs), k_in, generator=g) * 0.02
+    packed, b = onednn.packed_weight((w,), (torch.zeros(sum(outs)),), dtype)
+    x = torch.randn(rows, k_in, generator=g).to(dtype)
+    return {"plain": lambda: onednn.gemm(x, packed, b),
+            "compiled": lambda: onednn.gemm(x, packed, b, rows_parallel=torch.get_num_threads())}
+
+
 def _add_norm_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: int, g) -> dict:
     """norm(residual + y) over [rows, D] at inference, y in the compute dtype and the residual in fp32
     (a bf16 pass's mix): plain (the add, the norm, and the cast to the compute dtype the next GEMM
@@ -347,7 +373,7 @@ def measure(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...], pr
     """{prefix|bucket: {"kernel", "why"}} for these size buckets of one (op, shape), within BUDGET_S."""
     out, start = {}, clock()
     for b in buckets:
-        rows = SIZES[b]
+        rows = SIZES[b] if b in SIZES else int(b)
         if clock() - start > BUDGET_S:
             # not measured: plain for this process only, never written to the cache (a busy spell
             # must not fix a choice for good)

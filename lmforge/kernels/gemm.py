@@ -51,6 +51,22 @@ def _kernel(op: str, x: torch.Tensor, dtype: torch.dtype, train: bool, shape) ->
     return choose(op, x.device, dtype, train, shape, _rows(x))
 
 
+ROWS_PARALLEL_MIN = 128   # fewer rows: each thread's part too small for a call of its own (0.6-0.75x at 128)
+
+
+def _rows_parallel(x2d: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """The threads to split this inference GEMM's rows across (where the compiled kernel was measured
+    faster for this weight shape and row bucket: calibrate.py, op `rows_parallel`), else 0."""
+    threads = torch.get_num_threads()
+    if threads < 2 or x2d.shape[0] < ROWS_PARALLEL_MIN:
+        return 0
+    if choose("rows_parallel", x2d.device, dtype, False, shape, x2d.shape[0]) != "compiled":
+        return 0
+    from lmforge.kernels import compiled
+
+    return threads if compiled.library() is not None else 0   # forced where nothing was built: one call
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
     """x W^T + b."""
     dtype = compute_dtype(x)
@@ -64,7 +80,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ker
         y = onednn.LinearFn.apply(x2d.to(dtype).contiguous(), weight, bias)
     else:   # cast to the compute dtype as the GEMM pads its rows: one pass
         packed, b = onednn.packed_weight((weight,), (bias,), dtype)
-        y = onednn.gemm(x2d, packed, b, dtype=dtype)
+        y = onednn.gemm(x2d, packed, b, dtype=dtype, rows_parallel=_rows_parallel(x2d, dtype, tuple(weight.shape[::-1])))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -87,7 +103,9 @@ def linear_act(x: torch.Tensor, layer: nn.Module, act_name: str, act) -> torch.T
     if dtype is None or act_name not in onednn.POST_OPS:
         return act(layer(x))
     packed, b = onednn.packed_weight((layer.weight,), (layer.bias,), dtype)
-    y = onednn.gemm(x.reshape(-1, x.shape[-1]), packed, b, act_name, dtype=dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    y = onednn.gemm(x2d, packed, b, act_name, dtype=dtype,
+                    rows_parallel=_rows_parallel(x2d, dtype, tuple(layer.weight.shape[::-1])))
     return y.view(*x.shape[:-1], layer.out_features)
 
 
@@ -115,7 +133,8 @@ def stacked_onednn(x: torch.Tensor, weights: tuple, biases: tuple, terms: tuple,
         y = onednn.LowRankStackedFn.apply(x2d.to(dtype).contiguous(), weights, biases, spans, *terms)
     else:
         packed, b = onednn.packed_weight(weights, biases, dtype)
-        y = onednn.gemm(x2d, packed, b, dtype=dtype)
+        shape = (weights[0].shape[1], *(w.shape[0] for w in weights))
+        y = onednn.gemm(x2d, packed, b, dtype=dtype, rows_parallel=_rows_parallel(x2d, dtype, shape))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

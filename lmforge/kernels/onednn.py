@@ -132,11 +132,18 @@ def _padded_already(t: torch.Tensor, rows: int) -> bool:
 
 
 def gemm(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
-         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x2d [m, k] W^T + b (then act), x2d cast to dtype (the packed weight's) on the way in."""
+         dtype: torch.dtype | None = None, rows_parallel: int = 0) -> torch.Tensor:
+    """x2d [m, k] W^T + b (then act), x2d cast to dtype (the packed weight's) on the way in.
+    rows_parallel > 1: the rows split into that many parts, one single-threaded oneDNN call each, in
+    parallel (the compiled kernel csrc/rows_parallel.cpp; the caller checked it is built)."""
     name, algo = POST_OPS[act] if act else ("none", "")
     m = x2d.shape[0]
-    return _LINEAR(_pad_rows(x2d, bucket_rows(m), dtype), packed, bias, name, [], algo)[:m]
+    x = _pad_rows(x2d, bucket_rows(m), dtype)
+    if rows_parallel > 1:
+        from lmforge.kernels import compiled
+        # packed keeps W's logical shape [out, in] whatever its blocked layout
+        return compiled.library().rows_parallel_linear(x, packed, bias, packed.shape[0], name, algo, rows_parallel)[:m]
+    return _LINEAR(x, packed, bias, name, [], algo)[:m]
 
 
 def gemm_add(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
