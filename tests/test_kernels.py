@@ -6,7 +6,6 @@ mask's statistics and the manual attention with dropout vs SDPA. No test here me
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,9 +228,11 @@ def test_lora_training_runs_qkv_as_one_gemm(force, monkeypatch):
 def test_forced_kernels_parse_and_bad_values_are_refused(monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNELS", "plain")
     assert calibrate.forced() == {"linear": "plain", "stacked": "plain", "attention": "plain",
-                                  "packed_attention": "plain", "add_norm": "plain", "rows_parallel": "plain"}
+                                  "packed_attention": "plain", "add_norm": "plain", "rows_parallel": "plain",
+                                  "rotate_store": "plain"}
     monkeypatch.setenv("LMFORGE_KERNELS", "compiled")
-    assert calibrate.forced() == {"packed_attention": "compiled", "add_norm": "compiled", "rows_parallel": "compiled"}
+    assert calibrate.forced() == {"packed_attention": "compiled", "add_norm": "compiled", "rows_parallel": "compiled",
+                                  "rotate_store": "compiled"}
     monkeypatch.setenv("LMFORGE_KERNELS", "onednn")
     assert calibrate.forced() == {"linear": "onednn", "stacked": "onednn"}
     monkeypatch.setenv("LMFORGE_KERNELS", "attention=fp32")
@@ -609,6 +610,21 @@ def _packed_reference(q, k, v, lengths, H, Hkv, causal):
     return torch.cat(outs)
 
 
+# the Llama recipe on a tiny config (model_type alone keeps BERT's defaults for the rest)
+LLAMA = dict(model_type="llama", num_kv_heads=1, hidden_act="silu", norm="rmsnorm", ffn="glu", position_embedding="rope",
+             linear_bias=False)
+
+
+class _Spy:
+    """The compiled library with some ops replaced (to record calls); every other op is the real one."""
+
+    def __init__(self, real, **ops):
+        self._real, self._ops = real, ops
+
+    def __getattr__(self, name):
+        return self._ops[name] if name in self._ops else getattr(self._real, name)
+
+
 def _compiled_library():
     from lmforge.kernels import compiled
 
@@ -673,7 +689,7 @@ def test_packed_attention_is_inference_only_and_falls_back_where_nothing_is_buil
 @pytest.mark.parametrize("config", [
     dict(model_type="bert", head="classification"),
     dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
-    dict(model_type="llama", head="causal-lm", num_kv_heads=1, type_vocab_size=0),
+    dict(LLAMA, head="causal-lm", type_vocab_size=0),
 ])
 def test_models_at_inference_agree_with_plain_through_the_compiled_attention(config, force, monkeypatch):
     """Whole models whose head size the kernel takes (32): the compiled attention against plain, at
@@ -691,8 +707,7 @@ def test_models_at_inference_agree_with_plain_through_the_compiled_attention(con
     inputs = model_inputs(collate_packed(items([7, 3, 33, 5, 1])))
     calls = []
     real = compiled.library()
-    spy = SimpleNamespace(vector_width=real.vector_width,
-                          packed_attention=lambda *a: calls.append(a) or real.packed_attention(*a))
+    spy = _Spy(real, packed_attention=lambda *a: calls.append(a) or real.packed_attention(*a))
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
         outs = []
@@ -823,7 +838,7 @@ def test_add_norm_runs_the_kernel_only_at_inference(force):
 @pytest.mark.parametrize("config", [
     dict(model_type="bert", head="classification"),
     dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
-    dict(model_type="llama", head="causal-lm", num_kv_heads=1, type_vocab_size=0),
+    dict(LLAMA, head="causal-lm", type_vocab_size=0),
 ])
 def test_models_at_inference_agree_with_plain_through_the_add_norm_kernel(config, force, monkeypatch):
     """Whole models (post-norm LayerNorm, pre-norm LayerNorm, pre-norm RMSNorm): the fused add and norm
@@ -841,7 +856,7 @@ def test_models_at_inference_agree_with_plain_through_the_add_norm_kernel(config
     inputs = model_inputs(collate_packed(items([7, 3, 33, 5, 1])))
     calls = []
     real = compiled.library()
-    spy = SimpleNamespace(vector_width=real.vector_width, add_norm=lambda *a: calls.append(a) or real.add_norm(*a))
+    spy = _Spy(real, add_norm=lambda *a: calls.append(a) or real.add_norm(*a))
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
         outs = []
@@ -850,8 +865,9 @@ def test_models_at_inference_agree_with_plain_through_the_add_norm_kernel(config
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 outs.append(model(**inputs).logits.float())
         torch.testing.assert_close(outs[1], outs[0], **tol)
-    per_layer = 2 if config["model_type"] == "bert" else 1    # post-norm: both sublayers; pre-norm: the middle sum
-    assert len(calls) == 2 * per_layer * model.config.num_layers
+    # post-norm: after both sublayers; pre-norm: the middle sum with the FFN's norm, and the layer's output
+    # with the next layer's norm (the last layer's with the final norm)
+    assert len(calls) == 2 * 2 * model.config.num_layers
 
 
 # -- a GEMM's rows across the threads --------------------------------------------------------------
@@ -907,8 +923,7 @@ def test_models_at_inference_agree_with_plain_through_rows_parallel(force, monke
     inputs = model_inputs(collate_packed(items([40, 33, 50, 27, 21])))        # 171 rows
     calls = []
     real = compiled.library()
-    spy = SimpleNamespace(vector_width=real.vector_width,
-                          rows_parallel_linear=lambda *a: calls.append(a[-1]) or real.rows_parallel_linear(*a))
+    spy = _Spy(real, rows_parallel_linear=lambda *a: calls.append(a[-1]) or real.rows_parallel_linear(*a))
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
@@ -924,3 +939,109 @@ def test_models_at_inference_agree_with_plain_through_rows_parallel(force, monke
         torch.testing.assert_close(outs[1], outs[0], **tol)
         # per layer: Q/K/V, attention output, FFN in and out (the head's few rows stay one call)
         assert calls == [2] * (4 * model.config.num_layers), (dtype, calls)
+
+
+# -- rotary positions and the KV cache store -----------------------------------------------------
+def _rotate_store_reference(qkv, cos, sin, H, Hkv, k_rows, v_rows, index):
+    """models/layers.py's rotation (in fp32) and KVCache.write's index copies."""
+    from lmforge.models.layers import rotate
+
+    N, Dh = qkv.shape[0], qkv.shape[1] // (H + 2 * Hkv)
+    heads = qkv.float().view(N, H + 2 * Hkv, Dh).clone()
+    if cos is not None:
+        heads[:, :H + Hkv] = rotate(heads[:, :H + Hkv], cos.float()[:, None], sin.float()[:, None])
+    if k_rows is not None:
+        k_rows.index_copy_(0, index, heads[:, H:H + Hkv].reshape(-1, Dh).to(k_rows.dtype))
+        v_rows.index_copy_(0, index, heads[:, H + Hkv:].reshape(-1, Dh).to(v_rows.dtype))
+    return heads.reshape(N, -1)
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("rope,cache", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2), (3, 1)])
+def test_rotate_store_kernel_agrees_with_the_formula(dtype, cache_dtype, rope, cache, H, Hkv):
+    """Rotated Q and K heads in place, V untouched, keys and values at their cache rows, nothing else
+    written; every dtype mix, grouped-query heads, rotation or cache alone."""
+    lib = _compiled_library()
+    if lib is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    g = torch.Generator().manual_seed(H * 10 + Hkv)
+    N, Dh, slots = 7, 8, 5
+    qkv = torch.randn(N, 2 * (H + 2 * Hkv) * Dh, generator=g)[:, :(H + 2 * Hkv) * Dh].to(dtype)  # strided rows
+    angles = torch.randn(N, Dh, generator=g) * 3
+    cos, sin = (angles.cos().to(dtype), angles.sin().to(dtype)) if rope else (None, None)
+    rows = N * Hkv * slots
+    index = torch.randperm(rows, generator=g)[:N * Hkv] if cache else None
+    k_rows, v_rows = (torch.full((rows, Dh), 7.0, dtype=cache_dtype) for _ in range(2)) if cache else (None, None)
+    want_k, want_v = (t.clone() if t is not None else None for t in (k_rows, v_rows))
+    want = _rotate_store_reference(qkv, cos, sin, H, Hkv, want_k, want_v, index)
+    lib.rotate_store(qkv, cos, sin, H, Hkv, k_rows, v_rows, index)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 and cache_dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(qkv.float(), want.to(dtype).float(), **tol)
+    if cache:
+        torch.testing.assert_close(k_rows.float(), want_k.float(), **tol)
+        torch.testing.assert_close(v_rows.float(), want_v.float(), **tol)
+        untouched = torch.ones(rows, dtype=torch.bool)
+        untouched[index] = False
+        assert (k_rows[untouched] == 7).all() and (v_rows[untouched] == 7).all()
+
+
+def test_rotate_store_refuses_a_slot_outside_the_cache():
+    lib = _compiled_library()
+    if lib is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    qkv, k_rows, v_rows = torch.randn(2, 3 * 8), torch.zeros(4, 8), torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        lib.rotate_store(qkv, None, None, 1, 1, k_rows, v_rows, torch.tensor([1, 4]))
+    assert not k_rows.any()                       # checked before anything was written
+    with pytest.raises(RuntimeError, match="multiple of the heads"):
+        lib.rotate_store(torch.randn(2, 25), None, None, 1, 1, None, None, None)
+
+
+@pytest.mark.parametrize("config", [
+    LLAMA,
+    dict(model_type="gpt2"),
+])
+def test_decoding_through_rotate_store_agrees_with_plain(config, force, monkeypatch):
+    """Greedy packed decoding of prompts of different lengths (prefill, then steps) with the compiled
+    rotation and cache store against plain: the same logits every step (fp32 1e-5), and the kernel ran
+    in every layer of every step."""
+    from lmforge.kernels import compiled
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.generate import RowDecoder
+    from tests.test_packing import V, random_model
+
+    if _compiled_library() is None:
+        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
+    model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
+                                     max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
+                                     head="causal-lm", type_vocab_size=0, **config)).eval()
+    calls = []
+    real = compiled.library()
+    spy = _Spy(real, rotate_store=lambda *a: calls.append(a[1] is not None) or real.rotate_store(*a))
+    monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    runs = []
+    for kernel in ("plain", "rotate_store=compiled"):
+        force(kernel)
+        calls.clear()
+        runs.append(_greedy_logits(model, prompts, 4))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    rotary = config["model_type"] == "llama"
+    assert calls == [rotary] * (model.config.num_layers * 4)   # the prefill and 3 steps, every layer
+
+
+def _greedy_logits(model, prompts, steps):
+    """Each step's logits [B, V] of greedy packed decoding (models/generate.py prefill and decode_step)."""
+    from lmforge.models.generate import decode_step, prefill
+
+    out = []
+    with torch.no_grad():
+        state, logits = prefill(model, prompts, steps)
+        out.append(logits)
+        for _ in range(steps - 1):
+            logits = decode_step(model, state, logits.argmax(-1))
+            out.append(logits)
+    return out

@@ -342,10 +342,15 @@ def test_rotation_runs_in_the_compute_dtype_under_bf16_autocast(pair, packed, mo
     decode step), and the logits still follow the fp32 model closely."""
     from lmforge.models import layers
 
+    from lmforge.kernels.calibrate import CHOICES
+
     _, _, ours = pair
     seen = []
     real = layers.rotate
     monkeypatch.setattr(layers, "rotate", lambda x, cos, sin: seen.append((x.dtype, cos.dtype)) or real(x, cos, sin))
+    # the plain rotation is what this test watches (at inference the compiled rotate_store may take it)
+    monkeypatch.setenv("LMFORGE_KERNELS", "rotate_store=plain")
+    CHOICES.reset()
     ids, mask = batch(B=3, T_=7)
     with torch.no_grad():
         want = ours(ids, attention_mask=mask).logits
@@ -357,6 +362,7 @@ def test_rotation_runs_in_the_compute_dtype_under_bf16_autocast(pair, packed, mo
                 got = torch.zeros_like(want).masked_scatter(mask.bool()[..., None], out.float())
             else:
                 got = ours(ids, attention_mask=mask).logits.float()
+    CHOICES.reset()
     assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen), seen
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], atol=0.1, rtol=0.05)

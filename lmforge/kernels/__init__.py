@@ -14,6 +14,9 @@ faster form than their formula:
                                   the same within each sequence of a packed stream (inference), or
                                   None where the compiled kernel (compiled.py) was not chosen
   keep_mask(like, p)              a dropout keep-mask
+  rotate_store(qkv, rope, H, Hkv, target)
+                                  rotary positions on a stream's Q and K heads and its keys and
+                                  values into a KV cache, in place, at inference (rotary.py; compiled)
   add_norm(y, r, norm, with_sum)  (norm(r + y), r + y): a residual add and the LayerNorm or RMSNorm
                                   after it in one pass at inference (norms.py; compiled kernel)
 
@@ -34,6 +37,7 @@ from lmforge.kernels.attention import attend, keep_mask, packed_attention
 from lmforge.kernels.gemm import LowRankWrapper, compute_dtype, linear, linear_act, linear_add, stacked_linear
 from lmforge.kernels.norms import RMSNormBase, add_norm
 from lmforge.kernels.precision import Precision, resolve_device, resolve_precision
+from lmforge.kernels.rotary import rotate_store
 
 __all__ = ["attend", "keep_mask", "packed_attention", "linear", "linear_act", "linear_add", "stacked_linear", "compute_dtype",
-           "LowRankWrapper", "RMSNormBase", "add_norm", "Precision", "resolve_device", "resolve_precision"]
+           "LowRankWrapper", "RMSNormBase", "add_norm", "rotate_store", "Precision", "resolve_device", "resolve_precision"]

@@ -27,6 +27,9 @@ built), keyed by (heads, key/value heads, head size, causal) and the longest seq
 the threads, one single-threaded oneDNN call each (compiled; csrc/rows_parallel.cpp), keyed by weight
 shape and the GEMM's own row bucket (onednn.bucket_rows, measured at that many rows: oneDNN's split
 of some bf16 shapes changed within an octave of rows on the AMX Xeon).
+`rotate_store` is inference's rotary positions on a packed stream's Q and K heads and the store of its
+keys and values into a KV cache (kernels/rotary.py): plain (models/layers.py's ops and two index copies)
+or compiled (one pass), keyed by (heads, key/value heads, head size, rotary or not, cache or not) and rows.
 `add_norm` is inference's residual add and the LayerNorm or RMSNorm after it (kernels/norms.py): plain
 (add, norm, cast for the next GEMM) or compiled (one pass), keyed by (width, RMSNorm or not) and rows.
 `attention` is a bf16 training step's attention on a CPU (forward and backward): plain (in bf16) or
@@ -53,12 +56,12 @@ from lmforge.kernels import machine, onednn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 7                  # bump when the file's meaning changes: older files are rebuilt (7: rows_parallel)
+FORMAT = 8                  # bump when the file's meaning changes: older files are rebuilt (8: rotate_store)
 OPS = {"linear": ("plain", "onednn"), "stacked": ("plain", "onednn"), "attention": ("plain", "fp32"),
        "packed_attention": ("plain", "compiled"), "add_norm": ("plain", "compiled"),
-       "rows_parallel": ("plain", "compiled")}
+       "rows_parallel": ("plain", "compiled"), "rotate_store": ("plain", "compiled")}
 KERNELS = ("plain", "onednn", "fp32", "compiled")
-NOT_GEMM = ("attention", "packed_attention", "add_norm")   # ops whose fast path does not need oneDNN
+NOT_GEMM = ("attention", "packed_attention", "add_norm", "rotate_store")   # ops whose fast path does not need oneDNN
 EXACT_ROWS = ("rows_parallel",)   # ops bucketed by the GEMMs' own row buckets, each measured at its row count
 SIZES = {"t": 1, "s": 16, "m": 128, "l": 1024}   # bucket -> rows (attention: keys) timed
 MARGIN = 0.97               # a fast path must take at most 97% of plain's time
@@ -242,6 +245,8 @@ def _candidates(op: str, dtype: torch.dtype, train: bool, shape: tuple[int, ...]
         return _add_norm_candidates(dtype, shape, rows, g)
     if op == "rows_parallel":
         return _rows_parallel_candidates(dtype, shape, rows, g)
+    if op == "rotate_store":
+        return _rotate_store_candidates(dtype, shape, rows, g)
     k_in, outs = shape[0], shape[1:]
     weights = [torch.randn(o, k_in, generator=g) * 0.02 for o in outs]
     biases = [torch.zeros(o) for o in outs]
@@ -340,6 +345,41 @@ def _rows_parallel_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: 
     x = torch.randn(rows, k_in, generator=g).to(dtype)
     return {"plain": lambda: onednn.gemm(x, packed, b),
             "compiled": lambda: onednn.gemm(x, packed, b, rows_parallel=torch.get_num_threads())}
+
+
+def _rotate_store_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: int, g) -> dict:
+    """Rotary positions on the Q and K heads of a [rows, (H + 2 Hkv) Dh] stream and (cache) its keys and
+    values into a cache of 64 slots a row: plain (the rotation as models/layers.py computes it, two
+    index copies) and compiled (csrc/rotate_store.cpp). A RuntimeError when nothing is compiled here."""
+    from lmforge.kernels import compiled
+
+    H, Hkv, Dh, rope, cache = shape
+    lib = compiled.library()
+    if lib is None:
+        raise RuntimeError(f"compiled kernels {compiled.status()}")
+    qkv = torch.randn(rows, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    angles = torch.randn(rows, 1, Dh, generator=g) * 3
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)    # rotations: repeated calls keep the scale
+    k_rows, v_rows = (torch.zeros(rows * Hkv * 64, Dh, dtype=dtype) for _ in range(2))
+    index = (torch.arange(rows * Hkv) * 64).reshape(-1)
+
+    def plain():
+        x = qkv
+        if rope:
+            heads = x.view(rows, H + 2 * Hkv, Dh)
+            a, b = heads[:, :H + Hkv].chunk(2, dim=-1)
+            qk = heads[:, :H + Hkv] * cos + torch.cat([-b, a], dim=-1) * sin
+            x = torch.cat([qk.reshape(rows, (H + Hkv) * Dh), x[:, (H + Hkv) * Dh:]], dim=-1)
+        if cache:
+            _, k, v = x.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+            k_rows.index_copy_(0, index, k.reshape(-1, Dh))
+            v_rows.index_copy_(0, index, v.reshape(-1, Dh))
+
+    def fused():
+        lib.rotate_store(qkv, cos.view(rows, Dh) if rope else None, sin.view(rows, Dh) if rope else None, H, Hkv,
+                         *((k_rows, v_rows, index) if cache else (None, None, None)))
+
+    return {"plain": plain, "compiled": fused}
 
 
 def _add_norm_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: int, g) -> dict:

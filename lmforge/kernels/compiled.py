@@ -28,7 +28,7 @@ from lmforge.kernels import machine
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("packed_attention.cpp", "add_norm.cpp", "rows_parallel.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("packed_attention.cpp", "add_norm.cpp", "rows_parallel.cpp", "rotate_store.cpp"))
 # per ISA: compiler flags and ATen's vector width (at::vec::Vectorized<float>) for that ISA
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",

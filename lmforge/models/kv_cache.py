@@ -144,6 +144,12 @@ class KVCache:
         self.k[layer].view(-1, Dh).index_copy_(0, index, k.reshape(-1, Dh).to(self.k.dtype))
         self.v[layer].view(-1, Dh).index_copy_(0, index, v.reshape(-1, Dh).to(self.v.dtype))
 
+    def write_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where write() stores: the layer's keys and values as rows [B Hkv S_max, Dh] and the row of
+        each token's key/value head [N Hkv] (self.step), for a kernel that stores them itself."""
+        Dh = self.k.shape[-1]
+        return self.k[layer].view(-1, Dh), self.v[layer].view(-1, Dh), self.step.index
+
     def write_reserved(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A layer's prefix keys and values [Hkv, reserved, Dh] into the reserved slots of every row."""
         self.k[layer, :, :, :self.reserved] = k.to(self.k.dtype)

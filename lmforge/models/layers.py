@@ -204,12 +204,17 @@ class Attention(nn.Module):
         decode step (one token per sequence) attends to its own row of the cache."""
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self._qkv(x)                                                          # [N, W = (H + 2 Hkv) Dh]
-        if rope is not None:  # on the stream, where each token's position is its own
-            qkv = self._rotate_stream(qkv, rope)
+        N = qkv.shape[0]
+        target = cache.write_target(layer_idx) if cache is not None else None
+        # at inference one compiled pass can do both steps below, in place (kernels/rotary.py)
+        if not kernels.rotate_store(qkv, rope, H, Hkv, target):
+            if rope is not None:  # on the stream, where each token's position is its own
+                qkv = self._rotate_stream(qkv, rope)
+            if cache is not None:
+                _, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+                cache.write(layer_idx, k.view(N, Hkv, Dh), v.view(N, Hkv, Dh))     # rotated keys: as used
         if cache is not None:
-            N = qkv.shape[0]
-            q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-            cache.write(layer_idx, k.view(N, Hkv, Dh), v.view(N, Hkv, Dh))         # rotated keys: as used
+            q = qkv[:, :H * Dh]
             if cache.step.prefill and cache.reserved:   # this layer's prefix, once, before every row's tokens
                 prefix = self._prefix(1)                                            # [1, Hkv, P, Dh] twice
                 cache.write_reserved(layer_idx, prefix[0][0], prefix[1][0])
@@ -345,20 +350,43 @@ class Block(nn.Module):
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer_idx: int = 0,
                 packed: Packed | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                memory: Memory | None = None):
+                memory: Memory | None = None, chain: bool = False, normed: torch.Tensor | None = None,
+                next_norm: nn.Module | None = None):
+        """The layer's output; chain=True (pre-norm only): (output, next_norm(output) or None), taking
+        normed = attention_norm(x) from the layer before when it made it (see chained). Called through
+        the module (not chained directly), so hooks such as FSDP's gathering of the layer's weights run."""
+        if not self.pre_norm:   # post-norm: x = norm(x + dropout(f(x))) after each sublayer
+            if chain:
+                raise ValueError("only pre-norm layers chain their norms")
+            for norm, f in self._sublayers(mask, cache, layer_idx, packed, rope, memory):
+                x = add_norm(self.dropout(f(x)), x, norm)[0]
+            return x
+        out = self.chained(x, normed, next_norm, mask, cache, layer_idx, packed, rope, memory)
+        return out if chain else out[0]
+
+    def chained(self, x, normed: torch.Tensor | None, next_norm: nn.Module | None, mask=None,
+                cache: KVCache | None = None, layer_idx: int = 0, packed: Packed | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, memory: Memory | None = None):
+        """A pre-norm layer, x = x + dropout(f(norm(x))) for each sublayer f, each sum made in one pass
+        with the norm after it (kernels.add_norm). normed: attention_norm(x) when the layer before made it
+        so; next_norm: the norm the next layer (or the trunk's final norm) applies to this layer's output.
+        Returns (output, next_norm(output)), or (output, None) without a next_norm."""
+        sublayers = self._sublayers(mask, cache, layer_idx, packed, rope, memory)
+        h = self.attention_norm(x) if normed is None else normed
+        for (_, f), (norm_after, _) in zip(sublayers, sublayers[1:]):
+            h, x = add_norm(self.dropout(f(h)), x, norm_after, with_sum=True)
+        if next_norm is None:
+            return self.ffn_residual(h, x), None
+        h, x = add_norm(self.dropout(self.ffn(h)), x, next_norm, with_sum=True)
+        return x, h
+
+    def _sublayers(self, mask, cache, layer_idx, packed, rope, memory) -> list:
+        """[(norm, sublayer)] in order: attention, cross-attention (a decoder of an encoder-decoder),
+        the FFN."""
         if (memory is None) != (self.crossattention is None):
             raise ValueError("a decoder layer with cross-attention needs the encoder's output (memory=), "
                              "and only such a layer takes one")
-        # (norm, sublayer) in order; the FFN is last
-        sublayers = [(self.attention_norm, lambda h: self.attention(h, mask, cache, layer_idx, packed, rope=rope))]
+        out = [(self.attention_norm, lambda h: self.attention(h, mask, cache, layer_idx, packed, rope=rope))]
         if memory is not None:
-            sublayers.append((self.crossattention_norm, lambda h: self.crossattention.cross(h, memory, layer_idx, packed)))
-        if not self.pre_norm:   # post-norm: x = norm(x + dropout(f(x))) after each sublayer
-            for norm, f in sublayers + [(self.ffn_norm, self.ffn)]:
-                x = add_norm(self.dropout(f(x)), x, norm)[0]
-            return x
-        # pre-norm: x = x + dropout(f(norm(x))), each sum made in one pass with the next sublayer's norm
-        h = self.attention_norm(x)
-        for (_, f), (next_norm, _) in zip(sublayers, sublayers[1:] + [(self.ffn_norm, None)]):
-            h, x = add_norm(self.dropout(f(h)), x, next_norm, with_sum=True)
-        return self.ffn_residual(h, x)
+            out.append((self.crossattention_norm, lambda h: self.crossattention.cross(h, memory, layer_idx, packed)))
+        return out + [(self.ffn_norm, self.ffn)]

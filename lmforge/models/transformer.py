@@ -225,17 +225,30 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             mask = attention_bias(attention_mask, T, self.causal, x.dtype)
         rope = self.rope(rope_ids, compute_dtype(x))
-        stream = x.dtype
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache, i, rope=rope, memory=memory)
-        x = x.to(stream)   # post-norm layers can hand back bf16 (kernels.norms.add_norm); the output keeps x's dtype
+        x = self._layers(x, mask=mask, cache=cache, rope=rope, memory=memory)      # the final norm included
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if virtual is not None:  # drop the virtual tokens again
             x = torch.cat([x[:, :self._insert_at], x[:, self._insert_at + virtual.shape[0]:]], dim=1)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
         return x  # [B, T, D]
+
+    def _layers(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        """The layers in turn, then the final norm (if any). Pre-norm layers hand the next layer its
+        normed input with their output (Block.forward(chain=True)): the last residual add of one layer and the
+        first norm of the next are one pass at inference (kernels.add_norm)."""
+        stream = x.dtype
+        if not self.config.pre_norm:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, layer_idx=i, **kw)
+            if self.final_norm is not None:
+                x = self.final_norm(x)
+        else:
+            after = [layer.attention_norm for layer in self.layers[1:]] + [self.final_norm]
+            h = None
+            for i, (layer, next_norm) in enumerate(zip(self.layers, after)):
+                x, h = layer(x, layer_idx=i, chain=True, normed=h, next_norm=next_norm, **kw)
+            x = x if h is None else h
+        return x.to(stream)   # the fused norm hands back its rows in the compute dtype; the output keeps x's
 
     def _forward_packed(self, input_ids, token_type_ids, position_ids, packed: Packed,
                         cache: KVCache | None = None, memory: Memory | None = None,
@@ -268,16 +281,11 @@ class Transformer(nn.Module):
             rope_ids = position_ids if not P else step.slots - cache.reserved
             virtual = None  # cached already: nothing to insert or drop
         rope = self.rope(rope_ids, compute_dtype(x))
-        stream = x.dtype
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cache=cache, layer_idx=i, packed=packed, rope=rope, memory=memory)
-        x = x.to(stream)   # post-norm layers can hand back bf16 (kernels.norms.add_norm); the output keeps x's dtype
+        x = self._layers(x, cache=cache, packed=packed, rope=rope, memory=memory)   # the final norm included
         if cache is not None:
             cache.end()
         if virtual is not None:
-            x = x.index_select(0, real)                                          # [N, D] again
-        if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = x.index_select(0, real)                                          # [N, D] again (rows: norm first alike)
         return x  # [N, D]
 
     def _insert_packed(self, x, virtual, packed: Packed):
