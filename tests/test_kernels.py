@@ -616,6 +616,12 @@ LLAMA = dict(model_type="llama", num_kv_heads=1, hidden_act="silu", norm="rmsnor
              linear_bias=False)
 
 
+# post-norm LayerNorm, pre-norm LayerNorm, pre-norm RMSNorm with grouped-query heads and rotary positions
+MODEL_CONFIGS = [dict(model_type="bert", head="classification"),
+                 dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
+                 dict(LLAMA, head="causal-lm", type_vocab_size=0)]
+
+
 class _Spy:
     """The compiled library with some ops replaced (to record calls); every other op is the real one."""
 
@@ -687,14 +693,22 @@ def test_packed_attention_is_inference_only_and_falls_back_where_nothing_is_buil
     assert calibrate.forced()["packed_attention"] == "plain"
 
 
-@pytest.mark.parametrize("config", [
-    dict(model_type="bert", head="classification"),
-    dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
-    dict(LLAMA, head="causal-lm", type_vocab_size=0),
-])
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=["bert", "gpt2", "llama"])
 def test_models_at_inference_agree_with_plain_through_the_compiled_attention(config, force, monkeypatch):
     """Whole models whose head size the kernel takes (32): the compiled attention against plain, at
     inference (fp32 1e-5, bf16 autocast within BF16_TOL), and the kernel really ran."""
+    calls = _through_one_kernel(config, "packed_attention", "packed_attention", force, monkeypatch)
+    assert [len(c) for c in calls] == [2, 2]   # fp32, bf16: every layer
+
+
+_COMPILED_OPS = ("packed_attention", "add_norm", "rows_parallel", "rotate_store")
+
+
+def _through_one_kernel(config: dict, op: str, lib_op: str, force, monkeypatch, lengths=(7, 3, 33, 5, 1),
+                        others: str = "") -> list[list[tuple]]:
+    """A 2-layer model of `config` at inference, all plain against `op` compiled (every other compiled op
+    plain; `others`: more forced choices for both runs): the same logits (fp32 1e-5, bf16 autocast within
+    BF16_TOL). Returns, per dtype, the arguments of each call of the library's `lib_op`."""
     from lmforge.data.batches import collate_packed, model_inputs
     from lmforge.kernels import compiled
     from lmforge.models.config import ModelConfig
@@ -705,19 +719,23 @@ def test_models_at_inference_agree_with_plain_through_the_compiled_attention(con
     model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
                                      max_position_embeddings=64, num_labels=3, hidden_dropout=0.0,
                                      attention_dropout=0.0, **config)).eval()
-    inputs = model_inputs(collate_packed(items([7, 3, 33, 5, 1])))
-    calls = []
+    inputs = model_inputs(collate_packed(items(list(lengths))))
+    calls: list[tuple] = []
     real = compiled.library()
-    spy = _Spy(real, packed_attention=lambda *a: calls.append(a) or real.packed_attention(*a))
+    spy = _Spy(real, **{lib_op: lambda *a: calls.append(a) or getattr(real, lib_op)(*a)})
     monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
+    plain = ",".join(f"{o}=plain" for o in _COMPILED_OPS if o != op)
+    per_dtype = []
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
         outs = []
-        for kernel in ("plain", "packed_attention=compiled,add_norm=plain,rows_parallel=plain"):
-            force(kernel)
+        for kernel in (f"{plain},{op}=plain", f"{plain},{op}=compiled"):
+            force(",".join(filter(None, [kernel, others])))
+            calls.clear()
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 outs.append(model(**inputs).logits.float())
         torch.testing.assert_close(outs[1], outs[0], **tol)
-    assert len(calls) == 2 * model.config.num_layers   # fp32 and bf16, every layer
+        per_dtype.append(list(calls))
+    return per_dtype
 
 
 def test_the_build_finds_the_ninja_package_beside_python(tmp_path, monkeypatch):
@@ -836,39 +854,14 @@ def test_add_norm_runs_the_kernel_only_at_inference(force):
         assert add_norm(y.bfloat16(), x, norm)[0].dtype == torch.float32   # autocast's LayerNorm
 
 
-@pytest.mark.parametrize("config", [
-    dict(model_type="bert", head="classification"),
-    dict(model_type="gpt2", head="causal-lm", type_vocab_size=0),
-    dict(LLAMA, head="causal-lm", type_vocab_size=0),
-])
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=["bert", "gpt2", "llama"])
 def test_models_at_inference_agree_with_plain_through_the_add_norm_kernel(config, force, monkeypatch):
     """Whole models (post-norm LayerNorm, pre-norm LayerNorm, pre-norm RMSNorm): the fused add and norm
     against plain at inference (fp32 1e-5, bf16 autocast within BF16_TOL), and the kernel really ran."""
-    from lmforge.data.batches import collate_packed, model_inputs
-    from lmforge.kernels import compiled
-    from lmforge.models.config import ModelConfig
-    from tests.test_packing import V, items, random_model
-
-    if _compiled_library() is None:
-        pytest.skip("no AVX2 or AVX-512 here: nothing to compile (plain runs)")
-    model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
-                                     max_position_embeddings=64, num_labels=3, hidden_dropout=0.0,
-                                     attention_dropout=0.0, **config)).eval()
-    inputs = model_inputs(collate_packed(items([7, 3, 33, 5, 1])))
-    calls = []
-    real = compiled.library()
-    spy = _Spy(real, add_norm=lambda *a: calls.append(a) or real.add_norm(*a))
-    monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
-    for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
-        outs = []
-        for kernel in ("plain", "add_norm=compiled,packed_attention=plain,rows_parallel=plain"):
-            force(kernel)
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                outs.append(model(**inputs).logits.float())
-        torch.testing.assert_close(outs[1], outs[0], **tol)
+    calls = _through_one_kernel(config, "add_norm", "add_norm", force, monkeypatch)
     # post-norm: after both sublayers; pre-norm: the middle sum with the FFN's norm, and the layer's output
-    # with the next layer's norm (the last layer's with the final norm)
-    assert len(calls) == 2 * 2 * model.config.num_layers
+    # with the next layer's norm (the last layer's with the final norm): 2 a layer either way
+    assert [len(c) for c in calls] == [2 * 2, 2 * 2]
 
 
 # -- a GEMM's rows across the threads --------------------------------------------------------------
@@ -911,41 +904,20 @@ def test_rows_parallel_is_chosen_per_row_bucket_and_measured_at_it(force, tmp_pa
 def test_models_at_inference_agree_with_plain_through_rows_parallel(force, monkeypatch):
     """A model whose GEMMs have enough rows, forced through the row split: the same logits as one call
     per GEMM (fp32 1e-5, bf16 within BF16_TOL), and the split really ran for every oneDNN GEMM."""
-    from lmforge.data.batches import collate_packed, model_inputs
-    from lmforge.kernels import compiled
-    from lmforge.models.config import ModelConfig
-    from tests.test_packing import V, items, random_model
-
-    if not onednn.available() or _compiled_library() is None:
-        pytest.skip("no oneDNN or nothing compiled here")
-    model = random_model(ModelConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=96,
-                                     max_position_embeddings=64, num_labels=3, hidden_dropout=0.0,
-                                     attention_dropout=0.0, model_type="bert", head="classification")).eval()
-    inputs = model_inputs(collate_packed(items([40, 33, 50, 27, 21])))        # 171 rows
-    calls = []
-    real = compiled.library()
-    spy = _Spy(real, rows_parallel_linear=lambda *a: calls.append(a[-1]) or real.rows_parallel_linear(*a))
-    monkeypatch.setattr(compiled, "_state", {"library": spy, "status": "spy"})
+    if not onednn.available() or not onednn.supports(torch.zeros(1), torch.bfloat16):
+        pytest.skip("no oneDNN (or no bf16 in it) in this torch build")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_TOL)]:
-        if not onednn.supports(torch.zeros(1), dtype):
-            continue
-        outs = []
-        for kernel in ("linear=onednn,stacked=onednn,packed_attention=plain,add_norm=plain,rows_parallel=plain",
-                       "linear=onednn,stacked=onednn,packed_attention=plain,add_norm=plain,rows_parallel=compiled"):
-            force(kernel)
-            calls.clear()
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                outs.append(model(**inputs).logits.float())
-        torch.testing.assert_close(outs[1], outs[0], **tol)
-        # per layer: Q/K/V, attention output, FFN in and out (the head's few rows stay one call)
-        assert calls == [2] * (4 * model.config.num_layers), (dtype, calls)
+    calls = _through_one_kernel(dict(model_type="bert", head="classification"), "rows_parallel",
+                                "rows_parallel_linear", force, monkeypatch, lengths=(40, 33, 50, 27, 21),  # 171 rows
+                                others="linear=onednn,stacked=onednn")
+    # per layer: Q/K/V, attention output, FFN in and out (the head's few rows stay one call), in 2 parts
+    assert [[a[-1] for a in c] for c in calls] == [[2] * 8, [2] * 8]
 
 
 # -- rotary positions and the KV cache store -----------------------------------------------------
 def _rotate_store_reference(qkv, cos, sin, H, Hkv, k_rows, v_rows, index):
     """models/layers.py's rotation (in fp32) and KVCache.write's index copies."""
-    from lmforge.models.layers import rotate
+    from lmforge.kernels.rotary import rotate
 
     N, Dh = qkv.shape[0], qkv.shape[1] // (H + 2 * Hkv)
     heads = qkv.float().view(N, H + 2 * Hkv, Dh).clone()

@@ -340,14 +340,17 @@ def test_rotation_runs_in_the_compute_dtype_under_bf16_autocast(pair, packed, mo
     """Under bf16 autocast the rotary tables are bf16, as the queries and keys they rotate: fp32
     tables would promote every rotated head to fp32 and cast it back (three casts a layer, per
     decode step), and the logits still follow the fp32 model closely."""
+    from lmforge.kernels import rotary
     from lmforge.models import layers
 
     from lmforge.kernels.calibrate import CHOICES
 
     _, _, ours = pair
     seen = []
-    real = layers.rotate
-    monkeypatch.setattr(layers, "rotate", lambda x, cos, sin: seen.append((x.dtype, cos.dtype)) or real(x, cos, sin))
+    real = rotary.rotate
+    spy = lambda x, cos, sin: seen.append((x.dtype, cos.dtype)) or real(x, cos, sin)   # noqa: E731
+    monkeypatch.setattr(layers, "rotate", spy)    # the padded path
+    monkeypatch.setattr(rotary, "rotate", spy)    # the packed stream's (rotary.rotate_stream)
     # the plain rotation is what this test watches (at inference the compiled rotate_store may take it)
     monkeypatch.setenv("LMFORGE_KERNELS", "rotate_store=plain")
     CHOICES.reset()

@@ -28,7 +28,7 @@ the threads, one single-threaded oneDNN call each (compiled; csrc/rows_parallel.
 shape and the GEMM's own row bucket (onednn.bucket_rows, measured at that many rows: oneDNN's split
 of some bf16 shapes changed within an octave of rows on the AMX Xeon).
 `rotate_store` is inference's rotary positions on a packed stream's Q and K heads and the store of its
-keys and values into a KV cache (kernels/rotary.py): plain (models/layers.py's ops and two index copies)
+keys and values into a KV cache (kernels/rotary.py): plain (rotary.rotate_stream and two index copies)
 or compiled (one pass), keyed by (heads, key/value heads, head size, rotary or not, cache or not) and rows.
 `add_norm` is inference's residual add and the LayerNorm or RMSNorm after it (kernels/norms.py): plain
 (add, norm, cast for the next GEMM) or compiled (one pass), keyed by (width, RMSNorm or not) and rows.
@@ -353,6 +353,8 @@ def _rotate_store_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: i
     index copies) and compiled (csrc/rotate_store.cpp). A RuntimeError when nothing is compiled here."""
     from lmforge.kernels import compiled
 
+    from lmforge.kernels import rotary
+
     H, Hkv, Dh, rope, cache = shape
     lib = compiled.library()
     if lib is None:
@@ -363,13 +365,8 @@ def _rotate_store_candidates(dtype: torch.dtype, shape: tuple[int, ...], rows: i
     k_rows, v_rows = (torch.zeros(rows * Hkv * 64, Dh, dtype=dtype) for _ in range(2))
     index = (torch.arange(rows * Hkv) * 64).reshape(-1)
 
-    def plain():
-        x = qkv
-        if rope:
-            heads = x.view(rows, H + 2 * Hkv, Dh)
-            a, b = heads[:, :H + Hkv].chunk(2, dim=-1)
-            qk = heads[:, :H + Hkv] * cos + torch.cat([-b, a], dim=-1) * sin
-            x = torch.cat([qk.reshape(rows, (H + Hkv) * Dh), x[:, (H + Hkv) * Dh:]], dim=-1)
+    def plain():   # models/layers.py's path: the stream's rotation, then KVCache.write's index copies
+        x = rotary.rotate_stream(qkv, (cos, sin), H, Hkv) if rope else qkv
         if cache:
             _, k, v = x.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
             k_rows.index_copy_(0, index, k.reshape(-1, Dh))

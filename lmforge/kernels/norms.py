@@ -19,6 +19,7 @@ from torch import nn
 
 from lmforge.kernels import onednn
 from lmforge.kernels.calibrate import choose
+from lmforge.kernels.gemm import compute_dtype
 
 
 class RMSNormBase(nn.Module, ABC):
@@ -42,7 +43,8 @@ def add_norm(y: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
     """(norm(residual + y), residual + y if with_sum else None) for y and residual [.., D]. Where the
     kernel runs, the normed output is in the GEMMs' compute dtype (autocast's where it is on) and
     the sum in the residual's dtype."""
-    params = _kernel_params(y, residual, norm)
+    dtype = compute_dtype(residual)       # the GEMMs reading the normed rows compute in it
+    params = _kernel_params(y, residual, norm, dtype)
     if params is None:
         s = residual + y
         return norm(s), (s if with_sum else None)
@@ -52,13 +54,11 @@ def add_norm(y: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
     D = y.shape[-1]
     y2, r2 = y.reshape(-1, D), residual.reshape(-1, D)              # [N, D]
     N = y2.shape[0]
-    dev = y.device.type
-    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else residual.dtype
-    out, s = compiled.library().add_norm(y2, r2, weight, bias, eps, rms, with_sum, out_dtype, onednn.bucket_rows(N))
+    out, s = compiled.library().add_norm(y2, r2, weight, bias, eps, rms, with_sum, dtype, onednn.bucket_rows(N))
     return out[:N].view(y.shape), (s.view(residual.shape) if with_sum else None)
 
 
-def _kernel_params(y: torch.Tensor, residual: torch.Tensor, norm: nn.Module):
+def _kernel_params(y: torch.Tensor, residual: torch.Tensor, norm: nn.Module, dtype: torch.dtype):
     """The norm's (weight, bias, eps, rms) when the compiled kernel runs this call, else None: a CPU,
     fp32 or bf16 rows with contiguous last dimensions, no gradient needed, and the kernel chosen."""
     params = _params(norm)
@@ -73,8 +73,6 @@ def _kernel_params(y: torch.Tensor, residual: torch.Tensor, norm: nn.Module):
                                     or (bias is not None and bias.requires_grad)):
         return None
     D = y.shape[-1]
-    dev = y.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else y.dtype
     if choose("add_norm", y.device, dtype, False, (D, int(params[3])), y.numel() // D) != "compiled":
         return None
     from lmforge.kernels import compiled

@@ -16,6 +16,7 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import KVCache
 from lmforge import kernels
 from lmforge.kernels import RMSNormBase, add_norm, attend, keep_mask
+from lmforge.kernels.rotary import rotate, rotate_stream   # the formula, beside its fused form
 from lmforge.models.linear import Linear
 from lmforge.models.memory import Memory
 from lmforge.models.packing import Packed
@@ -73,12 +74,6 @@ def rotary_angles(position_ids: torch.Tensor, head_dim: int, theta: float, dtype
     angles = position_ids[..., None].float() * inv_freq                # [.., Dh/2]
     angles = torch.cat([angles, angles], dim=-1)                        # [.., Dh]: both halves alike
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (a, b) = (x[i], x[i + Dh/2]) of x [.., Dh] to (a cos - b sin, b cos + a sin)."""
-    a, b = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-b, a], dim=-1) * sin
 
 
 class Dropout(nn.Module):
@@ -209,7 +204,7 @@ class Attention(nn.Module):
         # at inference one compiled pass can do both steps below, in place (kernels/rotary.py)
         if not kernels.rotate_store(qkv, rope, H, Hkv, target):
             if rope is not None:  # on the stream, where each token's position is its own
-                qkv = self._rotate_stream(qkv, rope)
+                qkv = rotate_stream(qkv, rope, H, Hkv)
             if cache is not None:
                 _, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
                 cache.write(layer_idx, k.view(N, Hkv, Dh), v.view(N, Hkv, Dh))     # rotated keys: as used
@@ -292,15 +287,6 @@ class Attention(nn.Module):
         k = self.key(states).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.value(states).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
-
-    def _rotate_stream(self, qkv: torch.Tensor, rope) -> torch.Tensor:
-        """Rotary positions on the Q and K columns of a packed stream [N, (H + 2 Hkv) Dh]: the H + Hkv
-        query and key heads are adjacent, so one rotation covers both (a decode step is a few hundred
-        tiny ops; each one saved counts)."""
-        N, H, Hkv, Dh = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        heads = qkv.view(N, H + 2 * Hkv, Dh)
-        qk = rotate(heads[:, :H + Hkv], *rope)                                  # rope: [N, 1, Dh] each
-        return torch.cat([qk.reshape(N, (H + Hkv) * Dh), qkv[:, (H + Hkv) * Dh:]], dim=-1)
 
 
 class Block(nn.Module):

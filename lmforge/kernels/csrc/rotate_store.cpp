@@ -3,7 +3,7 @@
 //
 // qkv [N, (H + 2 Hkv) Dh] is one Q/K/V projection of N tokens (Q heads, then K heads, then V heads).
 // Each of the first H + Hkv heads is rotated by its token's (cos, sin) [N, Dh]: coordinate i is paired
-// with i + Dh/2 (Hugging Face Llama's convention; models/layers.py rotate()). Then, with a cache,
+// with i + Dh/2 (Hugging Face Llama's convention; kernels/rotary.py rotate()). Then, with a cache,
 // key head g of token n (rotated) and its value head go to row index[n Hkv + g] of k_dst and v_dst
 // [rows, Dh]. A decode step of a 30-layer model made this about a dozen small ops a layer (rotation,
 // concatenations, two index copies); here it is one call, computed in fp32 and rounded once.
